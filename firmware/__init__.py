@@ -1,0 +1,1 @@
+# Peripheral firmware (MicroPython). Host-side Python only imports this package to locate the files.

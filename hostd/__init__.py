@@ -1,0 +1,1 @@
+# hexiao-hostd: the host daemon (device link, redemption, receipt tap, control socket).

@@ -1,0 +1,246 @@
+# The CBOR profile of the hexiao link (SPEC.md, "CBOR profile"): a strict, deterministic subset of
+# RFC 8949 that runs unchanged on MicroPython.
+#
+# Rules kept here:
+# - data model: int (64-bit), bytes, str, list, dict (keys int or str), True, False, None; nothing
+#   else (floats, tags, undefined, simple values) is in the profile;
+# - encoding is RFC 8949 §4.2.1 core deterministic: shortest heads, definite lengths, map keys
+#   sorted by the bytewise order of their encodings, no duplicate keys;
+# - decoding is strict and classifies every failure with one error code, by this precedence:
+#   `truncated` (input ends inside an item) and `cbor` (ill-formed, too deep, trailing bytes,
+#   invalid UTF-8) stop the decoder at once; an item outside the profile is `cbor` once the whole
+#   item has been read; otherwise any non-deterministic encoding is `non_canonical`.
+# The host decodes with cbor2 for speed and asks this decoder for the error code when cbor2's result
+# does not pass (codec.py); the tests check that both paths agree.
+
+from .errors import ProtocolError
+
+MAX_DEPTH = 8
+
+
+def _head(major, n):
+    mt = major << 5
+    if n < 24:
+        return bytes((mt | n,))
+    if n < 0x100:
+        return bytes((mt | 24, n))
+    if n < 0x10000:
+        return bytes((mt | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((mt | 26,)) + n.to_bytes(4, "big")
+    if n < 0x10000000000000000:
+        return bytes((mt | 27,)) + n.to_bytes(8, "big")
+    raise ValueError("integer out of CBOR range")
+
+
+def head(major, n):
+    """The deterministic head of an item (exported for hand-built COSE structures)."""
+    return _head(major, n)
+
+
+def dumps(obj):
+    out = []
+    _enc(obj, out)
+    return b"".join(out)
+
+
+def _enc(obj, out):
+    # bool before int: bool is an int subclass on both CPython and MicroPython
+    if obj is True:
+        out.append(b"\xf5")
+    elif obj is False:
+        out.append(b"\xf4")
+    elif obj is None:
+        out.append(b"\xf6")
+    elif isinstance(obj, int):
+        if obj >= 0:
+            out.append(_head(0, obj))
+        else:
+            out.append(_head(1, -1 - obj))
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        out.append(_head(2, len(obj)))
+        out.append(bytes(obj))
+    elif isinstance(obj, str):
+        b = obj.encode("utf-8")
+        out.append(_head(3, len(b)))
+        out.append(b)
+    elif isinstance(obj, (list, tuple)):
+        out.append(_head(4, len(obj)))
+        for item in obj:
+            _enc(item, out)
+    elif isinstance(obj, dict):
+        items = []
+        for k, v in obj.items():
+            if k is True or k is False or not isinstance(k, (int, str)):
+                raise ValueError("map keys must be int or str")
+            items.append((dumps(k), v))
+        items.sort(key=lambda kv: kv[0])
+        out.append(_head(5, len(items)))
+        prev = None
+        for kb, v in items:
+            if kb == prev:
+                raise ValueError("duplicate map key")
+            prev = kb
+            out.append(kb)
+            _enc(v, out)
+    else:
+        raise ValueError("type not in the CBOR profile: " + type(obj).__name__)
+
+
+class _Decoder:
+    # `odd` remembers the first out-of-profile item, `loose` the first non-deterministic encoding;
+    # both are reported only after the whole top-level item has been read.
+    def __init__(self, data):
+        self.data = data
+        self.pos = 0
+        self.odd = None
+        self.loose = None
+
+    def _take(self, n):
+        end = self.pos + n
+        if end > len(self.data):
+            raise ProtocolError("truncated", "input ends inside an item")
+        b = self.data[self.pos : end]
+        self.pos = end
+        return b
+
+    def _arg(self, ai):
+        # returns (value, definite); records non-shortest heads
+        if ai < 24:
+            return ai, True
+        if ai == 31:
+            return None, False
+        if ai > 27:
+            raise ProtocolError("cbor", "reserved additional information")
+        size = 1 << (ai - 24)
+        v = int.from_bytes(self._take(size), "big")
+        if (ai == 24 and v < 24) or (ai > 24 and v < (1 << (4 << (ai - 24)))):
+            self._loose("integer or length not in its shortest form")
+        return v, True
+
+    def _loose(self, why):
+        if self.loose is None:
+            self.loose = why
+
+    def _odd(self, why):
+        if self.odd is None:
+            self.odd = why
+
+    def item(self, depth):
+        if depth > MAX_DEPTH:
+            raise ProtocolError("cbor", "nesting deeper than %d" % MAX_DEPTH)
+        ib = self._take(1)[0]
+        major = ib >> 5
+        ai = ib & 0x1F
+        if major == 7:
+            return self._simple(ai)
+        v, definite = self._arg(ai)
+        if major == 0:
+            return self._need_definite(definite, v)
+        if major == 1:
+            return -1 - self._need_definite(definite, v)
+        if major == 2 or major == 3:
+            if definite:
+                raw = self._take(v)
+            else:
+                self._loose("indefinite-length string")
+                raw = self._chunks(major)
+            if major == 2:
+                return bytes(raw)
+            try:
+                return str(raw, "utf-8")
+            except UnicodeError:
+                raise ProtocolError("cbor", "text string is not valid UTF-8") from None
+        if major == 4:
+            out = []
+            if definite:
+                for _ in range(v):
+                    out.append(self.item(depth + 1))
+            else:
+                self._loose("indefinite-length array")
+                while not self._at_break():
+                    out.append(self.item(depth + 1))
+            return out
+        if major == 5:
+            return self._map(v, definite, depth)
+        # major 6: a tag; read its content, then report it as out of profile
+        self._need_definite(definite, v)
+        self._odd("tag %d" % v)
+        self.item(depth + 1)
+        return None
+
+    def _need_definite(self, definite, v):
+        if not definite:
+            raise ProtocolError("cbor", "indefinite length on an integer or tag")
+        return v
+
+    def _simple(self, ai):
+        if ai == 20:
+            return False
+        if ai == 21:
+            return True
+        if ai == 22:
+            return None
+        if ai == 31:
+            raise ProtocolError("cbor", "break outside an indefinite-length item")
+        if ai > 27:
+            raise ProtocolError("cbor", "reserved additional information")
+        if ai == 24:
+            if self._take(1)[0] < 32:
+                raise ProtocolError("cbor", "simple value in two-byte form below 32")
+        elif ai > 24:
+            self._take(1 << (ai - 24))
+        self._odd("float or simple value")
+        return None
+
+    def _at_break(self):
+        if self.pos >= len(self.data):
+            raise ProtocolError("truncated", "input ends inside an item")
+        if self.data[self.pos] == 0xFF:
+            self.pos += 1
+            return True
+        return False
+
+    def _chunks(self, major):
+        out = bytearray()
+        while not self._at_break():
+            ib = self._take(1)[0]
+            if ib >> 5 != major or (ib & 0x1F) == 31:
+                raise ProtocolError("cbor", "bad chunk in indefinite-length string")
+            n, _ = self._arg(ib & 0x1F)
+            out.extend(self._take(n))
+        return out
+
+    def _map(self, v, definite, depth):
+        out = {}
+        prev = None
+        count = 0
+        while (count < v) if definite else not self._at_break():
+            start = self.pos
+            k = self.item(depth + 1)
+            kb = self.data[start : self.pos]
+            val = self.item(depth + 1)
+            count += 1
+            if k is True or k is False or not isinstance(k, (int, str)):
+                self._odd("map key that is not an int or a text string")
+                continue
+            if prev is not None and kb <= prev:
+                self._loose("map keys not in deterministic order, or duplicated")
+            prev = kb
+            out[k] = val
+        if not definite:
+            self._loose("indefinite-length map")
+        return out
+
+
+def loads(data):
+    """Decode exactly one CBOR item of the profile; raise ProtocolError otherwise."""
+    d = _Decoder(data)
+    obj = d.item(0)
+    if d.pos != len(data):
+        raise ProtocolError("cbor", "trailing bytes after the item")
+    if d.odd is not None:
+        raise ProtocolError("cbor", "not in the profile: " + d.odd)
+    if d.loose is not None:
+        raise ProtocolError("non_canonical", d.loose)
+    return obj

@@ -1,0 +1,170 @@
+# The COSE_Mac0 profile (RFC 9052 §6.2) of the hexiao link (SPEC.md, "COSE profile").
+#
+# Rules kept here:
+# - cose = tag 17 [protected: bstr .cbor {1: alg, 4: kid, 6: partial IV}, unprotected: {},
+#   payload: bstr, tag: bstr], all in deterministic encoding, nothing else;
+# - alg 5 (HMAC 256/256, 32-byte tag) or 4 (HMAC 256/64, the first 8 bytes);
+# - kid: 1..16 bytes; partial IV: the frame counter, big-endian, shortest form (0 is one zero byte),
+#   at most 4 bytes;
+# - the MAC is HMAC-SHA256(key, MAC_structure ["MAC0", protected, external_aad, payload]);
+# - parse() only reads structure; nothing in the payload is looked at before verify() succeeds.
+# A fast path parses the common, well-formed frame with a few slices; anything it does not
+# recognise goes through the general path, which names the exact error.
+
+from . import cbor
+from .crypto import ct_equal, hmac_sha256
+from .errors import ProtocolError
+
+TAG_MAC0 = 17
+ALG_HMAC256 = 5
+ALG_HMAC64 = 4
+TAG_LEN = {ALG_HMAC256: 32, ALG_HMAC64: 8}
+MAX_COUNTER = 0xFFFFFFFF
+MAX_KID = 16
+
+_MAC0_CONTEXT = cbor.dumps("MAC0")
+_bhead = cbor.head
+
+
+def piv_bytes(counter):
+    if counter < 0 or counter > MAX_COUNTER:
+        raise ValueError("counter out of range")
+    n = 1
+    while counter >> (8 * n):
+        n += 1
+    return counter.to_bytes(n, "big")
+
+
+def protected_header(alg, kid, counter):
+    piv = piv_bytes(counter)
+    return (
+        b"\xa3\x01" + bytes((alg,)) + b"\x04" + _bhead(2, len(kid)) + kid
+        + b"\x06" + _bhead(2, len(piv)) + piv
+    )
+
+
+def mac_structure(protected, payload, aad=b""):
+    return (
+        b"\x84" + _MAC0_CONTEXT + _bhead(2, len(protected)) + protected
+        + _bhead(2, len(aad)) + aad + _bhead(2, len(payload)) + payload
+    )
+
+
+def mac0(key, alg, kid, counter, payload, aad=b""):
+    """Build a tagged COSE_Mac0 over `payload` (already CBOR-encoded bytes)."""
+    if alg not in TAG_LEN:
+        raise ValueError("unsupported alg")
+    if not 1 <= len(kid) <= MAX_KID:
+        raise ValueError("kid must be 1..16 bytes")
+    prot = protected_header(alg, kid, counter)
+    tag = hmac_sha256(key, mac_structure(prot, payload, aad))[: TAG_LEN[alg]]
+    return (
+        b"\xd1\x84" + _bhead(2, len(prot)) + prot + b"\xa0"
+        + _bhead(2, len(payload)) + payload + _bhead(2, len(tag)) + tag
+    )
+
+
+class Mac0:
+    __slots__ = ("alg", "kid", "counter", "protected", "payload", "tag")
+
+    def __init__(self, alg, kid, counter, protected, payload, tag):
+        self.alg = alg
+        self.kid = kid
+        self.counter = counter
+        self.protected = protected
+        self.payload = payload
+        self.tag = tag
+
+    def verify(self, key, aad=b""):
+        want = hmac_sha256(key, mac_structure(self.protected, self.payload, aad))
+        if not ct_equal(want[: TAG_LEN[self.alg]], self.tag):
+            raise ProtocolError("mac", "MAC verification failed")
+
+
+def _bstr_at(data, pos):
+    # fast path helper: a shortest-form bstr head (< 65536 bytes) at pos; None if anything else
+    ib = data[pos]
+    if 0x40 <= ib < 0x58:
+        n, pos = ib - 0x40, pos + 1
+    elif ib == 0x58 and data[pos + 1] >= 24:
+        n, pos = data[pos + 1], pos + 2
+    elif ib == 0x59 and data[pos + 1]:
+        n, pos = (data[pos + 1] << 8) | data[pos + 2], pos + 3
+    else:
+        return None, pos
+    out = data[pos : pos + n]
+    return (out if len(out) == n else None), pos + n
+
+
+def parse(cose):
+    """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC."""
+    try:
+        m = _parse_fast(cose)
+        if m is not None:
+            return m
+    except IndexError:
+        pass
+    return _parse_general(cose)
+
+
+def _parse_fast(cose):
+    if cose[0] != 0xD1 or cose[1] != 0x84:
+        return None
+    prot, pos = _bstr_at(cose, 2)
+    if prot is None or cose[pos] != 0xA0:
+        return None
+    payload, pos = _bstr_at(cose, pos + 1)
+    if payload is None:
+        return None
+    tag, pos = _bstr_at(cose, pos)
+    if tag is None or pos != len(cose):
+        return None
+    # protected: a3 01 <alg> 04 <kid bstr> 06 <piv bstr>
+    if prot[0] != 0xA3 or prot[1] != 0x01 or prot[3] != 0x04:
+        return None
+    alg = prot[2]
+    kid, p = _bstr_at(prot, 4)
+    if alg not in TAG_LEN or kid is None or not 1 <= len(kid) <= MAX_KID or prot[p] != 0x06:
+        return None
+    piv, p = _bstr_at(prot, p + 1)
+    if piv is None or p != len(prot) or not _piv_ok(piv) or len(tag) != TAG_LEN[alg]:
+        return None
+    return Mac0(alg, kid, int.from_bytes(piv, "big"), prot, payload, tag)
+
+
+def _piv_ok(piv):
+    return 1 <= len(piv) <= 4 and (len(piv) == 1 or piv[0] != 0)
+
+
+def _parse_general(cose):
+    if len(cose) < 2:
+        raise ProtocolError("truncated", "COSE shorter than its tag")
+    if cose[0] != 0xD1:
+        if cose[0] == 0xD8 and cose[1] == TAG_MAC0:
+            raise ProtocolError("non_canonical", "tag 17 not in its shortest form")
+        raise ProtocolError("cose", "not a tagged COSE_Mac0 (tag 17)")
+    arr = cbor.loads(cose[1:])
+    if not isinstance(arr, list) or len(arr) != 4:
+        raise ProtocolError("cose", "COSE_Mac0 must be an array of 4")
+    prot, unprot, payload, tag = arr
+    if not (isinstance(prot, bytes) and isinstance(unprot, dict)):
+        raise ProtocolError("cose", "protected must be bstr, unprotected a map")
+    if not (isinstance(payload, bytes) and isinstance(tag, bytes)):
+        raise ProtocolError("cose", "payload and tag must be bstr (detached payloads not allowed)")
+    if unprot:
+        raise ProtocolError("header", "unprotected header must be empty")
+    hdr = cbor.loads(prot)
+    if not isinstance(hdr, dict):
+        raise ProtocolError("header", "protected header must be a map")
+    if sorted(k for k in hdr if isinstance(k, int)) != [1, 4, 6] or len(hdr) != 3:
+        raise ProtocolError("header", "protected header must hold exactly alg, kid, partial IV")
+    alg, kid, piv = hdr[1], hdr[4], hdr[6]
+    if not isinstance(alg, int) or alg is True or alg is False or alg not in TAG_LEN:
+        raise ProtocolError("alg", "unsupported alg %r" % (alg,))
+    if not isinstance(kid, bytes) or not 1 <= len(kid) <= MAX_KID:
+        raise ProtocolError("header", "kid must be a bstr of 1..16 bytes")
+    if not isinstance(piv, bytes) or not _piv_ok(piv):
+        raise ProtocolError("header", "partial IV must be a shortest-form bstr of 1..4 bytes")
+    if len(tag) != TAG_LEN[alg]:
+        raise ProtocolError("cose", "tag length does not match alg")
+    return Mac0(alg, kid, int.from_bytes(piv, "big"), prot, payload, tag)

@@ -1,0 +1,63 @@
+# HMAC-SHA256 (RFC 2104), HKDF-SHA256 (RFC 5869) and a constant-time compare.
+#
+# Rules kept here:
+# - CPython uses the standard library's hmac (OpenSSL, constant-time compare_digest);
+# - MicroPython has hashlib.sha256 but no hmac module: the pure versions below are used there;
+# - compares of MACs never short-cut on the first differing byte.
+
+import hashlib
+
+try:
+    import hmac as _hmac
+
+    def hmac_sha256(key, msg):
+        return _hmac.digest(key, msg, "sha256")
+
+    ct_equal = _hmac.compare_digest
+except ImportError:  # MicroPython
+    _IPAD = bytes(0x36 for _ in range(64))
+    _OPAD = bytes(0x5C for _ in range(64))
+
+    def _xor(a, b):
+        return bytes(x ^ y for x, y in zip(a, b))
+
+    def hmac_sha256(key, msg):
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key + bytes(64 - len(key))
+        inner = hashlib.sha256(_xor(key, _IPAD))
+        inner.update(msg)
+        outer = hashlib.sha256(_xor(key, _OPAD))
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def ct_equal(a, b):
+        if len(a) != len(b):
+            return False
+        acc = 0
+        for x, y in zip(a, b):
+            acc |= x ^ y
+        return acc == 0
+
+
+def hkdf_sha256(ikm, salt, info, length):
+    if length > 255 * 32:
+        raise ValueError("HKDF output too long")
+    prk = hmac_sha256(salt if salt else bytes(32), ikm)
+    out = b""
+    block = b""
+    i = 1
+    while len(out) < length:
+        block = hmac_sha256(prk, block + info + bytes((i,)))
+        out += block
+        i += 1
+    return out[:length]
+
+
+def session_keys(device_key, host_nonce, device_nonce):
+    """The key schedule of SPEC.md: returns (d2h_key, h2d_key)."""
+    salt = host_nonce + device_nonce
+    return (
+        hkdf_sha256(device_key, salt, b"hexiao/1 d2h", 32),
+        hkdf_sha256(device_key, salt, b"hexiao/1 h2d", 32),
+    )

@@ -1,0 +1,100 @@
+# Framing: wire = COBS(cose || crc32_le(cose)) || 0x00 (SPEC.md, "Framing").
+#
+# Rules kept here:
+# - a frame is everything between two 0x00 delimiters; empty frames are ignored (a sender may send
+#   a lone 0x00 to flush a receiver's partial frame, e.g. after boot);
+# - checks run in a fixed order, each with its own code: oversize, cobs, truncated, crc;
+# - after any bad frame the deframer is back in sync at the next delimiter; nothing is buffered
+#   beyond MAX_WIRE bytes.
+
+import binascii
+
+from . import cobs as _cobs_pure
+from .errors import ProtocolError
+
+try:  # CPython: the C implementation from the `cobs` package; MicroPython: the shared pure one
+    from cobs import cobs as _cobs_c
+
+    def _cobs_decode(raw):
+        try:
+            return _cobs_c.decode(raw)
+        except _cobs_c.DecodeError:
+            return _cobs_pure.decode(raw)  # raises the precise ProtocolError
+
+    _cobs_encode = _cobs_c.encode
+except ImportError:
+    _cobs_decode = _cobs_pure.decode
+    _cobs_encode = _cobs_pure.encode
+
+MAX_FRAME = 1024  # bytes of COSE + CRC, after COBS decoding
+MAX_WIRE = MAX_FRAME + MAX_FRAME // 254 + 1  # COBS-encoded, without the delimiter
+MIN_FRAME = 4 + 1  # CRC and at least one byte of COSE
+
+
+def crc32_le(data):
+    return (binascii.crc32(data) & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def encode(cose):
+    if len(cose) + 4 > MAX_FRAME:
+        raise ValueError("frame would exceed MAX_FRAME")
+    return _cobs_encode(cose + crc32_le(cose)) + b"\x00"
+
+
+def decode(raw):
+    """raw: the bytes between two delimiters (non-empty). Returns the COSE bytes."""
+    if len(raw) > MAX_WIRE:
+        raise ProtocolError("oversize", "frame longer than %d bytes" % MAX_WIRE)
+    body = _cobs_decode(raw)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError("oversize", "decoded frame longer than %d bytes" % MAX_FRAME)
+    if len(body) < MIN_FRAME:
+        raise ProtocolError("truncated", "frame shorter than %d bytes" % MIN_FRAME)
+    cose = body[:-4]
+    if crc32_le(cose) != body[-4:]:
+        raise ProtocolError("crc", "CRC-32 mismatch")
+    return cose
+
+
+class Deframer:
+    """Bytes in, frames out: feed() returns a list of COSE bytes or ProtocolError instances."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._discarding = False
+
+    def feed(self, data):
+        out = []
+        start = 0
+        n = len(data)
+        while start < n:
+            end = data.find(b"\x00", start)
+            if end < 0:
+                if not self._discarding:
+                    self._buf.extend(data[start:])
+                    if len(self._buf) > MAX_WIRE:
+                        self._buf = bytearray()
+                        self._discarding = True
+                        out.append(ProtocolError("oversize", "no delimiter within MAX_WIRE"))
+                break
+            if self._discarding:
+                self._discarding = False
+            elif self._buf:
+                self._buf.extend(data[start:end])
+                raw = bytes(self._buf)
+                self._buf = bytearray()
+                out.append(_decode_or_error(raw))
+            elif end > start:
+                out.append(_decode_or_error(data[start:end]))
+            start = end + 1
+        return out
+
+    def pending(self):
+        return len(self._buf)
+
+
+def _decode_or_error(raw):
+    try:
+        return decode(raw)
+    except ProtocolError as e:
+        return e

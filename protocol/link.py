@@ -1,0 +1,475 @@
+# The hexiao link: one session between a device and the host over a byte stream (SPEC.md).
+#
+# Sans-I/O, in the style of h11: bytes and the current time (ms, monotonic) go in through
+# receive() and poll(); events come back as lists of tuples; bytes to write are taken with
+# data_to_send(); next_timeout() says when poll() is due. No I/O, clocks or randomness inside:
+# entropy is a function given at construction.
+#
+# Rules kept here:
+# - counter 0 is the handshake epoch: hello, welcome and nack only, MAC'd with the device key;
+#   counters from 1 are the session epoch, MAC'd with the HKDF session key of each direction;
+# - nothing is decoded before its MAC verifies, and nothing verified is delivered twice: a
+#   counter already seen is re-acknowledged, never re-delivered;
+# - every message but hello, ack and nack is reliable: stop-and-wait, one in flight per direction,
+#   retransmitted with the same counter (and bytes) until acked, nacked or given up (EV_EXPIRED);
+#   so reliable messages arrive once and in order;
+# - a damaged frame (line noise) triggers an early retransmission and a counter-less nack that asks
+#   the peer for the same, both at most once per rto/4;
+# - every rejected frame is counted under its error code and reported as EV_REJECTED; no
+#   ProtocolError escapes receive().
+
+from . import cose as _cose
+from . import messages
+from .crypto import session_keys
+from .errors import NAME as ERROR_NAME
+from .errors import NUMBER as ERROR_NUMBER
+from .errors import ProtocolError
+from .frame import Deframer
+from .frame import encode as frame_encode
+from .replay import DUPLICATE, TOO_OLD, Window
+
+DEVICE, HOST = "device", "host"
+
+EV_OPEN = "open"  # (EV_OPEN, {"version", "kid", "firmware", "board", "reset_cause"})
+EV_MESSAGE = "message"  # (EV_MESSAGE, msg)
+EV_ACKED = "acked"  # (EV_ACKED, msg)
+EV_NACKED = "nacked"  # (EV_NACKED, msg, code name, detail)
+EV_EXPIRED = "expired"  # (EV_EXPIRED, msg): not known to be delivered; the session is closing
+EV_REJECTED = "rejected"  # (EV_REJECTED, code name, detail)
+EV_CLOSED = "closed"  # (EV_CLOSED, reason)
+
+IDLE, HANDSHAKE, OPEN = "idle", "handshake", "open"
+
+NOISE = ("crc", "cobs", "truncated", "oversize")
+_INTERNAL = ("hello", "welcome", "ack", "nack")
+
+
+def check_epoch(counter, msg):
+    epoch = messages.TYPES[messages.NUMBER[msg["type"]]][2]
+    if counter == 0 and epoch == messages.SESSION:
+        raise ProtocolError("no_session", "session message %s before the handshake" % msg["type"])
+    if counter != 0 and epoch == messages.HANDSHAKE:
+        raise ProtocolError("handshake", "%s inside a session" % msg["type"])
+
+
+def common_version(mine, theirs):
+    best = None
+    for v in theirs:
+        if v in mine and (best is None or v > best):
+            best = v
+    if best is None:
+        raise ProtocolError("version", "no common protocol version in %r" % (theirs,))
+    return best
+
+
+def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
+    """Check one complete wire frame as a receiver holding `key` would, statelessly except for the
+    counters already `seen` in the session. Returns (Mac0, message) or raises ProtocolError.
+    This is the receive path of Link in one function; the golden vectors are checked with it."""
+    items = Deframer().feed(wire)
+    if not items or not wire.endswith(b"\x00"):
+        raise ProtocolError("truncated", "no complete frame")
+    if len(items) != 1:
+        raise ProtocolError("cobs", "more than one frame")
+    if isinstance(items[0], ProtocolError):
+        raise items[0]
+    m = _cose.parse(items[0])
+    if m.alg != alg:
+        raise ProtocolError("alg", "alg %d, expected %d" % (m.alg, alg))
+    m.verify(key, aad)
+    if m.counter:
+        w = Window()
+        for c in seen:
+            w.mark(c)
+        if w.check(m.counter) != 0:
+            raise ProtocolError("replay", "counter %d already seen or too old" % m.counter)
+    msg = messages.decode(m.payload)
+    check_epoch(m.counter, msg)
+    if msg["type"] == "hello":
+        common_version(versions, msg["versions"])
+    elif msg["type"] == "welcome" and msg["version"] not in versions:
+        raise ProtocolError("version", "welcome chose version %d" % msg["version"])
+    return m, msg
+
+
+class Link:
+    def __init__(
+        self, role, entropy, *, device_id=None, device_key=None, keystore=None, alg=5,
+        algs=(5, 4), versions=messages.VERSIONS, hello=None, rto_ms=200, max_tries=8,
+        hello_max_ms=2000, queue_max=16, aad=b"",
+    ):
+        if role not in (DEVICE, HOST):
+            raise ValueError("role must be device or host")
+        if role == DEVICE and not (device_id and device_key and len(device_key) == 32):
+            raise ValueError("a device link needs its id and a 32-byte device key")
+        if role == HOST and keystore is None:
+            raise ValueError("a host link needs a keystore: kid -> 32-byte key or None")
+        self.role = role
+        self.entropy = entropy
+        self.keystore = keystore
+        self.alg = alg
+        self.algs = algs
+        self.versions = versions
+        self.hello_info = hello or {"firmware": "unknown", "board": "unknown"}
+        self.rto = rto_ms
+        self.max_tries = max_tries
+        self.hello_max = hello_max_ms
+        self.queue_max = queue_max
+        self.aad = aad
+        self.counters = {}
+        self._deframer = Deframer()
+        self._out = bytearray()
+        self._queue = []
+        self._inflight = None  # [counter, wire, msg, deadline, tries]
+        self._hs = None  # handshake frame being repeated: [wire, deadline, tries]
+        self._last_fast = -(1 << 30)
+        self._last_poke = -(1 << 30)
+        self.state = IDLE
+        self.kid = device_id
+        self.device_key = device_key
+        self.peer = None
+        self._reset_session()
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def connect(self, now):
+        """Device: start (or restart) the handshake with a fresh nonce."""
+        if self.role != DEVICE:
+            raise ValueError("only the device starts a handshake")
+        events = []
+        if self.state != IDLE:
+            self._close("reconnect", events)
+        self._reset_session()
+        self.nonce = self.entropy(16)
+        self.state = HANDSHAKE
+        hello = {"type": "hello", "versions": list(self.versions), "nonce": self.nonce}
+        hello.update(self.hello_info)
+        wire = self._frame(hello, 0, self.device_key)
+        self._write(b"\x00" + wire)  # the leading delimiter flushes a receiver's partial frame
+        self._hs = [wire, now + self.rto, 1]
+        return events
+
+    def send(self, msg, now):
+        """Queue an application message; False if the queue is full. Raises ValueError if the
+        message is invalid or one the link sends itself."""
+        if msg.get("type") in _INTERNAL:
+            raise ValueError("%s is sent by the link itself" % msg["type"])
+        payload = messages.encode(msg)
+        if len(self._queue) >= self.queue_max:
+            return False
+        self._queue.append((msg, payload))
+        self._pump(now)
+        return True
+
+    def receive(self, data, now):
+        events = []
+        for item in self._deframer.feed(data):
+            if isinstance(item, ProtocolError):
+                self._rejected(item, events)
+                self._on_noise(now)
+                continue
+            self._count("rx_frames")
+            try:
+                self._on_frame(item, now, events)
+            except ProtocolError as e:
+                self._rejected(e, events)
+        return events
+
+    def poll(self, now):
+        events = []
+        hs = self._hs
+        if hs is not None and now >= hs[1]:
+            if self.role == HOST and hs[2] >= self.max_tries:
+                self._hs = None
+                self._close("handshake timed out", events)
+            else:
+                self._write(hs[0])
+                self._count("retransmits")
+                hs[2] += 1
+                hs[1] = now + min(self.rto << min(hs[2], 8), self.hello_max)
+        f = self._inflight
+        if f is not None and now >= f[3]:
+            if f[4] >= self.max_tries:
+                self._count("expired")
+                self._close("peer not acknowledging", events)
+                if self.role == DEVICE:
+                    events.extend(self.connect(now))
+            else:
+                self._write(f[1])
+                self._count("retransmits")
+                f[4] += 1
+                f[3] = now + min(self.rto << (f[4] - 1), 4 * self.rto)
+        return events
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def data_to_send(self):
+        out = bytes(self._out)
+        self._out = bytearray()
+        return out
+
+    def next_timeout(self):
+        ts = []
+        if self._hs is not None:
+            ts.append(self._hs[1])
+        if self._inflight is not None:
+            ts.append(self._inflight[3])
+        return min(ts) if ts else None
+
+    def is_open(self):
+        return self.state == OPEN
+
+    def pending(self):
+        return len(self._queue) + (1 if self._inflight else 0)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _reset_session(self):
+        self.tx_key = self.rx_key = None
+        self.window = Window()
+        self.tx_counter = 0
+        self.nonce = self.host_nonce = None
+        self.session_alg = self.alg
+        self.version = None
+
+    def _count(self, name, n=1):
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _rejected(self, err, events):
+        self._count(err.code)
+        events.append((EV_REJECTED, err.code, err.detail))
+
+    def _write(self, wire):
+        self._out.extend(wire)
+        self._count("tx_frames")
+
+    def _frame(self, msg, counter, key, kid=None, alg=None):
+        payload = messages.encode(msg)
+        return frame_encode(
+            _cose.mac0(key, alg or self.session_alg, kid or self.kid, counter, payload, self.aad)
+        )
+
+    def _send_now(self, msg):
+        # unreliable session message (ack, nack): a fresh counter, written once
+        self._write(self._frame(msg, self._next_counter(), self.tx_key))
+
+    def _next_counter(self):
+        self.tx_counter += 1
+        if self.tx_counter > _cose.MAX_COUNTER:
+            raise ProtocolError("rejected", "counter space exhausted; a new handshake is needed")
+        return self.tx_counter
+
+    def _pump(self, now):
+        if self.state != OPEN or self._inflight is not None or not self._queue:
+            return
+        msg, payload = self._queue.pop(0)
+        counter = self._next_counter()
+        wire = frame_encode(
+            _cose.mac0(self.tx_key, self.session_alg, self.kid, counter, payload, self.aad)
+        )
+        self._write(wire)
+        self._inflight = [counter, wire, msg, now + self.rto, 1]
+
+    def _on_noise(self, now):
+        if self.state != OPEN or now - self._last_fast < self.rto // 4:
+            return
+        self._last_fast = now
+        if self._inflight is not None:
+            self._write(self._inflight[1])
+            self._count("retransmits")
+        if now - self._last_poke >= self.rto // 4:
+            self._last_poke = now
+            self._send_now({"type": "nack", "code": ERROR_NUMBER["crc"]})
+
+    def _close(self, reason, events):
+        if self._inflight is not None:
+            events.append((EV_EXPIRED, self._inflight[2]))
+        for msg, _ in self._queue:
+            events.append((EV_EXPIRED, msg))
+        self._inflight = None
+        self._queue = []
+        was = self.state
+        self.state = IDLE
+        self._reset_session()
+        if was != IDLE:
+            events.append((EV_CLOSED, reason))
+
+    def _on_frame(self, cose, now, events):
+        m = _cose.parse(cose)
+        if m.counter == 0:
+            self._on_handshake_frame(m, now, events)
+        else:
+            self._on_session_frame(m, now, events)
+
+    def _key_for(self, kid):
+        if self.role == DEVICE:
+            if kid != self.kid:
+                raise ProtocolError("kid", "frame for another device")
+            return self.device_key
+        key = self.keystore(kid)
+        if key is None:
+            raise ProtocolError("kid", "unknown device %s" % kid.hex())
+        return key
+
+    def _check_alg(self, m):
+        ok = m.alg in self.algs if (self.role == HOST and self.state != OPEN) else (
+            m.alg == self.session_alg
+        )
+        if not ok:
+            raise ProtocolError("alg", "alg %d not accepted" % m.alg)
+
+    def _on_handshake_frame(self, m, now, events):
+        self._check_alg(m)
+        key = self._key_for(m.kid)
+        m.verify(key, self.aad)
+        msg = messages.decode(m.payload)
+        check_epoch(0, msg)
+        self._check_direction(msg)
+        t = msg["type"]
+        if t == "hello":
+            self._on_hello(m, key, msg, now, events)
+        elif t == "welcome":
+            self._on_welcome(msg, now, events)
+        else:  # nack in the handshake epoch: the host has no session for us, or no common version
+            code = msg["code"]
+            if self.role == DEVICE and self.state == OPEN and code == ERROR_NUMBER["no_session"]:
+                self._count("host_lost_session")
+                self._close("host has no session", events)
+                events.extend(self.connect(now))
+            elif code == ERROR_NUMBER["version"]:
+                raise ProtocolError("version", "host shares no protocol version")
+
+    def _check_direction(self, msg):
+        d = messages.TYPES[messages.NUMBER[msg["type"]]][1]
+        if d != messages.BOTH and d != (messages.D2H if self.role == HOST else messages.H2D):
+            raise ProtocolError("unknown_type", "%s is not sent in this direction" % msg["type"])
+
+    def _on_hello(self, m, key, msg, now, events):
+        try:
+            version = common_version(self.versions, msg["versions"])
+        except ProtocolError:
+            nack = {"type": "nack", "code": ERROR_NUMBER["version"]}
+            self._write(self._frame(nack, 0, key, m.kid, m.alg))
+            raise
+        if m.kid == self.kid and msg["nonce"] == self.nonce:
+            self._count("duplicate")  # a repeated hello of the current session
+            if self.state == HANDSHAKE and self._hs is not None:
+                self._write(self._hs[0])
+            return
+        if self.state != IDLE:
+            self._close("device started a new session", events)
+        self.kid, self.device_key, self.session_alg, self.version = m.kid, key, m.alg, version
+        self.nonce = msg["nonce"]
+        self.host_nonce = self.entropy(16)
+        self.rx_key, self.tx_key = session_keys(key, self.host_nonce, self.nonce)
+        self.peer = {
+            "version": version, "kid": m.kid, "firmware": msg["firmware"], "board": msg["board"],
+            "reset_cause": msg.get("reset_cause", ""),
+        }
+        welcome = {
+            "type": "welcome", "version": version, "host_nonce": self.host_nonce,
+            "device_nonce": self.nonce,
+        }
+        wire = self._frame(welcome, 0, key)
+        self._write(wire)
+        self._hs = [wire, now + self.rto, 1]
+        self.state = HANDSHAKE
+
+    def _on_welcome(self, msg, now, events):
+        if msg["device_nonce"] != self.nonce or self.nonce is None:
+            raise ProtocolError("handshake", "welcome for another hello")
+        if self.state == OPEN and msg["host_nonce"] == self.host_nonce:
+            self._count("duplicate")  # our ack of the welcome was lost: acknowledge again
+            self._send_now({"type": "ack", "counter": 0})
+            return
+        if self.state != HANDSHAKE:
+            raise ProtocolError("handshake", "unexpected welcome")
+        if msg["version"] not in self.versions:
+            raise ProtocolError("version", "host chose version %d" % msg["version"])
+        self.version = msg["version"]
+        self.host_nonce = msg["host_nonce"]
+        self.tx_key, self.rx_key = session_keys(self.device_key, self.host_nonce, self.nonce)
+        self._hs = None
+        self._open({"version": self.version, "kid": self.kid}, events)
+        self._send_now({"type": "ack", "counter": 0})
+        self._pump(now)
+
+    def _open(self, peer, events):
+        self.state = OPEN
+        self.peer = peer
+        self._count("sessions")
+        events.append((EV_OPEN, peer))
+
+    def _on_session_frame(self, m, now, events):
+        if self.tx_key is None:
+            self._poke_no_session(m, now)
+            raise ProtocolError("no_session", "session frame with no session")
+        if m.kid != self.kid:
+            raise ProtocolError("kid", "frame for another device")
+        self._check_alg(m)
+        m.verify(self.rx_key, self.aad)
+        seen = self.window.check(m.counter)
+        if seen == TOO_OLD:
+            raise ProtocolError("replay", "counter %d is older than the window" % m.counter)
+        try:
+            msg = messages.decode(m.payload)
+            check_epoch(m.counter, msg)
+            self._check_direction(msg)
+        except ProtocolError as e:
+            self.window.mark(m.counter)
+            if self.state == OPEN:
+                self._send_now({"type": "nack", "counter": m.counter, "code": ERROR_NUMBER[e.code]})
+            raise
+        reliable = messages.TYPES[messages.NUMBER[msg["type"]]][3]
+        if seen == DUPLICATE:
+            self._count("duplicate")
+            if reliable:
+                self._send_now({"type": "ack", "counter": m.counter})
+            return
+        self.window.mark(m.counter)
+        if self.state == HANDSHAKE:  # host: the first verified session frame confirms the keys
+            self._hs = None
+            self._open(self.peer, events)
+        t = msg["type"]
+        if t == "ack":
+            self._on_ack(msg["counter"], now, events)
+        elif t == "nack":
+            self._on_nack(msg, now, events)
+        else:
+            if reliable:
+                self._send_now({"type": "ack", "counter": m.counter})
+            events.append((EV_MESSAGE, msg))
+        self._pump(now)
+
+    def _poke_no_session(self, m, now):
+        # host: tell the device, under its device key, that it must say hello again
+        if self.role != HOST or m.alg not in self.algs or now - self._last_poke < self.rto // 4:
+            return
+        key = self.keystore(m.kid)
+        if key is None:
+            return
+        self._last_poke = now
+        nack = {"type": "nack", "code": ERROR_NUMBER["no_session"]}
+        self._write(self._frame(nack, 0, key, m.kid, m.alg))
+
+    def _on_ack(self, counter, now, events):
+        f = self._inflight
+        if f is not None and f[0] == counter:
+            self._inflight = None
+            events.append((EV_ACKED, f[2]))
+        elif counter != 0:  # an ack of the welcome (counter 0) confirmed the session already
+            self._count("stray_acks")
+
+    def _on_nack(self, msg, now, events):
+        f = self._inflight
+        counter = msg.get("counter")
+        if counter is None:  # the peer saw line noise: repeat what we have in flight
+            if f is not None and now - self._last_fast >= self.rto // 4:
+                self._last_fast = now
+                self._write(f[1])
+                self._count("retransmits")
+            return
+        if f is not None and f[0] == counter:
+            self._inflight = None
+            code = ERROR_NAME.get(msg["code"], "unknown")
+            events.append((EV_NACKED, f[2], code, msg.get("detail", "")))

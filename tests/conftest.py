@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hexiao.tools import micropython
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def mpy_stage(tmp_path_factory) -> Path:
+    """The device-side modules compiled with mpy-cross, laid out as on a board's filesystem."""
+    return micropython.stage(tmp_path_factory.mktemp("mpy"))
+
+
+@pytest.fixture(scope="session")
+def run_mpy(mpy_stage):
+    """Run a script under real MicroPython in the device heap budget; returns CompletedProcess."""
+
+    def run(script, *args, heap=micropython.HEAP, stdin=None, timeout=120):
+        argv, env = micropython.command(script, mpy_stage, heap=heap, args=[str(a) for a in args])
+        return subprocess.run(
+            argv, env=env, input=stdin, capture_output=True, timeout=timeout, cwd=mpy_stage
+        )
+
+    return run

@@ -1,0 +1,26 @@
+"""The `hexiao` command: one click group; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hexiao")
+def main() -> None:
+    """hexiao (核销): redeem WeChat cards and coupons at an unchanged till."""
+
+
+def _lazy(name: str, module: str, help: str) -> None:
+    # subcommands import their module only when run, so `hexiao --help` stays fast
+    @main.command(name, help=help, context_settings={"ignore_unknown_options": True},
+                  add_help_option=False)
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def _cmd(args: tuple[str, ...]) -> None:
+        import importlib
+
+        importlib.import_module(module).main.main(args=list(args), prog_name=f"hexiao {name}")
+
+
+_lazy("demo", "hexiao.tools.demo", "Run a lane on this machine and show it working.")
+_lazy("bench", "hexiao.tools.bench", "Measure the protocol codec and the firmware link.")

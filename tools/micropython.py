@@ -1,0 +1,67 @@
+"""Run hexiao's shared code on the real MicroPython unix port.
+
+Boards load precompiled `.mpy` files, so the unix port does too: stage() compiles the protocol
+(and firmware) sources with mpy-cross into a directory laid out as on the device's filesystem
+(`hexiao/protocol/*.mpy`, ...), and command() builds the `micropython` command line that runs a
+script against it inside the device's heap budget.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HEAP = "64k"
+
+# the device-side packages, staged as hexiao/<part>/*.mpy
+PARTS = ("protocol", "firmware")
+
+
+def _source_dir(part: str) -> Path:
+    import importlib
+
+    mod = importlib.import_module(f"hexiao.{part}")
+    return Path(mod.__file__).resolve().parent
+
+
+def executable(name: str) -> str:
+    """Path of a console script installed next to this interpreter (venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found: install hexiao's dependencies (pip install -e .)")
+    return found
+
+
+def stage(dest: Path, parts: tuple[str, ...] = PARTS) -> Path:
+    """Compile the device-side modules into dest/hexiao/<part>/*.mpy and return dest."""
+    mpy_cross = executable("mpy-cross")
+    dest = Path(dest)
+    (dest / "hexiao").mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        src = _source_dir(part)
+        out = dest / "hexiao" / part
+        out.mkdir(parents=True, exist_ok=True)
+        for py in sorted(src.glob("*.py")):
+            target = out / (py.stem + ".mpy")
+            subprocess.run(
+                [mpy_cross, "-O3", "-o", str(target), str(py)],
+                check=True, capture_output=True, text=True,
+            )
+    return dest
+
+
+def command(
+    target: Path | str, staged: Path, heap: str = HEAP, args: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """argv and env to run under MicroPython, with `staged` on its module path, either a script
+    (a path ending in .py) or a staged module by dotted name (run with -m, no compiling at run
+    time, which matters in a 64 KB heap)."""
+    run = [str(target)] if str(target).endswith(".py") else ["-m", str(target)]
+    argv = [executable("micropython"), "-X", f"heapsize={heap}", *run, *(args or [])]
+    env = {"MICROPYPATH": f"{staged}:.frozen", "PATH": "/usr/bin:/bin"}
+    return argv, env
