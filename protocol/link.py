@@ -21,9 +21,8 @@
 from . import cose as _cose
 from . import messages
 from .crypto import session_keys
-from .errors import NAME as ERROR_NAME
-from .errors import NUMBER as ERROR_NUMBER
-from .errors import ProtocolError
+from .errors import ProtocolError, number
+from .errors import name as error_name
 from .frame import Deframer
 from .frame import encode as frame_encode
 from .replay import DUPLICATE, TOO_OLD, Window
@@ -45,7 +44,7 @@ _INTERNAL = ("hello", "welcome", "ack", "nack")
 
 
 def check_epoch(counter, msg):
-    epoch = messages.TYPES[messages.NUMBER[msg["type"]]][2]
+    epoch = messages.info(msg["type"])[2]
     if counter == 0 and epoch == messages.SESSION:
         raise ProtocolError("no_session", "session message %s before the handshake" % msg["type"])
     if counter != 0 and epoch == messages.HANDSHAKE:
@@ -279,7 +278,7 @@ class Link:
             self._count("retransmits")
         if now - self._last_poke >= self.rto // 4:
             self._last_poke = now
-            self._send_now({"type": "nack", "code": ERROR_NUMBER["crc"]})
+            self._send_now({"type": "nack", "code": number("crc")})
 
     def _close(self, reason, events):
         if self._inflight is not None:
@@ -332,15 +331,15 @@ class Link:
             self._on_welcome(msg, now, events)
         else:  # nack in the handshake epoch: the host has no session for us, or no common version
             code = msg["code"]
-            if self.role == DEVICE and self.state == OPEN and code == ERROR_NUMBER["no_session"]:
+            if self.role == DEVICE and self.state == OPEN and code == number("no_session"):
                 self._count("host_lost_session")
                 self._close("host has no session", events)
                 events.extend(self.connect(now))
-            elif code == ERROR_NUMBER["version"]:
+            elif code == number("version"):
                 raise ProtocolError("version", "host shares no protocol version")
 
     def _check_direction(self, msg):
-        d = messages.TYPES[messages.NUMBER[msg["type"]]][1]
+        d = messages.info(msg["type"])[1]
         if d != messages.BOTH and d != (messages.D2H if self.role == HOST else messages.H2D):
             raise ProtocolError("unknown_type", "%s is not sent in this direction" % msg["type"])
 
@@ -348,7 +347,7 @@ class Link:
         try:
             version = common_version(self.versions, msg["versions"])
         except ProtocolError:
-            nack = {"type": "nack", "code": ERROR_NUMBER["version"]}
+            nack = {"type": "nack", "code": number("version")}
             self._write(self._frame(nack, 0, key, m.kid, m.alg))
             raise
         if m.kid == self.kid and msg["nonce"] == self.nonce:
@@ -418,9 +417,9 @@ class Link:
         except ProtocolError as e:
             self.window.mark(m.counter)
             if self.state == OPEN:
-                self._send_now({"type": "nack", "counter": m.counter, "code": ERROR_NUMBER[e.code]})
+                self._send_now({"type": "nack", "counter": m.counter, "code": number(e.code)})
             raise
-        reliable = messages.TYPES[messages.NUMBER[msg["type"]]][3]
+        reliable = messages.info(msg["type"])[3]
         if seen == DUPLICATE:
             self._count("duplicate")
             if reliable:
@@ -449,7 +448,7 @@ class Link:
         if key is None:
             return
         self._last_poke = now
-        nack = {"type": "nack", "code": ERROR_NUMBER["no_session"]}
+        nack = {"type": "nack", "code": number("no_session")}
         self._write(self._frame(nack, 0, key, m.kid, m.alg))
 
     def _on_ack(self, counter, now, events):
@@ -471,5 +470,5 @@ class Link:
             return
         if f is not None and f[0] == counter:
             self._inflight = None
-            code = ERROR_NAME.get(msg["code"], "unknown")
+            code = error_name(msg["code"])
             events.append((EV_NACKED, f[2], code, msg.get("detail", "")))

@@ -1,152 +1,259 @@
-# Messages of protocol version 1 (SPEC.md, "Messages"; messages.cddl is the same table in CDDL).
+# Messages of protocol version 1 (SPEC.md, "Messages"; hexiao-v1.cddl is the same table in CDDL).
 #
 # Rules kept here:
-# - one table, TYPES, defines every message: number, name, direction, epoch, reliability, fields;
+# - one table, _TABLE, defines every message: number, name, direction, epoch, reliability, and
+#   its fields (key, required "!", name, spec);
 # - on the wire a message is a CBOR map with small integer keys (key 0 is the type), encoded
 #   deterministically; in code it is a dict with names: {"type": "scan", "scan_id": 7, ...};
 # - decode() rejects unknown types (`unknown_type`) and unknown, missing or mistyped fields
-#   (`schema`): a v1 receiver accepts exactly what this table says, so growth happens by new
+#   (`schema`): a v1 receiver accepts exactly what the table says, so growth happens by new
 #   versions, new types and new optional keys negotiated through hello/welcome;
 # - encode() validates too: a malformed message is a bug in the sender and raises ValueError.
+# The table is text, parsed when a type is used (and cached on the host): as Python tuples it
+# would cost ~14 KB of a device's 64 KB heap.
+#
+# Specs: 0..N uint range; u8 u16 u32 u64 uint of that width; int; bool; bstrN (exactly N bytes);
+# bstrA..B; tstrN (at most N characters); [S]N list of at most N; (S,S) fixed array;
+# {name} a struct defined below; map(K=V)N open map of at most N; S|S the first that fits.
+
+import sys
 
 from . import codec
 from .errors import ProtocolError
 
 VERSIONS = (1,)
-
-# spec kinds: ("u", max) uint; ("i",) int; ("b", min, max) bytes; ("t", max) text; ("?",) bool;
-# ("l", spec, max) list; ("a", (specs)) fixed array; ("s", fields) struct with int keys;
-# ("m", keyspec, valspec, max) open map; ("c", (specs)) the first spec that fits.
-U8 = ("u", 0xFF)
-U16 = ("u", 0xFFFF)
-U32 = ("u", 0xFFFFFFFF)
-U64 = ("u", 0xFFFFFFFFFFFFFFFF)
-NONCE = ("b", 16, 16)
-NAME = ("t", 24)
-COUNTERS = ("m", NAME, U64, 32)
-CONFIG_VALUE = ("c", (("?",), ("i",), ("t", 64), ("b", 0, 64)))
-CONFIG = ("m", NAME, CONFIG_VALUE, 16)
-RULE = ("s", (
-    (0, "action", ("u", 2), True),  # 0 product, 1 coupon, 2 ignore
-    (1, "symbologies", ("l", ("t", 4), 8), False),  # AIM ids, e.g. "]Q1"
-    (2, "min_len", U16, False),
-    (3, "max_len", U16, False),
-    (4, "prefix", ("b", 1, 16), False),
-    (5, "check", ("u", 1), False),  # 0 none, 1 GS1 mod-10 (EAN/UPC)
-))
-KEY_ITEM = ("c", (("t", 64), ("a", (U8, U8))))  # text to type, or [HID usage, modifier bits]
-LOG_ENTRY = ("a", (U32, U64, ("u", 7), ("t", 48)))  # seq, uptime ms, level, event
-
 D2H, H2D, BOTH = "d2h", "h2d", "both"
 HANDSHAKE, SESSION, ANY = "handshake", "session", "any"
 
-# number: (name, direction, epoch, reliable, fields); a field is (key, name, spec, required)
-TYPES = {
-    1: ("hello", D2H, HANDSHAKE, False, (
-        (1, "versions", ("l", U16, 8), True),
-        (2, "nonce", NONCE, True),
-        (3, "firmware", ("t", 32), True),
-        (4, "board", ("t", 16), True),
-        (5, "reset_cause", ("t", 16), False),
-    )),
-    2: ("welcome", H2D, HANDSHAKE, True, (
-        (1, "version", U16, True),
-        (2, "host_nonce", NONCE, True),
-        (3, "device_nonce", NONCE, True),
-        (4, "host_time_ms", U64, False),
-    )),
-    3: ("scan", D2H, SESSION, True, (
-        (1, "scan_id", U32, True),
-        (2, "symbology", ("t", 4), True),
-        (3, "data", ("b", 0, 512), True),
-        (4, "time_ms", U64, True),
-    )),
-    4: ("verdict", H2D, SESSION, True, (
-        (1, "scan_id", U32, True),
-        (2, "outcome", ("u", 15), True),  # SPEC.md "verdict": accepted, refused, offline, ...
-        (3, "beep", ("u", 15), True),
-        (4, "led", ("u", 15), True),
-        (5, "text", ("t", 48), True),
-        (6, "slip", ("b", 0, 768), False),
-    )),
-    5: ("keys", H2D, SESSION, True, (
-        (1, "macro_id", U32, True),
-        (2, "items", ("l", KEY_ITEM, 32), True),
-        (3, "delay_ms", ("u", 1000), False),
-    )),
-    6: ("print", H2D, SESSION, True, (
-        (1, "job_id", U32, True),
-        (2, "seq", U16, True),
-        (3, "last", ("?",), True),
-        (4, "data", ("b", 1, 768), True),
-    )),
-    7: ("rules", H2D, SESSION, True, (
-        (1, "version", U32, True),
-        (2, "default", ("u", 2), True),
-        (3, "rules", ("l", RULE, 16), True),
-    )),
-    8: ("health_get", H2D, SESSION, True, ()),
-    9: ("health", D2H, SESSION, True, (
-        (1, "uptime_ms", U64, True),
-        (2, "reset_cause", ("t", 16), True),
-        (3, "firmware", ("t", 32), True),
-        (4, "heap_free", U32, True),
-        (5, "heap_peak", U32, True),
-        (6, "link", COUNTERS, True),
-        (7, "app", COUNTERS, True),
-    )),
-    10: ("logs_get", H2D, SESSION, True, (
-        (1, "since", U32, False),
-        (2, "max", ("u", 16), False),
-    )),
-    11: ("logs", D2H, SESSION, True, (
-        (1, "entries", ("l", LOG_ENTRY, 16), True),
-        (2, "next", U32, True),
-    )),
-    12: ("config_get", H2D, SESSION, True, (
-        (1, "keys", ("l", NAME, 16), False),
-    )),
-    13: ("config_set", H2D, SESSION, True, (
-        (1, "values", CONFIG, True),
-    )),
-    14: ("config", D2H, SESSION, True, (
-        (1, "values", CONFIG, True),
-    )),
-    15: ("ack", BOTH, SESSION, False, (
-        (1, "counter", U32, True),
-    )),
-    16: ("nack", BOTH, ANY, False, (
-        (1, "counter", U32, False),  # absent: not about one frame (e.g. "I saw line noise")
-        (2, "code", U16, True),
-        (3, "detail", ("t", 64), False),
-    )),
-    17: ("ping", BOTH, SESSION, True, (
-        (1, "data", ("b", 0, 64), False),
-    )),
-    18: ("pong", BOTH, SESSION, True, (
-        (1, "data", ("b", 0, 64), False),
-    )),
-}
-
-NUMBER = {}
-for _num, _t in TYPES.items():
-    NUMBER[_t[0]] = _num
+_TABLE = """
+1 hello d2h handshake once
+ 1! versions [u16]8
+ 2! nonce bstr16
+ 3! firmware tstr32
+ 4! board tstr16
+ 5 reset_cause tstr16
+2 welcome h2d handshake reliable
+ 1! version u16
+ 2! host_nonce bstr16
+ 3! device_nonce bstr16
+ 4 host_time_ms u64
+3 scan d2h session reliable
+ 1! scan_id u32
+ 2! symbology tstr4
+ 3! data bstr0..512
+ 4! time_ms u64
+4 verdict h2d session reliable
+ 1! scan_id u32
+ 2! outcome 0..15
+ 3! beep 0..15
+ 4! led 0..15
+ 5! text tstr48
+ 6 slip bstr0..768
+5 keys h2d session reliable
+ 1! macro_id u32
+ 2! items [tstr64|(u8,u8)]32
+ 3 delay_ms 0..1000
+6 print h2d session reliable
+ 1! job_id u32
+ 2! seq u16
+ 3! last bool
+ 4! data bstr1..768
+7 rules h2d session reliable
+ 1! version u32
+ 2! default 0..2
+ 3! rules [{rule}]16
+8 health_get h2d session reliable
+9 health d2h session reliable
+ 1! uptime_ms u64
+ 2! reset_cause tstr16
+ 3! firmware tstr32
+ 4! heap_free u32
+ 5! heap_peak u32
+ 6! link map(tstr24=u64)32
+ 7! app map(tstr24=u64)32
+10 logs_get h2d session reliable
+ 1 since u32
+ 2 max 0..16
+11 logs d2h session reliable
+ 1! entries [(u32,u64,0..7,tstr48)]16
+ 2! next u32
+12 config_get h2d session reliable
+ 1 keys [tstr24]16
+13 config_set h2d session reliable
+ 1! values map(tstr24=bool|int|tstr64|bstr0..64)16
+14 config d2h session reliable
+ 1! values map(tstr24=bool|int|tstr64|bstr0..64)16
+15 ack both session once
+ 1! counter u32
+16 nack both any once
+ 1 counter u32
+ 2! code u16
+ 3 detail tstr64
+17 ping both session reliable
+ 1 data bstr0..64
+18 pong both session reliable
+ 1 data bstr0..64
+rule struct
+ 0! action 0..2
+ 1 symbologies [tstr4]8
+ 2 min_len u16
+ 3 max_len u16
+ 4 prefix bstr1..16
+ 5 check 0..1
+"""
 
 # verdict enumerations (SPEC.md, "verdict")
 OUTCOMES = ("accepted", "refused", "offline", "verify_manually", "identified", "info")
 BEEPS = ("none", "ok", "error", "warning")
 LEDS = ("off", "green", "red", "amber", "blue")
 
-
-def info(name):
-    """(number, direction, epoch, reliable) of a message type name."""
-    num = NUMBER[name]
-    t = TYPES[num]
-    return num, t[1], t[2], t[3]
+_HOST = sys.implementation.name != "micropython"
+_cache = {} if _HOST else None
 
 
 def _is_int(v):
     return isinstance(v, int) and v is not True and v is not False
+
+
+def _heads():
+    # offsets of the head lines (types and structs) in _TABLE; ints cost little heap
+    out = []
+    pos = 1
+    while pos < len(_TABLE):
+        if _TABLE[pos] != " ":
+            out.append(pos)
+        pos = _TABLE.find("\n", pos) + 1
+    return tuple(out)
+
+
+_HEADS = _heads()
+
+
+def _head(key):
+    # the head line of a type number or struct name: [key, name, dir, epoch, reliability] or
+    # [name, "struct"], and the offsets of its field lines; None if there is no such head
+    k = str(key)
+    for pos in _HEADS:
+        end = _TABLE.find("\n", pos)
+        parts = _TABLE[pos:end].split()
+        if parts[0] == k or (len(parts) > 2 and parts[1] == k):
+            nxt = _TABLE.find("\n", end + 1)
+            while nxt > 0 and _TABLE[end + 1] == " ":
+                end, nxt = nxt, _TABLE.find("\n", nxt + 1)
+            return parts, pos, end
+    return None
+
+
+def _parse(s, i):
+    # one spec (a choice of atoms) at s[i:]; returns (spec tuple, next index)
+    alts = []
+    while True:
+        spec, i = _atom(s, i)
+        alts.append(spec)
+        if i < len(s) and s[i] == "|":
+            i += 1
+            continue
+        break
+    return (alts[0] if len(alts) == 1 else ("c", tuple(alts))), i
+
+
+def _num(s, i):
+    j = i
+    while j < len(s) and "0" <= s[j] <= "9":
+        j += 1
+    return int(s[i:j]), j
+
+
+def _atom(s, i):
+    c = s[i]
+    if c == "[":
+        spec, i = _parse(s, i + 1)
+        n, i = _num(s, i + 1)  # skip "]"
+        return ("l", spec, n), i
+    if c == "(":
+        items = []
+        while s[i] != ")":
+            spec, i = _parse(s, i + 1)
+            items.append(spec)
+        return ("a", tuple(items)), i + 1
+    if c == "{":
+        j = s.index("}", i)
+        return ("s", fields(s[i + 1 : j])), j + 1
+    if s.startswith("map(", i):
+        k, i = _parse(s, i + 4)
+        v, i = _parse(s, i + 1)  # skip "="
+        n, i = _num(s, i + 1)  # skip ")"
+        return ("m", k, v, n), i
+    for word, spec in (("bool", ("?",)), ("int", ("i",))):
+        if s.startswith(word, i):
+            return spec, i + len(word)
+    if c == "u":
+        n, i = _num(s, i + 1)
+        return ("u", (1 << n) - 1), i
+    if s.startswith("bstr", i) or s.startswith("tstr", i):
+        lo, j = _num(s, i + 4)
+        if s[i] == "t":
+            return ("t", lo), j
+        if s.startswith("..", j):
+            hi, j = _num(s, j + 2)
+            return ("b", lo, hi), j
+        return ("b", lo, lo), j
+    lo, i = _num(s, i)  # "0..N"
+    hi, i = _num(s, i + 2)
+    return ("u", hi), i
+
+
+def fields(key):
+    """The fields of a type number or struct name: ((key, name, spec, required), ...)."""
+    if _cache is not None and key in _cache:
+        return _cache[key]
+    parts, pos, end = _head(key)
+    out = []
+    for line in _TABLE[_TABLE.find("\n", pos) + 1 : end].split("\n"):
+        if line:
+            k, name, spec = line.split()
+            out.append((int(k.rstrip("!")), name, _parse(spec, 0)[0], k[-1] == "!"))
+    out = tuple(out)
+    if _cache is not None:
+        _cache[key] = out
+    return out
+
+
+def info(name):
+    """(number, direction, epoch, reliable) of a message type name; KeyError if unknown."""
+    if _cache is not None and ("info", name) in _cache:
+        return _cache[("info", name)]
+    h = _head(name) if isinstance(name, str) else None
+    if h is None or h[0][1] != name:
+        raise KeyError(name)
+    p = h[0]
+    out = (int(p[0]), p[2], p[3], p[4] == "reliable")
+    if _cache is not None:
+        _cache[("info", name)] = out
+    return out
+
+
+def type_info(num):
+    """(name, direction, epoch, reliable) of a type number, or None."""
+    if not _is_int(num):
+        return None
+    if _cache is not None and ("num", num) in _cache:
+        return _cache[("num", num)]
+    h = _head(num)
+    out = None if h is None else (h[0][1], h[0][2], h[0][3], h[0][4] == "reliable")
+    if _cache is not None:
+        _cache[("num", num)] = out
+    return out
+
+
+if _HOST:  # the whole table as dicts and tuples, for host code and tests
+    NUMBER = {}
+    TYPES = {}
+    for _pos in _HEADS:
+        _p = _TABLE[_pos : _TABLE.find("\n", _pos)].split()
+        if _p[1] != "struct":
+            NUMBER[_p[1]] = int(_p[0])
+            TYPES[int(_p[0])] = type_info(int(_p[0])) + (fields(int(_p[0])),)
 
 
 def _check(spec, v, to_wire):
@@ -188,29 +295,23 @@ def _check(spec, v, to_wire):
         if not isinstance(v, dict) or len(v) > spec[3]:
             raise ValueError("expected map of at most %d" % spec[3])
         out = {}
-        for k in _sorted_keys(v) if to_wire else v:
+        for k in sorted(v, key=codec.pure_dumps) if to_wire else v:
             out[_check(spec[1], k, to_wire)] = _check(spec[2], v[k], to_wire)
         return out
-    if kind == "c":
-        for s in spec[1]:
-            try:
-                return _check(s, v, to_wire)
-            except ValueError:
-                pass
-        raise ValueError("no alternative fits")
-    raise ValueError("bad spec")
+    # "c": the first alternative that fits
+    for s in spec[1]:
+        try:
+            return _check(s, v, to_wire)
+        except ValueError:
+            pass
+    raise ValueError("no alternative fits")
 
 
-def _sorted_keys(d):
-    # deterministic order of map keys: bytewise order of their encodings (RFC 8949 §4.2.1)
-    return sorted(d, key=codec.pure_dumps)
-
-
-def _struct(fields, v, to_wire, skip):
-    # to_wire: named dict -> int-keyed dict in ascending key order; else the reverse
+def _struct(flds, v, to_wire, skip):
+    # to_wire: named dict -> int-keyed dict in ascending key order (deterministic); else reverse
     out = {}
     seen = skip
-    for key, name, spec, required in fields:
+    for key, name, spec, required in flds:
         src = name if to_wire else key
         if src in v:
             seen += 1
@@ -227,11 +328,12 @@ def _struct(fields, v, to_wire, skip):
 
 def to_wire(msg):
     """Named message dict -> wire map (ValueError if the message is not valid)."""
-    num = NUMBER.get(msg.get("type"))
-    if num is None:
-        raise ValueError("unknown message type %r" % (msg.get("type"),))
+    try:
+        num = info(msg.get("type"))[0]
+    except KeyError:
+        raise ValueError("unknown message type %r" % (msg.get("type"),)) from None
     out = {0: num}
-    out.update(_struct(TYPES[num][4], msg, True, 1))
+    out.update(_struct(fields(num), msg, True, 1))
     return out
 
 
@@ -240,11 +342,11 @@ def from_wire(w):
     if not isinstance(w, dict):
         raise ProtocolError("schema", "a message is a map")
     num = w.get(0)
-    t = TYPES.get(num) if _is_int(num) else None
+    t = type_info(num)
     if t is None:
         raise ProtocolError("unknown_type", "message type %r" % (num,))
     try:
-        out = _struct(t[4], w, False, 1)
+        out = _struct(fields(num), w, False, 1)
     except ValueError as e:
         raise ProtocolError("schema", "%s: %s" % (t[0], e.args[0])) from None
     out["type"] = t[0]
