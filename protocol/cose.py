@@ -65,7 +65,7 @@ def mac0(key, alg, kid, counter, payload, aad=b""):
 
 
 class Mac0:
-    __slots__ = ("alg", "kid", "counter", "protected", "payload", "tag")
+    __slots__ = ("alg", "counter", "kid", "payload", "protected", "tag")
 
     def __init__(self, alg, kid, counter, protected, payload, tag):
         self.alg = alg

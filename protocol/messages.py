@@ -207,7 +207,7 @@ def fields(key):
     """The fields of a type number or struct name: ((key, name, spec, required), ...)."""
     if _cache is not None and key in _cache:
         return _cache[key]
-    parts, pos, end = _head(key)
+    _, pos, end = _head(key)
     out = []
     for line in _TABLE[_TABLE.find("\n", pos) + 1 : end].split("\n"):
         if line:

@@ -2,7 +2,8 @@
 #
 # Rules kept here:
 # - a counter above the highest seen is new; the window then slides;
-# - a counter within WINDOW below the highest is new only if its bit is clear (a late retransmission);
+# - a counter within WINDOW below the highest is new only if its bit is clear (a late
+#   retransmission);
 # - anything else was seen already (`duplicate`) or is too old to tell (`replay`).
 # WINDOW is 16 so the bitmap stays a small int on 32-bit MicroPython ports.
 

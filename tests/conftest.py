@@ -4,7 +4,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from hexiao.tools import micropython
 
 TESTS = Path(__file__).resolve().parent

@@ -1,0 +1,26 @@
+"""The code base stays ruff-clean: part of the suite so the README's test command checks it."""
+
+import subprocess
+from pathlib import Path
+
+from hexiao.tools.micropython import executable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_clean() -> None:
+    result = subprocess.run(
+        [executable("ruff"), "check", "--no-cache", str(ROOT)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_protocol_sources_compile_for_micropython(tmp_path: Path) -> None:
+    # every module shared with the device must be accepted by mpy-cross (the boards' compiler)
+    for py in sorted((ROOT / "protocol").glob("*.py")) + sorted((ROOT / "firmware").glob("*.py")):
+        result = subprocess.run(
+            [executable("mpy-cross"), "-o", str(tmp_path / (py.stem + ".mpy")), str(py)],
+            capture_output=True, text=True,
+        )
+        assert result.returncode == 0, f"{py.name}: {result.stderr}"
