@@ -1,1 +1,2 @@
-# The `hexiao` command-line tools for installers and support engineers (a thin layer over the library).
+# The `hexiao` command-line tools for installers and support engineers: a thin layer over
+# the library.

@@ -33,7 +33,7 @@ def executable(name: str) -> str:
         return str(here)
     found = shutil.which(name)
     if not found:
-        raise FileNotFoundError(f"{name} not found: install hexiao's dependencies (pip install -e .)")
+        raise FileNotFoundError(f"{name} not found: install hexiao (pip install -e .)")
     return found
 
 
