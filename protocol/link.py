@@ -115,6 +115,7 @@ class Link:
         self.hello_max = hello_max_ms
         self.queue_max = queue_max
         self.aad = aad
+        self.max_counter = _cose.MAX_COUNTER
         self.counters = {}
         self._deframer = Deframer()
         self._out = bytearray()
@@ -176,6 +177,10 @@ class Link:
 
     def poll(self, now):
         events = []
+        if self.state == OPEN and self.tx_counter >= self.max_counter:
+            self._close("counter space used up: new handshake", events)
+            if self.role == DEVICE:
+                events.extend(self.connect(now))
         hs = self._hs
         if hs is not None and now >= hs[1]:
             if self.role == HOST and hs[2] >= self.max_tries:
@@ -208,6 +213,8 @@ class Link:
         return out
 
     def next_timeout(self):
+        if self.state == OPEN and self.tx_counter >= self.max_counter:
+            return 0
         ts = []
         if self._hs is not None:
             ts.append(self._hs[1])
@@ -250,19 +257,24 @@ class Link:
 
     def _send_now(self, msg):
         # unreliable session message (ack, nack): a fresh counter, written once
-        self._write(self._frame(msg, self._next_counter(), self.tx_key))
+        counter = self._next_counter()
+        if counter is not None:
+            self._write(self._frame(msg, counter, self.tx_key))
 
     def _next_counter(self):
+        # None when the counter space is used up; poll() then ends the session (SPEC: rekey)
+        if self.tx_counter >= self.max_counter:
+            return None
         self.tx_counter += 1
-        if self.tx_counter > _cose.MAX_COUNTER:
-            raise ProtocolError("rejected", "counter space exhausted; a new handshake is needed")
         return self.tx_counter
 
     def _pump(self, now):
         if self.state != OPEN or self._inflight is not None or not self._queue:
             return
-        msg, payload = self._queue.pop(0)
         counter = self._next_counter()
+        if counter is None:
+            return
+        msg, payload = self._queue.pop(0)
         wire = frame_encode(
             _cose.mac0(self.tx_key, self.session_alg, self.kid, counter, payload, self.aad)
         )
@@ -311,9 +323,12 @@ class Link:
         return key
 
     def _check_alg(self, m):
-        ok = m.alg in self.algs if (self.role == HOST and self.state != OPEN) else (
-            m.alg == self.session_alg
-        )
+        # the device uses its configured alg throughout; the host accepts any of its algs in a
+        # hello and then holds the session to the alg the hello chose
+        if self.role == DEVICE or m.counter:
+            ok = m.alg == (self.alg if self.role == DEVICE else self.session_alg)
+        else:
+            ok = m.alg in self.algs
         if not ok:
             raise ProtocolError("alg", "alg %d not accepted" % m.alg)
 
@@ -381,10 +396,14 @@ class Link:
             self._count("duplicate")  # our ack of the welcome was lost: acknowledge again
             self._send_now({"type": "ack", "counter": 0})
             return
-        if self.state != HANDSHAKE:
-            raise ProtocolError("handshake", "unexpected welcome")
         if msg["version"] not in self.versions:
             raise ProtocolError("version", "host chose version %d" % msg["version"])
+        if self.state == OPEN:
+            # authentic and for our current hello, but with a new host nonce: the host lost our
+            # session and answered a late copy of the hello; its new keys win
+            nonce = self.nonce
+            self._close("host restarted the handshake", events)
+            self.nonce = nonce
         self.version = msg["version"]
         self.host_nonce = msg["host_nonce"]
         self.tx_key, self.rx_key = session_keys(self.device_key, self.host_nonce, self.nonce)
