@@ -8,8 +8,10 @@
 #   at most 4 bytes;
 # - the MAC is HMAC-SHA256(key, MAC_structure ["MAC0", protected, external_aad, payload]);
 # - parse() only reads structure; nothing in the payload is looked at before verify() succeeds.
-# A fast path parses the common, well-formed frame with a few slices; anything it does not
-# recognise goes through the general path, which names the exact error.
+# On the host, cose_fast parses the common, well-formed frame with a few slices; anything it does
+# not recognise goes through the general path here, which names the exact error.
+
+import sys
 
 from . import cbor
 from .crypto import ct_equal, hmac_sha256
@@ -81,55 +83,13 @@ class Mac0:
             raise ProtocolError("mac", "MAC verification failed")
 
 
-def _bstr_at(data, pos):
-    # fast path helper: a shortest-form bstr head (< 65536 bytes) at pos; None if anything else
-    ib = data[pos]
-    if 0x40 <= ib < 0x58:
-        n, pos = ib - 0x40, pos + 1
-    elif ib == 0x58 and data[pos + 1] >= 24:
-        n, pos = data[pos + 1], pos + 2
-    elif ib == 0x59 and data[pos + 1]:
-        n, pos = (data[pos + 1] << 8) | data[pos + 2], pos + 3
-    else:
-        return None, pos
-    out = data[pos : pos + n]
-    return (out if len(out) == n else None), pos + n
-
-
 def parse(cose):
     """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC."""
-    try:
+    if _parse_fast is not None:
         m = _parse_fast(cose)
         if m is not None:
             return m
-    except IndexError:
-        pass
     return _parse_general(cose)
-
-
-def _parse_fast(cose):
-    if cose[0] != 0xD1 or cose[1] != 0x84:
-        return None
-    prot, pos = _bstr_at(cose, 2)
-    if prot is None or cose[pos] != 0xA0:
-        return None
-    payload, pos = _bstr_at(cose, pos + 1)
-    if payload is None:
-        return None
-    tag, pos = _bstr_at(cose, pos)
-    if tag is None or pos != len(cose):
-        return None
-    # protected: a3 01 <alg> 04 <kid bstr> 06 <piv bstr>
-    if prot[0] != 0xA3 or prot[1] != 0x01 or prot[3] != 0x04:
-        return None
-    alg = prot[2]
-    kid, p = _bstr_at(prot, 4)
-    if alg not in TAG_LEN or kid is None or not 1 <= len(kid) <= MAX_KID or prot[p] != 0x06:
-        return None
-    piv, p = _bstr_at(prot, p + 1)
-    if piv is None or p != len(prot) or not _piv_ok(piv) or len(tag) != TAG_LEN[alg]:
-        return None
-    return Mac0(alg, kid, int.from_bytes(piv, "big"), prot, payload, tag)
 
 
 def _piv_ok(piv):
@@ -168,3 +128,9 @@ def _parse_general(cose):
     if len(tag) != TAG_LEN[alg]:
         raise ProtocolError("cose", "tag length does not match alg")
     return Mac0(alg, kid, int.from_bytes(piv, "big"), prot, payload, tag)
+
+
+if sys.implementation.name != "micropython":
+    from .cose_fast import parse_fast as _parse_fast
+else:  # the device does without: its heap is worth more than the microseconds
+    _parse_fast = None

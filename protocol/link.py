@@ -20,7 +20,6 @@
 
 from . import cose as _cose
 from . import messages
-from .crypto import session_keys
 from .errors import ProtocolError, number
 from .errors import name as error_name
 from .frame import Deframer
@@ -51,44 +50,11 @@ def check_epoch(counter, msg):
         raise ProtocolError("handshake", "%s inside a session" % msg["type"])
 
 
-def common_version(mine, theirs):
-    best = None
-    for v in theirs:
-        if v in mine and (best is None or v > best):
-            best = v
-    if best is None:
-        raise ProtocolError("version", "no common protocol version in %r" % (theirs,))
-    return best
-
-
 def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
-    """Check one complete wire frame as a receiver holding `key` would, statelessly except for the
-    counters already `seen` in the session. Returns (Mac0, message) or raises ProtocolError.
-    This is the receive path of Link in one function; the golden vectors are checked with it."""
-    items = Deframer().feed(wire)
-    if not items or not wire.endswith(b"\x00"):
-        raise ProtocolError("truncated", "no complete frame")
-    if len(items) != 1:
-        raise ProtocolError("cobs", "more than one frame")
-    if isinstance(items[0], ProtocolError):
-        raise items[0]
-    m = _cose.parse(items[0])
-    if m.alg != alg:
-        raise ProtocolError("alg", "alg %d, expected %d" % (m.alg, alg))
-    m.verify(key, aad)
-    if m.counter:
-        w = Window()
-        for c in seen:
-            w.mark(c)
-        if w.check(m.counter) != 0:
-            raise ProtocolError("replay", "counter %d already seen or too old" % m.counter)
-    msg = messages.decode(m.payload)
-    check_epoch(m.counter, msg)
-    if msg["type"] == "hello":
-        common_version(versions, msg["versions"])
-    elif msg["type"] == "welcome" and msg["version"] not in versions:
-        raise ProtocolError("version", "welcome chose version %d" % msg["version"])
-    return m, msg
+    """The receive path as one stateless function: see check.py (kept off the device)."""
+    from .check import verify_frame as verify
+
+    return verify(wire, key, alg, aad, seen, versions)
 
 
 class Link:
@@ -104,6 +70,11 @@ class Link:
         if role == HOST and keystore is None:
             raise ValueError("a host link needs a keystore: kid -> 32-byte key or None")
         self.role = role
+        if role == DEVICE:
+            from . import link_device as role_module
+        else:
+            from . import link_host as role_module
+        self._role = role_module
         self.entropy = entropy
         self.keystore = keystore
         self.alg = alg
@@ -142,11 +113,7 @@ class Link:
         self._reset_session()
         self.nonce = self.entropy(16)
         self.state = HANDSHAKE
-        hello = {"type": "hello", "versions": list(self.versions), "nonce": self.nonce}
-        hello.update(self.hello_info)
-        wire = self._frame(hello, 0, self.device_key)
-        self._write(b"\x00" + wire)  # the leading delimiter flushes a receiver's partial frame
-        self._hs = [wire, now + self.rto, 1]
+        self._role.connect(self, now)
         return events
 
     def send(self, msg, now):
@@ -312,105 +279,20 @@ class Link:
         else:
             self._on_session_frame(m, now, events)
 
-    def _key_for(self, kid):
-        if self.role == DEVICE:
-            if kid != self.kid:
-                raise ProtocolError("kid", "frame for another device")
-            return self.device_key
-        key = self.keystore(kid)
-        if key is None:
-            raise ProtocolError("kid", "unknown device %s" % kid.hex())
-        return key
-
-    def _check_alg(self, m):
-        # the device uses its configured alg throughout; the host accepts any of its algs in a
-        # hello and then holds the session to the alg the hello chose
-        if self.role == DEVICE or m.counter:
-            ok = m.alg == (self.alg if self.role == DEVICE else self.session_alg)
-        else:
-            ok = m.alg in self.algs
-        if not ok:
-            raise ProtocolError("alg", "alg %d not accepted" % m.alg)
-
     def _on_handshake_frame(self, m, now, events):
-        self._check_alg(m)
-        key = self._key_for(m.kid)
+        role = self._role
+        role.check_alg(self, m)
+        key = role.key_for(self, m.kid)
         m.verify(key, self.aad)
         msg = messages.decode(m.payload)
         check_epoch(0, msg)
         self._check_direction(msg)
-        t = msg["type"]
-        if t == "hello":
-            self._on_hello(m, key, msg, now, events)
-        elif t == "welcome":
-            self._on_welcome(msg, now, events)
-        else:  # nack in the handshake epoch: the host has no session for us, or no common version
-            code = msg["code"]
-            if self.role == DEVICE and self.state == OPEN and code == number("no_session"):
-                self._count("host_lost_session")
-                self._close("host has no session", events)
-                events.extend(self.connect(now))
-            elif code == number("version"):
-                raise ProtocolError("version", "host shares no protocol version")
+        role.on_handshake(self, m, key, msg, now, events)
 
     def _check_direction(self, msg):
         d = messages.info(msg["type"])[1]
-        if d != messages.BOTH and d != (messages.D2H if self.role == HOST else messages.H2D):
+        if d != messages.BOTH and d != self._role.DIRECTION:
             raise ProtocolError("unknown_type", "%s is not sent in this direction" % msg["type"])
-
-    def _on_hello(self, m, key, msg, now, events):
-        try:
-            version = common_version(self.versions, msg["versions"])
-        except ProtocolError:
-            nack = {"type": "nack", "code": number("version")}
-            self._write(self._frame(nack, 0, key, m.kid, m.alg))
-            raise
-        if m.kid == self.kid and msg["nonce"] == self.nonce:
-            self._count("duplicate")  # a repeated hello of the current session
-            if self.state == HANDSHAKE and self._hs is not None:
-                self._write(self._hs[0])
-            return
-        if self.state != IDLE:
-            self._close("device started a new session", events)
-        self.kid, self.device_key, self.session_alg, self.version = m.kid, key, m.alg, version
-        self.nonce = msg["nonce"]
-        self.host_nonce = self.entropy(16)
-        self.rx_key, self.tx_key = session_keys(key, self.host_nonce, self.nonce)
-        self.peer = {
-            "version": version, "kid": m.kid, "firmware": msg["firmware"], "board": msg["board"],
-            "reset_cause": msg.get("reset_cause", ""),
-        }
-        welcome = {
-            "type": "welcome", "version": version, "host_nonce": self.host_nonce,
-            "device_nonce": self.nonce,
-        }
-        wire = self._frame(welcome, 0, key)
-        self._write(wire)
-        self._hs = [wire, now + self.rto, 1]
-        self.state = HANDSHAKE
-
-    def _on_welcome(self, msg, now, events):
-        if msg["device_nonce"] != self.nonce or self.nonce is None:
-            raise ProtocolError("handshake", "welcome for another hello")
-        if self.state == OPEN and msg["host_nonce"] == self.host_nonce:
-            self._count("duplicate")  # our ack of the welcome was lost: acknowledge again
-            self._send_now({"type": "ack", "counter": 0})
-            return
-        if msg["version"] not in self.versions:
-            raise ProtocolError("version", "host chose version %d" % msg["version"])
-        if self.state == OPEN:
-            # authentic and for our current hello, but with a new host nonce: the host lost our
-            # session and answered a late copy of the hello; its new keys win
-            nonce = self.nonce
-            self._close("host restarted the handshake", events)
-            self.nonce = nonce
-        self.version = msg["version"]
-        self.host_nonce = msg["host_nonce"]
-        self.tx_key, self.rx_key = session_keys(self.device_key, self.host_nonce, self.nonce)
-        self._hs = None
-        self._open({"version": self.version, "kid": self.kid}, events)
-        self._send_now({"type": "ack", "counter": 0})
-        self._pump(now)
 
     def _open(self, peer, events):
         self.state = OPEN
@@ -420,11 +302,11 @@ class Link:
 
     def _on_session_frame(self, m, now, events):
         if self.tx_key is None:
-            self._poke_no_session(m, now)
+            self._role.no_session(self, m, now)
             raise ProtocolError("no_session", "session frame with no session")
         if m.kid != self.kid:
             raise ProtocolError("kid", "frame for another device")
-        self._check_alg(m)
+        self._role.check_alg(self, m)
         m.verify(self.rx_key, self.aad)
         seen = self.window.check(m.counter)
         if seen == TOO_OLD:
@@ -458,17 +340,6 @@ class Link:
                 self._send_now({"type": "ack", "counter": m.counter})
             events.append((EV_MESSAGE, msg))
         self._pump(now)
-
-    def _poke_no_session(self, m, now):
-        # host: tell the device, under its device key, that it must say hello again
-        if self.role != HOST or m.alg not in self.algs or now - self._last_poke < self.rto // 4:
-            return
-        key = self.keystore(m.kid)
-        if key is None:
-            return
-        self._last_poke = now
-        nack = {"type": "nack", "code": number("no_session")}
-        self._write(self._frame(nack, 0, key, m.kid, m.alg))
 
     def _on_ack(self, counter, now, events):
         f = self._inflight

@@ -1,0 +1,41 @@
+# The receive path of a Link as one stateless function, for the golden vectors (SPEC.md,
+# "Golden vectors"). Loaded by vector runners and tools, never by the firmware.
+
+from . import cose as _cose
+from . import messages
+from .errors import ProtocolError
+from .frame import Deframer
+from .link import check_epoch
+from .link_host import common_version
+from .replay import NEW, Window
+
+
+def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
+    """Check one complete wire frame as a receiver holding `key` would, statelessly except for the
+    counters already `seen` in the session. Returns (Mac0, message) or raises ProtocolError.
+    Errors come in the order of the spec: deframe, COSE structure, alg, MAC, replay, payload,
+    epoch, version."""
+    items = Deframer().feed(wire)
+    if not items or not wire.endswith(b"\x00"):
+        raise ProtocolError("truncated", "no complete frame")
+    if len(items) != 1:
+        raise ProtocolError("cobs", "more than one frame")
+    if isinstance(items[0], ProtocolError):
+        raise items[0]
+    m = _cose.parse(items[0])
+    if m.alg != alg:
+        raise ProtocolError("alg", "alg %d, expected %d" % (m.alg, alg))
+    m.verify(key, aad)
+    if m.counter:
+        w = Window()
+        for c in seen:
+            w.mark(c)
+        if w.check(m.counter) != NEW:
+            raise ProtocolError("replay", "counter %d already seen or too old" % m.counter)
+    msg = messages.decode(m.payload)
+    check_epoch(m.counter, msg)
+    if msg["type"] == "hello":
+        common_version(versions, msg["versions"])
+    elif msg["type"] == "welcome" and msg["version"] not in versions:
+        raise ProtocolError("version", "welcome chose version %d" % msg["version"])
+    return m, msg

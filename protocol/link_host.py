@@ -1,0 +1,86 @@
+# The host's side of the handshake (SPEC.md, "Handshake"): loaded only by a host Link.
+#
+# Rules kept here:
+# - the device key comes from the keystore by kid; an unknown kid is `kid` and gets no answer;
+# - a hello is answered with a welcome (new host nonce, highest common version) that is repeated
+#   until a verified session frame from the device confirms the keys; a repeated hello of the
+#   current session is not a new session;
+# - the hello chooses the session's alg among the host's; later frames must keep it;
+# - a session frame with no session is answered, at most once per rto/4, by nack(no_session)
+#   under the device key, so that a device talking to a restarted host says hello again.
+
+from . import messages
+from .crypto import session_keys
+from .errors import ProtocolError, number
+
+IDLE, HANDSHAKE = "idle", "handshake"
+
+
+def common_version(mine, theirs):
+    best = None
+    for v in theirs:
+        if v in mine and (best is None or v > best):
+            best = v
+    if best is None:
+        raise ProtocolError("version", "no common protocol version in %r" % (theirs,))
+    return best
+
+
+def key_for(link, kid):
+    key = link.keystore(kid)
+    if key is None:
+        raise ProtocolError("kid", "unknown device %s" % kid.hex())
+    return key
+
+
+def check_alg(link, m):
+    ok = (m.alg in link.algs) if m.counter == 0 else (m.alg == link.session_alg)
+    if not ok:
+        raise ProtocolError("alg", "alg %d not accepted" % m.alg)
+
+
+def no_session(link, m, now):
+    if m.alg not in link.algs or now - link._last_poke < link.rto // 4:
+        return
+    key = link.keystore(m.kid)
+    if key is None:
+        return
+    link._last_poke = now
+    nack = {"type": "nack", "code": number("no_session")}
+    link._write(link._frame(nack, 0, key, m.kid, m.alg))
+
+
+def on_handshake(link, m, key, msg, now, events):
+    # only a hello reaches here: welcome and nack are h2d and rejected by direction
+    try:
+        version = common_version(link.versions, msg["versions"])
+    except ProtocolError:
+        nack = {"type": "nack", "code": number("version")}
+        link._write(link._frame(nack, 0, key, m.kid, m.alg))
+        raise
+    if m.kid == link.kid and msg["nonce"] == link.nonce:
+        link._count("duplicate")  # a repeated hello of the current session
+        if link.state == HANDSHAKE and link._hs is not None:
+            link._write(link._hs[0])
+        return
+    if link.state != IDLE:
+        link._close("device started a new session", events)
+    link.kid, link.device_key, link.session_alg, link.version = m.kid, key, m.alg, version
+    link.nonce = msg["nonce"]
+    link.host_nonce = link.entropy(16)
+    link.rx_key, link.tx_key = session_keys(key, link.host_nonce, link.nonce)
+    link.peer = {
+        "version": version, "kid": m.kid, "firmware": msg["firmware"], "board": msg["board"],
+        "reset_cause": msg.get("reset_cause", ""),
+    }
+    welcome = {
+        "type": "welcome", "version": version, "host_nonce": link.host_nonce,
+        "device_nonce": link.nonce,
+    }
+    wire = link._frame(welcome, 0, key)
+    link._write(wire)
+    link._hs = [wire, now + link.rto, 1]
+    link.state = HANDSHAKE
+
+
+DIRECTION = messages.D2H  # what a host receives
