@@ -23,9 +23,7 @@ def encode(data):
             out.append(len(block) + 1)
             out.extend(block)
             if end >= n:
-                if len(block) == 254:
-                    out.append(1)
-                return bytes(out)
+                return bytes(out)  # a final full block needs no empty block after it
             start = end
             continue
         out.append(end - start + 1)

@@ -36,7 +36,7 @@ def _in_profile(obj, depth):
                 kb = k  # one-byte keys order like their values
                 if prev is not None and (type(prev) is not int or kb <= prev):
                     return False
-            elif tk is int or tk is str:
+            elif (tk is int and -(1 << 64) <= k < (1 << 64)) or tk is str:
                 kb = _fast_dumps(k)
                 if type(prev) is int:
                     prev = bytes((prev,))
