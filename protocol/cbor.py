@@ -218,7 +218,7 @@ class _Decoder:
         while (count < v) if definite else not self._at_break():
             start = self.pos
             k = self.item(depth + 1)
-            kb = self.data[start : self.pos]
+            kb = bytes(self.data[start : self.pos])  # bytes: memoryviews do not order
             val = self.item(depth + 1)
             count += 1
             if k is True or k is False or not isinstance(k, (int, str)):
@@ -234,7 +234,8 @@ class _Decoder:
 
 
 def loads(data):
-    """Decode exactly one CBOR item of the profile; raise ProtocolError otherwise."""
+    """Decode exactly one CBOR item of the profile; raise ProtocolError otherwise. `data` may be
+    a memoryview (no copy of the input is made; byte strings in the result are copies)."""
     d = _Decoder(data)
     obj = d.item(0)
     if d.pos != len(data):

@@ -5,8 +5,6 @@ from . import cose as _cose
 from . import messages
 from .errors import ProtocolError
 from .frame import Deframer
-from .link import check_epoch
-from .link_host import common_version
 from .replay import NEW, Window
 
 
@@ -33,9 +31,9 @@ def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
         if w.check(m.counter) != NEW:
             raise ProtocolError("replay", "counter %d already seen or too old" % m.counter)
     msg = messages.decode(m.payload)
-    check_epoch(m.counter, msg)
+    messages.check_epoch(m.counter, msg)
     if msg["type"] == "hello":
-        common_version(versions, msg["versions"])
+        messages.common_version(versions, msg["versions"])
     elif msg["type"] == "welcome" and msg["version"] not in versions:
         raise ProtocolError("version", "welcome chose version %d" % msg["version"])
     return m, msg

@@ -35,7 +35,8 @@ def encode(data):
 
 
 def decode(data):
-    out = bytearray()
+    out = bytearray(len(data))  # decoded is never longer: one allocation, no regrowth
+    j = 0
     i = 0
     n = len(data)
     while i < n:
@@ -48,8 +49,9 @@ def decode(data):
         block = data[i + 1 : end]
         if b"\x00" in block:
             raise ProtocolError("cobs", "zero byte inside frame")
-        out.extend(block)
+        out[j : j + code - 1] = block
+        j += code - 1
         i = end
         if code < 255 and i < n:
-            out.append(0)
-    return bytes(out)
+            j += 1  # the zero this block stood for (already 0 in `out`)
+    return bytes(memoryview(out)[:j])

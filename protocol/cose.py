@@ -14,7 +14,7 @@
 import sys
 
 from . import cbor
-from .crypto import ct_equal, hmac_sha256
+from .crypto import ct_equal, hmac_sha256_parts
 from .errors import ProtocolError
 
 TAG_MAC0 = 17
@@ -45,11 +45,17 @@ def protected_header(alg, kid, counter):
     )
 
 
-def mac_structure(protected, payload, aad=b""):
+def _mac_parts(protected, payload, aad):
+    # the MAC_structure ["MAC0", protected, external_aad, payload] in pieces
     return (
-        b"\x84" + _MAC0_CONTEXT + _bhead(2, len(protected)) + protected
-        + _bhead(2, len(aad)) + aad + _bhead(2, len(payload)) + payload
+        b"\x84" + _MAC0_CONTEXT + _bhead(2, len(protected)) + protected + _bhead(2, len(aad)) + aad
+        + _bhead(2, len(payload)),
+        payload,
     )
+
+
+def mac_structure(protected, payload, aad=b""):
+    return b"".join(_mac_parts(protected, payload, aad))
 
 
 def mac0(key, alg, kid, counter, payload, aad=b""):
@@ -59,11 +65,11 @@ def mac0(key, alg, kid, counter, payload, aad=b""):
     if not 1 <= len(kid) <= MAX_KID:
         raise ValueError("kid must be 1..16 bytes")
     prot = protected_header(alg, kid, counter)
-    tag = hmac_sha256(key, mac_structure(prot, payload, aad))[: TAG_LEN[alg]]
-    return (
-        b"\xd1\x84" + _bhead(2, len(prot)) + prot + b"\xa0"
-        + _bhead(2, len(payload)) + payload + _bhead(2, len(tag)) + tag
-    )
+    tag = hmac_sha256_parts(key, _mac_parts(prot, payload, aad))[: TAG_LEN[alg]]
+    return b"".join((  # one allocation for the whole frame
+        b"\xd1\x84", _bhead(2, len(prot)), prot, b"\xa0",
+        _bhead(2, len(payload)), payload, _bhead(2, len(tag)), tag,
+    ))
 
 
 class Mac0:
@@ -78,7 +84,7 @@ class Mac0:
         self.tag = tag
 
     def verify(self, key, aad=b""):
-        want = hmac_sha256(key, mac_structure(self.protected, self.payload, aad))
+        want = hmac_sha256_parts(key, _mac_parts(self.protected, self.payload, aad))
         if not ct_equal(want[: TAG_LEN[self.alg]], self.tag):
             raise ProtocolError("mac", "MAC verification failed")
 
@@ -103,7 +109,7 @@ def _parse_general(cose):
         if cose[0] == 0xD8 and cose[1] == TAG_MAC0:
             raise ProtocolError("non_canonical", "tag 17 not in its shortest form")
         raise ProtocolError("cose", "not a tagged COSE_Mac0 (tag 17)")
-    arr = cbor.loads(cose[1:])
+    arr = cbor.loads(memoryview(cose)[1:])  # no copy of a frame that may be 1 KB
     if not isinstance(arr, list) or len(arr) != 4:
         raise ProtocolError("cose", "COSE_Mac0 must be an array of 4")
     prot, unprot, payload, tag = arr
@@ -113,6 +119,8 @@ def _parse_general(cose):
         raise ProtocolError("cose", "payload and tag must be bstr (detached payloads not allowed)")
     if unprot:
         raise ProtocolError("header", "unprotected header must be empty")
+    if not prot:  # valid COSE ("no protected parameters"), but the profile needs alg/kid/PIV
+        raise ProtocolError("header", "empty protected header")
     hdr = cbor.loads(prot)
     if not isinstance(hdr, dict):
         raise ProtocolError("header", "protected header must be a map")

@@ -2,6 +2,7 @@
 #
 # Rules kept here:
 # - CPython uses the standard library's hmac (OpenSSL, constant-time compare_digest);
+# - hmac_sha256_parts() MACs the concatenation of its parts without building it on the device;
 # - MicroPython has hashlib.sha256 but no hmac module: the pure versions below are used there;
 # - compares of MACs never short-cut on the first differing byte.
 
@@ -13,6 +14,9 @@ try:
     def hmac_sha256(key, msg):
         return _hmac.digest(key, msg, "sha256")
 
+    def hmac_sha256_parts(key, parts):
+        return _hmac.digest(key, b"".join(parts), "sha256")
+
     ct_equal = _hmac.compare_digest
 except ImportError:  # MicroPython
     _IPAD = bytes(0x36 for _ in range(64))
@@ -21,15 +25,20 @@ except ImportError:  # MicroPython
     def _xor(a, b):
         return bytes(x ^ y for x, y in zip(a, b))
 
-    def hmac_sha256(key, msg):
+    def hmac_sha256_parts(key, parts):
+        # fed piece by piece: a 1 KB frame's MAC input is never copied into one buffer
         if len(key) > 64:
             key = hashlib.sha256(key).digest()
         key = key + bytes(64 - len(key))
         inner = hashlib.sha256(_xor(key, _IPAD))
-        inner.update(msg)
+        for part in parts:
+            inner.update(part)
         outer = hashlib.sha256(_xor(key, _OPAD))
         outer.update(inner.digest())
         return outer.digest()
+
+    def hmac_sha256(key, msg):
+        return hmac_sha256_parts(key, (msg,))
 
     def ct_equal(a, b):
         if len(a) != len(b):

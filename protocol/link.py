@@ -42,14 +42,6 @@ NOISE = ("crc", "cobs", "truncated", "oversize")
 _INTERNAL = ("hello", "welcome", "ack", "nack")
 
 
-def check_epoch(counter, msg):
-    epoch = messages.info(msg["type"])[2]
-    if counter == 0 and epoch == messages.SESSION:
-        raise ProtocolError("no_session", "session message %s before the handshake" % msg["type"])
-    if counter != 0 and epoch == messages.HANDSHAKE:
-        raise ProtocolError("handshake", "%s inside a session" % msg["type"])
-
-
 def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
     """The receive path as one stateless function: see check.py (kept off the device)."""
     from .check import verify_frame as verify
@@ -285,7 +277,7 @@ class Link:
         key = role.key_for(self, m.kid)
         m.verify(key, self.aad)
         msg = messages.decode(m.payload)
-        check_epoch(0, msg)
+        messages.check_epoch(0, msg)
         self._check_direction(msg)
         role.on_handshake(self, m, key, msg, now, events)
 
@@ -313,7 +305,7 @@ class Link:
             raise ProtocolError("replay", "counter %d is older than the window" % m.counter)
         try:
             msg = messages.decode(m.payload)
-            check_epoch(m.counter, msg)
+            messages.check_epoch(m.counter, msg)
             self._check_direction(msg)
         except ProtocolError as e:
             self.window.mark(m.counter)

@@ -16,16 +16,6 @@ from .errors import ProtocolError, number
 IDLE, HANDSHAKE = "idle", "handshake"
 
 
-def common_version(mine, theirs):
-    best = None
-    for v in theirs:
-        if v in mine and (best is None or v > best):
-            best = v
-    if best is None:
-        raise ProtocolError("version", "no common protocol version in %r" % (theirs,))
-    return best
-
-
 def key_for(link, kid):
     key = link.keystore(kid)
     if key is None:
@@ -53,7 +43,7 @@ def no_session(link, m, now):
 def on_handshake(link, m, key, msg, now, events):
     # only a hello reaches here: welcome and nack are h2d and rejected by direction
     try:
-        version = common_version(link.versions, msg["versions"])
+        version = messages.common_version(link.versions, msg["versions"])
     except ProtocolError:
         nack = {"type": "nack", "code": number("version")}
         link._write(link._frame(nack, 0, key, m.kid, m.alg))

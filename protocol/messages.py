@@ -13,7 +13,7 @@
 # would cost ~14 KB of a device's 64 KB heap.
 #
 # Specs: 0..N uint range; u8 u16 u32 u64 uint of that width; int; bool; bstrN (exactly N bytes);
-# bstrA..B; tstrN (at most N characters); [S]N list of at most N; (S,S) fixed array;
+# bstrA..B; tstrN (at most N bytes of UTF-8); [S]N list of at most N; (S,S) fixed array;
 # {name} a struct defined below; map(K=V)N open map of at most N; S|S the first that fits.
 
 import sys
@@ -256,6 +256,26 @@ if _HOST:  # the whole table as dicts and tuples, for host code and tests
             TYPES[int(_p[0])] = type_info(int(_p[0])) + (fields(int(_p[0])),)
 
 
+def check_epoch(counter, msg):
+    """Counter 0 carries handshake messages only, counters from 1 session messages only."""
+    epoch = info(msg["type"])[2]
+    if counter == 0 and epoch == SESSION:
+        raise ProtocolError("no_session", "session message %s before the handshake" % msg["type"])
+    if counter != 0 and epoch == HANDSHAKE:
+        raise ProtocolError("handshake", "%s inside a session" % msg["type"])
+
+
+def common_version(mine, theirs):
+    """The highest version both sides speak, or ProtocolError("version")."""
+    best = None
+    for v in theirs:
+        if v in mine and (best is None or v > best):
+            best = v
+    if best is None:
+        raise ProtocolError("version", "no common protocol version in %r" % (theirs,))
+    return best
+
+
 def _check(spec, v, to_wire):
     # returns the converted value; raises ValueError with a short reason
     kind = spec[0]
@@ -272,8 +292,8 @@ def _check(spec, v, to_wire):
             raise ValueError("expected bytes of %d..%d" % (spec[1], spec[2]))
         return bytes(v)
     if kind == "t":
-        if not isinstance(v, str) or len(v) > spec[1]:
-            raise ValueError("expected text of at most %d" % spec[1])
+        if not isinstance(v, str) or len(v.encode()) > spec[1]:
+            raise ValueError("expected text of at most %d UTF-8 bytes" % spec[1])
         return v
     if kind == "?":
         if v is not True and v is not False:
@@ -353,9 +373,18 @@ def from_wire(w):
     return out
 
 
-def encode(msg):
+def encode_table(msg):
     return codec.dumps(to_wire(msg))
 
 
-def decode(payload):
+def decode_table(payload):
     return from_wire(codec.loads(payload))
+
+
+encode = encode_table
+decode = decode_table
+if _HOST:  # compiled converters and cbor2 (messages_fast.py), same results
+    try:
+        from .messages_fast import decode, encode  # noqa: F401
+    except ImportError:
+        pass
