@@ -51,7 +51,7 @@ def decode(raw):
     if len(body) < MIN_FRAME:
         raise ProtocolError("truncated", "frame shorter than %d bytes" % MIN_FRAME)
     cose = body[:-4]
-    if crc32_le(cose) != body[-4:]:
+    if binascii.crc32(cose) & 0xFFFFFFFF != int.from_bytes(body[-4:], "little"):
         raise ProtocolError("crc", "CRC-32 mismatch")
     return cose
 
@@ -64,29 +64,28 @@ class Deframer:
         self._discarding = False
 
     def feed(self, data):
+        if not self._buf and not self._discarding and data.find(b"\x00") == len(data) - 1 > 0:
+            return [_decode_or_error(data[:-1])]  # the common case: exactly one whole frame
+        # bytes.split finds every delimiter at C speed; the last piece is an unfinished frame
+        pieces = data.split(b"\x00")
         out = []
-        start = 0
-        n = len(data)
-        while start < n:
-            end = data.find(b"\x00", start)
-            if end < 0:
-                if not self._discarding:
-                    self._buf.extend(data[start:])
-                    if len(self._buf) > MAX_WIRE:
-                        self._buf = bytearray()
-                        self._discarding = True
-                        out.append(ProtocolError("oversize", "no delimiter within MAX_WIRE"))
-                break
-            if self._discarding:
+        if self._buf:
+            self._buf.extend(pieces[0])
+            pieces[0] = bytes(self._buf)
+            self._buf = bytearray()
+        tail = pieces.pop()
+        for i in range(len(pieces)):
+            raw = pieces[i]
+            if self._discarding:  # the rest of an oversize frame: skipped, already reported
                 self._discarding = False
-            elif self._buf:
-                self._buf.extend(data[start:end])
-                raw = bytes(self._buf)
-                self._buf = bytearray()
+            elif raw:
                 out.append(_decode_or_error(raw))
-            elif end > start:
-                out.append(_decode_or_error(data[start:end]))
-            start = end + 1
+        if self._discarding or len(tail) > MAX_WIRE:
+            if not self._discarding:
+                out.append(ProtocolError("oversize", "no delimiter within MAX_WIRE"))
+            self._discarding = True
+        elif tail:
+            self._buf.extend(tail)
         return out
 
     def pending(self):

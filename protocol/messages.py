@@ -221,9 +221,11 @@ def fields(key):
 
 def info(name):
     """(number, direction, epoch, reliable) of a message type name; KeyError if unknown."""
+    if not isinstance(name, str):
+        raise KeyError(name)
     if _cache is not None and ("info", name) in _cache:
         return _cache[("info", name)]
-    h = _head(name) if isinstance(name, str) else None
+    h = _head(name)
     if h is None or h[0][1] != name:
         raise KeyError(name)
     p = h[0]

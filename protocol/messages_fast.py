@@ -95,18 +95,31 @@ def _compile(spec, to_wire):
 def _map(spec, to_wire):
     if spec[1][0] != "t":  # v1 open maps have text keys; anything else is the interpreter's
         raise NotImplementedError("open map with non-text keys")
-    key, val, hi = _compile(spec[1], to_wire), _compile(spec[2], to_wire), spec[3]
+    key, val, hi, khi = _compile(spec[1], to_wire), _compile(spec[2], to_wire), spec[3], spec[1][1]
+    if to_wire:
+        def f(v):
+            if type(v) is not dict or len(v) > hi:
+                raise _Reject
+            out = {key(k): val(x) for k, x in v.items()}
+            return {k: out[k] for k in sorted(out, key=_text_order)}
+        return f
+    scalar = spec[2][0] in "uibt?"  # values convert to themselves: check, don't copy
 
     def f(v):
         if type(v) is not dict or len(v) > hi:
             raise _Reject
-        out = {key(k): val(x) for k, x in v.items()}
-        order = sorted(out, key=_text_order)
-        if to_wire:
-            return {k: out[k] for k in order}
-        if list(out) != order:
-            raise _Reject  # not in deterministic order
-        return out
+        prev = (-1, b"")
+        for k, x in v.items():
+            if type(k) is not str:
+                raise _Reject
+            kb = k.encode()
+            o = (len(kb), kb)
+            if o <= prev or o[0] > khi:
+                raise _Reject  # not in deterministic order, or too long
+            prev = o
+            if scalar:
+                val(x)
+        return v if scalar else {k: val(x) for k, x in v.items()}
 
     return f
 
