@@ -39,33 +39,40 @@ def head(major, n):
 
 
 def dumps(obj):
-    out = []
+    out = bytearray()  # one growing buffer: no small object per item (the device's heap)
     _enc(obj, out)
-    return b"".join(out)
+    return bytes(out)
+
+
+def _put(out, major, n):
+    if n < 24:
+        out.append((major << 5) | n)
+    else:
+        out.extend(_head(major, n))
 
 
 def _enc(obj, out):
     # bool before int: bool is an int subclass on both CPython and MicroPython
     if obj is True:
-        out.append(b"\xf5")
+        out.append(0xF5)
     elif obj is False:
-        out.append(b"\xf4")
+        out.append(0xF4)
     elif obj is None:
-        out.append(b"\xf6")
+        out.append(0xF6)
     elif isinstance(obj, int):
         if obj >= 0:
-            out.append(_head(0, obj))
+            _put(out, 0, obj)
         else:
-            out.append(_head(1, -1 - obj))
+            _put(out, 1, -1 - obj)
     elif isinstance(obj, (bytes, bytearray, memoryview)):
-        out.append(_head(2, len(obj)))
-        out.append(bytes(obj))
+        _put(out, 2, len(obj))
+        out.extend(obj)
     elif isinstance(obj, str):
         b = obj.encode("utf-8")
-        out.append(_head(3, len(b)))
-        out.append(b)
+        _put(out, 3, len(b))
+        out.extend(b)
     elif isinstance(obj, (list, tuple)):
-        out.append(_head(4, len(obj)))
+        _put(out, 4, len(obj))
         for item in obj:
             _enc(item, out)
     elif isinstance(obj, dict):
@@ -75,13 +82,13 @@ def _enc(obj, out):
                 raise ValueError("map keys must be int or str")
             items.append((dumps(k), v))
         items.sort(key=lambda kv: kv[0])
-        out.append(_head(5, len(items)))
+        _put(out, 5, len(items))
         prev = None
         for kb, v in items:
             if kb == prev:
                 raise ValueError("duplicate map key")
             prev = kb
-            out.append(kb)
+            out.extend(kb)
             _enc(v, out)
     else:
         raise ValueError("type not in the CBOR profile: " + type(obj).__name__)

@@ -35,6 +35,11 @@ def encode(data):
 
 
 def decode(data):
+    return bytes(decode_view(data))
+
+
+def decode_view(data):
+    """decode() without the final copy: a memoryview of the decoded bytes (the device's path)."""
     out = bytearray(len(data))  # decoded is never longer: one allocation, no regrowth
     j = 0
     i = 0
@@ -54,4 +59,4 @@ def decode(data):
         i = end
         if code < 255 and i < n:
             j += 1  # the zero this block stood for (already 0 in `out`)
-    return bytes(memoryview(out)[:j])
+    return memoryview(out)[:j]

@@ -23,6 +23,9 @@ ALG_HMAC64 = 4
 TAG_LEN = {ALG_HMAC256: 32, ALG_HMAC64: 8}
 MAX_COUNTER = 0xFFFFFFFF
 MAX_KID = 16
+# the most a COSE_Mac0 adds to its payload: kid 16, counter 4 bytes, payload >= 256 bytes, tag 32
+MAX_OVERHEAD = 69
+MAX_PAYLOAD = 1024 - 4 - MAX_OVERHEAD  # frame.MAX_FRAME less the CRC: 951 bytes
 
 _MAC0_CONTEXT = cbor.dumps("MAC0")
 _bhead = cbor.head

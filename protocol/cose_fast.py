@@ -8,6 +8,7 @@
 
 import hmac
 
+from .cbor import head
 from .cose import MAX_COUNTER, MAX_KID, TAG_LEN, Mac0, _piv_ok
 
 _digest = hmac.digest
@@ -23,7 +24,7 @@ def _bs(b):
         return _HEADS[n] + b
     if n < 256:
         return b"\x58" + bytes((n,)) + b
-    return b"\x59" + n.to_bytes(2, "big") + b
+    return head(2, n) + b
 
 
 def _mac(key, protected, payload, aad):
@@ -39,6 +40,7 @@ def mac0(key, alg, kid, counter, payload, aad=b""):
         raise ValueError("kid must be 1..16 bytes")
     if not 0 <= counter <= MAX_COUNTER:
         raise ValueError("counter out of range")
+    kid = bytes(kid)
     start = _prefix.get((alg, kid))
     if start is None:
         start = _prefix[(alg, kid)] = b"".join((b"\xa3\x01", a, b"\x04", _bs(kid), b"\x06"))

@@ -11,19 +11,39 @@ import sys
 _NAMES = (
     "crc cobs oversize truncated cbor non_canonical cose alg header kid mac replay no_session"
     " version unknown_type schema handshake rejected"
-).split()
+)  # split when used: a list of 18 strings would live in the device's heap for good
+
+
+# link counters (health "link"): the error codes under their numbers, and these from 64
+_EVENTS = "rx_frames tx_frames retransmits duplicate sessions expired stray_acks host_lost"
 
 
 def number(name):
-    return _NAMES.index(name) + 1
+    return _NAMES.split().index(name) + 1
 
 
 def name(num):
-    return _NAMES[num - 1] if 0 < num <= len(_NAMES) else "unknown"
+    names = _NAMES.split()
+    return names[num - 1] if 0 < num <= len(names) else "unknown"
+
+
+def counter_number(counter):
+    """The number of a link counter name (health messages key link counters by number)."""
+    events = _EVENTS.split()
+    if counter in events:
+        return 64 + events.index(counter)
+    return number(counter)
+
+
+def counter_name(num):
+    events = _EVENTS.split()
+    if 64 <= num < 64 + len(events):
+        return events[num - 64]
+    return name(num)
 
 
 if sys.implementation.name != "micropython":  # lookup tables for host code and tests
-    CODES = tuple((n, i + 1) for i, n in enumerate(_NAMES))
+    CODES = tuple((n, i + 1) for i, n in enumerate(_NAMES.split()))
     NUMBER = dict(CODES)
     NAME = {v: k for k, v in CODES}
 

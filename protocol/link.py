@@ -11,8 +11,10 @@
 # - nothing is decoded before its MAC verifies, and nothing verified is delivered twice: a
 #   counter already seen is re-acknowledged, never re-delivered;
 # - every message but hello, ack and nack is reliable: stop-and-wait, one in flight per direction,
-#   retransmitted with the same counter (and bytes) until acked, nacked or given up (EV_EXPIRED);
-#   so reliable messages arrive once and in order;
+#   retransmitted with the same counter (and bytes) until acked, nacked or given up (EV_EXPIRED:
+#   max_tries retransmissions without a verified frame from the peer, or give_up_ms in flight);
+#   so reliable messages arrive once and in order: a reliable message is new only if its counter
+#   is above the last reliable one's; acks and nacks are judged by the replay window;
 # - a damaged frame (line noise) triggers an early retransmission and a counter-less nack that asks
 #   the peer for the same, both at most once per rto/4;
 # - every rejected frame is counted under its error code and reported as EV_REJECTED; no
@@ -53,7 +55,7 @@ class Link:
     def __init__(
         self, role, entropy, *, device_id=None, device_key=None, keystore=None, alg=5,
         algs=(5, 4), versions=messages.VERSIONS, hello=None, rto_ms=200, max_tries=8,
-        hello_max_ms=2000, queue_max=16, aad=b"",
+        give_up_ms=20000, hello_max_ms=2000, queue_max=16, aad=b"",
     ):
         if role not in (DEVICE, HOST):
             raise ValueError("role must be device or host")
@@ -74,7 +76,8 @@ class Link:
         self.versions = versions
         self.hello_info = hello or {"firmware": "unknown", "board": "unknown"}
         self.rto = rto_ms
-        self.max_tries = max_tries
+        self.max_tries = max_tries  # retransmissions in a row without a word from the peer
+        self.give_up_ms = give_up_ms  # and a message's whole time in flight
         self.hello_max = hello_max_ms
         self.queue_max = queue_max
         self.aad = aad
@@ -83,7 +86,7 @@ class Link:
         self._deframer = Deframer()
         self._out = bytearray()
         self._queue = []
-        self._inflight = None  # [counter, wire, msg, deadline, tries]
+        self._inflight = None  # [counter, wire, msg, deadline, tries since heard, first sent]
         self._hs = None  # handshake frame being repeated: [wire, deadline, tries]
         self._last_fast = -(1 << 30)
         self._last_poke = -(1 << 30)
@@ -111,9 +114,13 @@ class Link:
     def send(self, msg, now):
         """Queue an application message; False if the queue is full. Raises ValueError if the
         message is invalid or one the link sends itself."""
+        if not isinstance(msg, dict):
+            raise ValueError("a message is a dict")
         if msg.get("type") in _INTERNAL:
             raise ValueError("%s is sent by the link itself" % msg["type"])
         payload = messages.encode(msg)
+        if len(payload) > _cose.MAX_PAYLOAD:
+            raise ValueError("message of %d bytes does not fit one frame" % len(payload))
         if len(self._queue) >= self.queue_max:
             return False
         self._queue.append((msg, payload))
@@ -152,8 +159,9 @@ class Link:
                 hs[1] = now + min(self.rto << min(hs[2], 8), self.hello_max)
         f = self._inflight
         if f is not None and now >= f[3]:
-            if f[4] >= self.max_tries:
+            if f[4] >= self.max_tries or now - f[5] >= self.give_up_ms:
                 self._count("expired")
+                self._role.give_up(self, now)
                 self._close("peer not acknowledging", events)
                 if self.role == DEVICE:
                     events.extend(self.connect(now))
@@ -189,9 +197,16 @@ class Link:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _heard(self):
+        # a verified frame from the peer: it is alive, so the message in flight keeps its
+        # retries (a noisy line costs tries without meaning the peer is gone)
+        if self._inflight is not None:
+            self._inflight[4] = 1
+
     def _reset_session(self):
         self.tx_key = self.rx_key = None
         self.window = Window()
+        self.last_reliable = 0
         self.tx_counter = 0
         self.nonce = self.host_nonce = None
         self.session_alg = self.alg
@@ -238,7 +253,7 @@ class Link:
             _cose.mac0(self.tx_key, self.session_alg, self.kid, counter, payload, self.aad)
         )
         self._write(wire)
-        self._inflight = [counter, wire, msg, now + self.rto, 1]
+        self._inflight = [counter, wire, msg, now + self.rto, 1, now]
 
     def _on_noise(self, now):
         if self.state != OPEN or now - self._last_fast < self.rto // 4:
@@ -300,25 +315,36 @@ class Link:
             raise ProtocolError("kid", "frame for another device")
         self._role.check_alg(self, m)
         m.verify(self.rx_key, self.aad)
-        seen = self.window.check(m.counter)
-        if seen == TOO_OLD:
-            raise ProtocolError("replay", "counter %d is older than the window" % m.counter)
+        c = m.counter
         try:
             msg = messages.decode(m.payload)
-            messages.check_epoch(m.counter, msg)
+            messages.check_epoch(c, msg)
             self._check_direction(msg)
         except ProtocolError as e:
-            self.window.mark(m.counter)
+            if c > self.last_reliable:  # verified but invalid: it takes a reliable slot
+                self.last_reliable = c
+                self.window.mark(c)
             if self.state == OPEN:
-                self._send_now({"type": "nack", "counter": m.counter, "code": number(e.code)})
+                self._send_now({"type": "nack", "counter": c, "code": number(e.code)})
             raise
+        self._heard()
         reliable = messages.info(msg["type"])[3]
-        if seen == DUPLICATE:
-            self._count("duplicate")
-            if reliable:
-                self._send_now({"type": "ack", "counter": m.counter})
-            return
-        self.window.mark(m.counter)
+        if reliable:  # stop-and-wait: each new reliable message has a higher counter than the last
+            if c == self.last_reliable:
+                self._count("duplicate")
+                self._send_now({"type": "ack", "counter": c})
+                return
+            if c < self.last_reliable:
+                raise ProtocolError("replay", "counter %d is older than the last message" % c)
+            self.last_reliable = c
+        else:
+            seen = self.window.check(c)
+            if seen == DUPLICATE:
+                self._count("duplicate")
+                return
+            if seen == TOO_OLD:
+                raise ProtocolError("replay", "counter %d is older than the window" % c)
+        self.window.mark(c)
         if self.state == HANDSHAKE:  # host: the first verified session frame confirms the keys
             self._hs = None
             self._open(self.peer, events)
@@ -329,7 +355,7 @@ class Link:
             self._on_nack(msg, now, events)
         else:
             if reliable:
-                self._send_now({"type": "ack", "counter": m.counter})
+                self._send_now({"type": "ack", "counter": c})
             events.append((EV_MESSAGE, msg))
         self._pump(now)
 

@@ -33,6 +33,10 @@ def check_alg(link, m):
         raise ProtocolError("alg", "alg %d not accepted" % m.alg)
 
 
+def give_up(link, now):
+    pass  # the device starts a new hello right after (Link.poll)
+
+
 def no_session(link, m, now):
     pass  # the device cannot help a host that lost its session: it waits for nack(no_session)
 
@@ -43,7 +47,7 @@ def on_handshake(link, m, key, msg, now, events):
         return
     code = msg["code"]  # a nack in the handshake epoch
     if link.state == OPEN and code == number("no_session"):
-        link._count("host_lost_session")
+        link._count("host_lost")
         link._close("host has no session", events)
         events.extend(link.connect(now))
     elif code == number("version"):

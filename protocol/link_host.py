@@ -7,7 +7,8 @@
 #   current session is not a new session;
 # - the hello chooses the session's alg among the host's; later frames must keep it;
 # - a session frame with no session is answered, at most once per rto/4, by nack(no_session)
-#   under the device key, so that a device talking to a restarted host says hello again.
+#   under the device key, so that a device talking to a restarted host says hello again; so is
+#   the end of a session the host gives up on.
 
 from . import messages
 from .crypto import session_keys
@@ -18,8 +19,8 @@ IDLE, HANDSHAKE = "idle", "handshake"
 
 def key_for(link, kid):
     key = link.keystore(kid)
-    if key is None:
-        raise ProtocolError("kid", "unknown device %s" % kid.hex())
+    if key is None or len(key) != 32:
+        raise ProtocolError("kid", "unknown device %s, or its key is not 32 bytes" % kid.hex())
     return key
 
 
@@ -33,11 +34,17 @@ def no_session(link, m, now):
     if m.alg not in link.algs or now - link._last_poke < link.rto // 4:
         return
     key = link.keystore(m.kid)
-    if key is None:
+    if key is None or len(key) != 32:
         return
     link._last_poke = now
     nack = {"type": "nack", "code": number("no_session")}
     link._write(link._frame(nack, 0, key, m.kid, m.alg))
+
+
+def give_up(link, now):
+    # the session ends here: tell the device now rather than at its next frame
+    nack = {"type": "nack", "code": number("no_session")}
+    link._write(link._frame(nack, 0, link.device_key, link.kid, link.session_alg))
 
 
 def on_handshake(link, m, key, msg, now, events):

@@ -9,6 +9,7 @@
 #   (`schema`): a v1 receiver accepts exactly what the table says, so growth happens by new
 #   versions, new types and new optional keys negotiated through hello/welcome;
 # - encode() validates too: a malformed message is a bug in the sender and raises ValueError.
+# - every valid message fits one frame (cose.MAX_PAYLOAD, 951 bytes): the limits are set so;
 # The table is text, parsed when a type is used (and cached on the host): as Python tuples it
 # would cost ~14 KB of a device's 64 KB heap.
 #
@@ -51,7 +52,7 @@ _TABLE = """
  6 slip bstr0..768
 5 keys h2d session reliable
  1! macro_id u32
- 2! items [tstr64|(u8,u8)]32
+ 2! items [tstr48|(u8,u8)]16
  3 delay_ms 0..1000
 6 print h2d session reliable
  1! job_id u32
@@ -61,7 +62,7 @@ _TABLE = """
 7 rules h2d session reliable
  1! version u32
  2! default 0..2
- 3! rules [{rule}]16
+ 3! rules [{rule}]8
 8 health_get h2d session reliable
 9 health d2h session reliable
  1! uptime_ms u64
@@ -69,20 +70,20 @@ _TABLE = """
  3! firmware tstr32
  4! heap_free u32
  5! heap_peak u32
- 6! link map(tstr24=u64)32
- 7! app map(tstr24=u64)32
+ 6! link map(u8=u32)32
+ 7! app map(tstr16=u32)24
 10 logs_get h2d session reliable
  1 since u32
- 2 max 0..16
+ 2 max 0..12
 11 logs d2h session reliable
- 1! entries [(u32,u64,0..7,tstr48)]16
+ 1! entries [(u32,u64,0..7,tstr48)]12
  2! next u32
 12 config_get h2d session reliable
- 1 keys [tstr24]16
+ 1 keys [tstr16]12
 13 config_set h2d session reliable
- 1! values map(tstr24=bool|int|tstr64|bstr0..64)16
+ 1! values map(tstr16=bool|int|tstr48|bstr0..48)12
 14 config d2h session reliable
- 1! values map(tstr24=bool|int|tstr64|bstr0..64)16
+ 1! values map(tstr16=bool|int|tstr48|bstr0..48)12
 15 ack both session once
  1! counter u32
 16 nack both any once
@@ -95,7 +96,7 @@ _TABLE = """
  1 data bstr0..64
 rule struct
  0! action 0..2
- 1 symbologies [tstr4]8
+ 1 symbologies [tstr4]4
  2 min_len u16
  3 max_len u16
  4 prefix bstr1..16
@@ -350,6 +351,8 @@ def _struct(flds, v, to_wire, skip):
 
 def to_wire(msg):
     """Named message dict -> wire map (ValueError if the message is not valid)."""
+    if not isinstance(msg, dict):
+        raise ValueError("a message is a dict")
     try:
         num = info(msg.get("type"))[0]
     except KeyError:

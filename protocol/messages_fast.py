@@ -92,30 +92,32 @@ def _compile(spec, to_wire):
     return f
 
 
+def _uint_order(k):
+    return k  # shortest-form uint encodings order like their values
+
+
 def _map(spec, to_wire):
-    if spec[1][0] != "t":  # v1 open maps have text keys; anything else is the interpreter's
-        raise NotImplementedError("open map with non-text keys")
-    key, val, hi, khi = _compile(spec[1], to_wire), _compile(spec[2], to_wire), spec[3], spec[1][1]
+    # v1 open maps have text keys or uint keys; both orders are cheap to state exactly
+    key, val, hi = _compile(spec[1], to_wire), _compile(spec[2], to_wire), spec[3]
+    order = {"t": _text_order, "u": _uint_order}[spec[1][0]]
     if to_wire:
         def f(v):
             if type(v) is not dict or len(v) > hi:
                 raise _Reject
             out = {key(k): val(x) for k, x in v.items()}
-            return {k: out[k] for k in sorted(out, key=_text_order)}
+            return {k: out[k] for k in sorted(out, key=order)}
         return f
     scalar = spec[2][0] in "uibt?"  # values convert to themselves: check, don't copy
 
     def f(v):
         if type(v) is not dict or len(v) > hi:
             raise _Reject
-        prev = (-1, b"")
+        prev = None
         for k, x in v.items():
-            if type(k) is not str:
-                raise _Reject
-            kb = k.encode()
-            o = (len(kb), kb)
-            if o <= prev or o[0] > khi:
-                raise _Reject  # not in deterministic order, or too long
+            key(k)
+            o = order(k)
+            if prev is not None and o <= prev:
+                raise _Reject  # not in deterministic order
             prev = o
             if scalar:
                 val(x)
@@ -180,7 +182,10 @@ def encode(msg):
 def decode(payload):
     try:
         w = _loads(payload)
-        name, conv = _FROM_WIRE[w[0]]
+        num = w[0]
+        if type(num) is not int:  # True == 1 and 1.0 == 1 as dict keys: not a type number
+            raise _Reject
+        name, conv = _FROM_WIRE[num]
         msg = conv(w)
         if _dumps(w) == payload:
             msg["type"] = name

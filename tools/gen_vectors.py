@@ -57,13 +57,14 @@ Json = Any
 
 
 def to_json(v: Any) -> Json:
-    """hexiao's named message form as JSON: bytes become hex strings, tuples lists."""
+    """hexiao's named message form as JSON: bytes become hex strings, tuples lists, and
+    integer map keys (health link counters) their decimal strings, as JSON requires."""
     if isinstance(v, (bytes, bytearray)):
         return bytes(v).hex()
     if isinstance(v, (list, tuple)):
         return [to_json(x) for x in v]
     if isinstance(v, dict):
-        return {k: to_json(x) for k, x in v.items()}
+        return {str(k): to_json(x) for k, x in v.items()}
     return v
 
 
@@ -206,18 +207,18 @@ GB18030_QR = "核销 代金券 ¥20 券码 123456789012".encode("gb18030")
 SLIP = b"\x1b@" + "核销成功 代金券 ¥20.00\n".encode("gb18030") + b"\x1dV\x01"
 
 
-def _max_frame_keys() -> dict[str, Any]:
-    # the largest valid frame: COSE + CRC exactly MAX_FRAME bytes, a macro typing a long note
-    # (ASCII, so text bounds in characters and in bytes agree)
-    line = "COUPON 123456789012 CASH 20.00 LANE 07 REDEEMED VIA HEXIAO " * 2
-    line = line[:64]
-    for k in range(29, -1, -1):  # F9, k full lines, a partial line, Enter: at most 32 items
-        for n in range(64, -1, -1):
-            items = [[0x42, 0], *[line] * k, line[:n], [0x28, 0]]
-            msg = {"type": "keys", "macro_id": 77, "items": items, "delay_ms": 1000}
-            if len(mac0(msg, 20, key=H2D_KEY)) + 4 == frame.MAX_FRAME:
-                return msg
-    raise VectorError("no macro gives a frame of exactly MAX_FRAME")
+def _largest_rules() -> dict[str, Any]:
+    # a rule set at its limits: 8 rules, every field at its limit
+    rule = {"action": 1, "symbologies": ["]Q1", "]C0", "]E0", "]d2"],
+            "min_len": 0xFFFF, "max_len": 0xFFFF, "prefix": b"\xff" * 16, "check": 1}
+    return {"type": "rules", "version": 0xFFFF_FFFF, "default": 2, "rules": [rule] * 8}
+
+
+def _largest_verdict() -> dict[str, Any]:
+    # the largest valid message of v1 (every one fits a frame): a verdict with a full slip
+    slip = (SLIP * 64)[:768]
+    return {"type": "verdict", "scan_id": 0xFFFF_FFFF, "outcome": 15, "beep": 15, "led": 15,
+            "text": "核销成功 代金券 满100减20 ¥20.00"[:16], "slip": slip}
 
 
 def message_vectors() -> list[Json]:
@@ -266,8 +267,7 @@ def message_vectors() -> list[Json]:
         V("health", "Device health: uptime, reset cause, firmware, heap, link and app counters.",
           {"type": "health", "uptime_ms": 86_400_123, "reset_cause": "power_on",
            "firmware": FIRMWARE, "heap_free": 20_480, "heap_peak": 45_056,
-           "link": {"rx_frames": 1_200, "tx_frames": 1_210, "crc": 3, "mac": 0,
-                    "retransmits": 4, "sessions": 2},
+           "link": {1: 3, 11: 0, 64: 1_200, 65: 1_210, 66: 4, 68: 2},  # crc mac rx tx retr sess
            "app": {"scans": 310, "products": 290, "coupons": 20}}, 6),
         V("logs", "Two log entries [seq, uptime ms, level, event] and the next sequence number.",
           {"type": "logs", "entries": [[1, 1_000, 6, "boot"], [2, 1_500, 4, "uart overrun"]],
@@ -331,8 +331,10 @@ def message_vectors() -> list[Json]:
           {"type": "ping"}, 0xFFFF_FFFF, direction=messages.H2D),
         V("pong_h2d", "Host pong echoing data.", {"type": "pong", "data": b"\xde\xad\xbe\xef"},
           12, direction=messages.H2D, alg=4),
-        V("keys_max_frame", "The largest valid frame: COSE + CRC exactly MAX_FRAME bytes.",
-          _max_frame_keys(), 20),
+        V("rules_largest", "A rule set at its limits: 8 rules, every field at its limit.",
+          _largest_rules(), 20),
+        V("verdict_largest", "The largest valid message: a verdict with a 768-byte slip.",
+          _largest_verdict(), 21),
         V("verdict_supplementary_char",
           "Verdict text with a CJK Extension B character (4 bytes in UTF-8): 𠮷野家.",
           {"type": "verdict", "scan_id": 6, "outcome": 4, "beep": 1, "led": 4,
