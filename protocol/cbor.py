@@ -13,9 +13,49 @@
 # The host decodes with cbor2 for speed and asks this decoder for the error code when cbor2's result
 # does not pass (codec.py); the tests check that both paths agree.
 
+import sys
+
 from .errors import ProtocolError
 
 MAX_DEPTH = 8
+# MicroPython's str() accepts overlong forms, surrogates and code points above U+10FFFF, which
+# CPython (and RFC 3629) refuse: the device checks UTF-8 itself so both sides agree
+_LAX_UTF8 = sys.implementation.name == "micropython"
+
+
+def _utf8_ok(b):
+    i = 0
+    n = len(b)
+    while i < n:
+        c = b[i]
+        if c < 0x80:
+            i += 1
+            continue
+        if 0xC2 <= c <= 0xDF:
+            need, lo, hi = 1, 0x80, 0xBF
+        elif c == 0xE0:
+            need, lo, hi = 2, 0xA0, 0xBF  # no overlong 3-byte forms
+        elif c == 0xED:
+            need, lo, hi = 2, 0x80, 0x9F  # no surrogates
+        elif 0xE1 <= c <= 0xEF:
+            need, lo, hi = 2, 0x80, 0xBF
+        elif c == 0xF0:
+            need, lo, hi = 3, 0x90, 0xBF  # no overlong 4-byte forms
+        elif 0xF1 <= c <= 0xF3:
+            need, lo, hi = 3, 0x80, 0xBF
+        elif c == 0xF4:
+            need, lo, hi = 3, 0x80, 0x8F  # nothing above U+10FFFF
+        else:
+            return False
+        if i + need >= n:
+            return False  # the sequence runs past the end
+        if not lo <= b[i + 1] <= hi:
+            return False
+        for j in range(i + 2, i + need + 1):
+            if not 0x80 <= b[j] <= 0xBF:
+                return False
+        i += need + 1
+    return True
 
 
 def _head(major, n):
@@ -154,6 +194,8 @@ class _Decoder:
                 raw = self._chunks(major)
             if major == 2:
                 return bytes(raw)
+            if _LAX_UTF8 and not _utf8_ok(raw):
+                raise ProtocolError("cbor", "text string is not valid UTF-8")
             try:
                 return str(raw, "utf-8")
             except UnicodeError:

@@ -48,7 +48,9 @@ def give_up(link, now):
 
 
 def on_handshake(link, m, key, msg, now, events):
-    # only a hello reaches here: welcome and nack are h2d and rejected by direction
+    if msg["type"] != "hello":  # a nack in the handshake epoch is the host's own word, echoed
+        raise ProtocolError("unknown_type", "%s is not sent to the host before a session" % (
+            msg["type"],))
     try:
         version = messages.common_version(link.versions, msg["versions"])
     except ProtocolError:

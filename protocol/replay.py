@@ -32,5 +32,5 @@ class Window:
             else:
                 self.bits = 1
             self.highest = counter
-        else:
+        elif self.highest - counter < WINDOW:  # older ones are remembered by no bit
             self.bits |= 1 << (self.highest - counter)

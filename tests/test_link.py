@@ -454,6 +454,17 @@ def test_handshake_epoch_misuse() -> None:
     assert nack == {"type": "nack", "counter": 50, "code": number("handshake")}
 
 
+@pytest.mark.parametrize("code", ["no_session", "version"])
+def test_host_hearing_its_own_handshake_nack_refuses_it(code: str) -> None:
+    # a terminal with echo on, or someone on the cable, sends the host's own nack back to it
+    host = make_host()
+    nack = frame.encode(cose.mac0(DKEY, 5, KID, 0, messages.encode(
+        {"type": "nack", "code": number(code)})))
+    assert [e[:2] for e in host.receive(nack, 0)] == [(EV_REJECTED, "unknown_type")]
+    assert host.counters == {"rx_frames": 1, "unknown_type": 1}
+    assert host.data_to_send() == b"" and not host.is_open()
+
+
 # -- reliable delivery ------------------------------------------------------------------------
 
 

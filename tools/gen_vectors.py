@@ -528,6 +528,10 @@ def error_vectors() -> list[Json]:
           _map(_scan_pairs(data=b"\xd8\x18" + E(b"123456789012")))),
         P("cbor_bad_utf8", "symbology is not valid UTF-8.", "cbor",
           _map(_scan_pairs(symbology=b"\x63]\xff1"))),
+        P("cbor_overlong_utf8", "symbology holds an overlong UTF-8 form of '/' (C0 AF).", "cbor",
+          _map(_scan_pairs(symbology=b"\x62\xc0\xaf"))),
+        P("cbor_surrogate_utf8", "symbology holds an encoded surrogate (ED A0 80).", "cbor",
+          _map(_scan_pairs(symbology=b"\x63\xed\xa0\x80"))),
         P("cbor_trailing_bytes", "A byte after the payload map.", "cbor",
           _map(_scan_pairs()) + b"\x00"),
         # COSE structure and headers
