@@ -52,8 +52,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
                 "text": "核销成功：满100减20代金券 ¥20.00"},
     "health": {"type": "health", "uptime_ms": 3_600_000_123, "reset_cause": "power_on",
                "firmware": "hexiao-fw 0.1.0", "heap_free": 21_504, "heap_peak": 43_008,
-               "link": {"rx_frames": 18_233, "tx_frames": 18_240, "retransmits": 7,
-                        "duplicate": 2, "crc": 3, "mac": 0, "replay": 0},
+               "link": {1: 3, 11: 0, 12: 0, 64: 18_233, 65: 18_240, 66: 7, 67: 2},  # by number
                "app": {"scans": 9_120, "products": 8_911, "coupons": 209}},
     "rules": {"type": "rules", "version": 3, "default": 0, "rules": [
         {"action": 1, "symbologies": ["]Q1", "]C0"], "min_len": 12, "max_len": 12},

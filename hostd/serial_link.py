@@ -1,0 +1,188 @@
+"""The host end of a device link over a serial port (USB CDC, a pty, or any pyserial URL).
+
+SerialLink owns one pyserial port and one sans-I/O `Link(HOST, ...)`: it reads what the port
+has, feeds the link, polls it when its next timeout is due, writes what the link wants to send,
+and hands every link event to a callback. Run it on its own thread with start()/close(), or drive
+it yourself with step().
+
+Rules kept here:
+- every Link call and port write happens under one lock, so send() may be called from any
+  thread (including from the callback, which runs on the link thread, outside the lock);
+- waiting never overshoots the link's next timeout: a wake pipe interrupts the wait when send()
+  moves the timeout earlier or close() is called (on ports without a file descriptor, such as
+  pyserial's loop:// or Windows ports, the wait is a short sleep instead);
+- a port that fails (device unplugged, pty closed) ends the loop with one EV_PORT_CLOSED event;
+  the session's own events (EV_EXPIRED for unconfirmed messages) are not invented here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import serial
+from hexiao.protocol.link import HOST, Link
+
+Event = tuple[Any, ...]
+EV_PORT_CLOSED = "port_closed"  # (EV_PORT_CLOSED, reason): the port failed or was closed
+
+_READ_MAX = 4096
+_IDLE_WAIT_MS = 500  # longest wait with no link timeout pending (bounds close() latency w/o fd)
+_SLEEP_NO_FD_S = 0.002
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def keystore_from(keys: Mapping[bytes, bytes]) -> Callable[[bytes], bytes | None]:
+    """A Link keystore (kid -> 32-byte device key or None) over a mapping."""
+    return lambda kid: keys.get(bytes(kid))
+
+
+class SerialLink:
+    """One host-side link session over one serial port."""
+
+    def __init__(
+        self,
+        port: serial.SerialBase,
+        link: Link,
+        on_event: Callable[[Event], None],
+        *,
+        clock: Callable[[], int] = monotonic_ms,
+    ) -> None:
+        if link.role != HOST:
+            raise ValueError("SerialLink drives the host end of a link")
+        self.port = port
+        self.link = link
+        self.on_event = on_event
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self._fd: int | None = port.fileno()
+        except (AttributeError, NotImplementedError, ValueError):
+            self._fd = None
+        self._wake_r, self._wake_w = os.pipe() if self._fd is not None else (-1, -1)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        keystore: Callable[[bytes], bytes | None],
+        on_event: Callable[[Event], None],
+        **link_args: Any,
+    ) -> SerialLink:
+        """Open `url` (a device path or pyserial URL) raw and non-blocking, with a fresh host
+        Link using os.urandom for its nonces."""
+        port = serial.serial_for_url(url, timeout=0, exclusive=True)
+        return cls(port, Link(HOST, os.urandom, keystore=keystore, **link_args), on_event)
+
+    # -- application side -------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        """Queue an application message on the link; False if its queue is full."""
+        with self._lock:
+            ok = self.link.send(msg, self.clock())
+            self._write()
+        self._wake()
+        return ok
+
+    @property
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.link.counters)
+
+    def is_open(self) -> bool:
+        with self._lock:
+            return self.link.is_open()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def step(self, max_wait_ms: int = _IDLE_WAIT_MS) -> bool:
+        """Wait (at most max_wait_ms, never past the link's next timeout) for bytes, feed them,
+        poll, write and deliver events. False once the port has failed or close() was called."""
+        if self._stop.is_set():
+            return False
+        with self._lock:
+            due = self.link.next_timeout()
+        wait = max_wait_ms if due is None else max(0, min(max_wait_ms, due - self.clock()))
+        self._wait(wait / 1000)
+        events: list[Event] = []
+        try:
+            data = self.port.read(_READ_MAX)
+            with self._lock:
+                now = self.clock()
+                if data:
+                    events.extend(self.link.receive(data, now))
+                events.extend(self.link.poll(now))
+                self._write()
+        except (serial.SerialException, OSError) as e:
+            self._stop.set()
+            events.append((EV_PORT_CLOSED, str(e) or type(e).__name__))
+        for ev in events:
+            self.on_event(ev)
+        return not self._stop.is_set()
+
+    def run(self) -> None:
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Run the loop on a daemon thread."""
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        self._thread = threading.Thread(target=self.run, name="hexiao-serial-link", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the loop, wait for the thread, close the port. Idempotent."""
+        self._stop.set()
+        self._wake()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+        with contextlib.suppress(serial.SerialException, OSError):
+            self.port.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> SerialLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        # under the lock
+        data = self.link.data_to_send()
+        if data:
+            self.port.write(data)
+
+    def _wait(self, seconds: float) -> None:
+        if self._fd is None:
+            time.sleep(min(seconds, _SLEEP_NO_FD_S))
+            return
+        try:
+            ready, _, _ = select.select([self._fd, self._wake_r], [], [], seconds)
+        except (OSError, ValueError):  # the port or the wake pipe was closed under us
+            return
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 512)
+
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\x01")
