@@ -32,7 +32,7 @@ from typing import Any
 import cbor2
 import click
 from cobs import cobs as cobs_c
-from hexiao.protocol import codec, cose, frame, messages
+from hexiao.protocol import cose, frame, messages
 from hexiao.protocol.errors import ProtocolError
 from hexiao.tools import micropython
 
@@ -223,15 +223,13 @@ def measure_steps(frames: int | None, seconds: float, rounds: int) -> dict[str, 
         tag = hmac.digest(KEY, payload, "sha256")
         stuffed = cobs_c.encode(payload + tag)
         stages: dict[str, Fn] = {
-            "build: messages.to_wire": lambda msg=msg: messages.to_wire(msg),
-            "build: codec.dumps": lambda w=w: codec.dumps(w),
+            "build: messages.encode": lambda msg=msg: messages.encode(msg),
             "build: cose.mac0": lambda p=payload: cose.mac0(KEY, ALG, KID, COUNTER, p),
             "build: frame.encode": lambda c=c: frame.encode(c),
             "parse: Deframer.feed": lambda d=deframer, x=wire: d.feed(x),
             "parse: cose.parse": lambda c=c: cose.parse(c),
             "parse: Mac0.verify": lambda m=m: m.verify(KEY),
-            "parse: codec.loads": lambda p=payload: codec.loads(p),
-            "parse: messages.from_wire": lambda w=w: messages.from_wire(w),
+            "parse: messages.decode": lambda p=payload: messages.decode(p),
             "bare: cbor2.dumps": lambda w=w: cbor2.dumps(w),
             "bare: hmac.digest": lambda p=payload: hmac.digest(KEY, p, "sha256"),
             "bare: cobs.encode": lambda x=payload + tag: cobs_c.encode(x),
