@@ -186,3 +186,38 @@ class SerialLink:
         if self._wake_w >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"\x01")
+
+
+class EventLog:
+    """A SerialLink's events, recorded on its thread for other threads to look at and wait on."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.events: list[tuple[Any, ...]] = []
+
+    def append(self, ev: tuple[Any, ...]) -> None:
+        with self.cond:
+            self.events.append(ev)
+            self.cond.notify_all()
+
+    def of(self, kind: str, type_: str | None = None) -> list[tuple[Any, ...]]:
+        """Events of one kind (EV_MESSAGE, EV_ACKED, ...), of one message type if given."""
+        with self.cond:
+            return [e for e in self.events
+                    if e[0] == kind and (type_ is None or e[1]["type"] == type_)]
+
+    def wait(self, pred: Callable[[], Any], timeout: float, what: str,
+             alive: Callable[[], bool] = lambda: True) -> Any:
+        """pred()'s first true value; TimeoutError after `timeout` s, or at once if not alive()."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                got = pred()
+                if got:
+                    return got
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+                if not alive():
+                    raise TimeoutError(f"the peer exited while waiting for {what}")
+                self.cond.wait(min(left, 0.2))

@@ -12,7 +12,6 @@ import os
 import random
 import select
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import serial
-from hexiao.hostd.serial_link import EV_PORT_CLOSED, SerialLink, keystore_from
+from hexiao.hostd.serial_link import EV_PORT_CLOSED, EventLog, SerialLink, keystore_from
 from hexiao.protocol import cose, errors, frame, link
 from hexiao.protocol.link import EV_ACKED, EV_MESSAGE, EV_OPEN, EV_REJECTED, HOST, Link
 from hexiao.tools import micropython, relay
@@ -36,13 +35,12 @@ def scan_ids(n: int) -> list[int]:
     return list(range(1, n + 1))
 
 
-class HostApp:
+class HostApp(EventLog):
     """hostd's part, reduced to the link: every scan is answered with a verdict, in order, with
     back-pressure (Link.send refuses when its queue is full)."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.events: list[tuple[Any, ...]] = []
+        super().__init__()
         self.scans: list[int] = []
         self.outbox: collections.deque[dict[str, Any]] = collections.deque()
         self.port: SerialLink | None = None
@@ -71,28 +69,19 @@ class HostApp:
                 self.outbox.popleft()
 
     def messages(self, type_: str) -> list[dict[str, Any]]:
-        with self.cond:
-            return [e[1] for e in self.events if e[0] == EV_MESSAGE and e[1]["type"] == type_]
+        return [e[1] for e in self.of(EV_MESSAGE, type_)]
 
     def acked(self, type_: str = "verdict") -> list[dict[str, Any]]:
-        with self.cond:
-            return [e[1] for e in self.events if e[0] == EV_ACKED and e[1]["type"] == type_]
+        return [e[1] for e in self.of(EV_ACKED, type_)]
 
     def rejected(self) -> list[str]:
-        with self.cond:
-            return [e[1] for e in self.events if e[0] == EV_REJECTED]
+        return [e[1] for e in self.of(EV_REJECTED)]
 
     def wait_for(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
-        end = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                got = pred()
-                if got:
-                    return got
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}")
-                self.cond.wait(min(left, 0.2))
+        try:
+            return self.wait(pred, timeout, what)
+        except TimeoutError as e:
+            raise AssertionError(str(e)) from None
 
 
 @dataclass

@@ -20,15 +20,13 @@ import os
 import re
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
-from hexiao.hostd.serial_link import EV_PORT_CLOSED, SerialLink, keystore_from
+from hexiao.hostd.serial_link import EV_PORT_CLOSED, EventLog, SerialLink, keystore_from
 from hexiao.protocol import errors, messages
 from hexiao.protocol.link import EV_ACKED, EV_CLOSED, EV_MESSAGE, EV_OPEN, EV_REJECTED
 from hexiao.tools import micropython, relay
@@ -65,43 +63,20 @@ class Narrator:
             click.secho(text, bold=True)
 
 
-class HostSide:
+class HostSide(EventLog):
     """The host application of this layer: every scan gets a verdict; events are recorded."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.events: list[tuple[Any, ...]] = []
+        super().__init__()
         self.port: SerialLink | None = None
 
     def on_event(self, ev: tuple[Any, ...]) -> None:
-        with self.cond:
-            self.events.append(ev)
-            self.cond.notify_all()
+        self.append(ev)
         if ev[0] == EV_MESSAGE and ev[1]["type"] == "scan" and self.port is not None:
             s = ev[1]
             self.port.send({"type": "verdict", "scan_id": s["scan_id"], "outcome": 0,
                             "beep": 1, "led": 1,
                             "text": f"{s['data'].decode('ascii', 'replace')[:32]} accepted"})
-
-    def of(self, kind: str, type_: str | None = None) -> list[tuple[Any, ...]]:
-        with self.cond:
-            return [e for e in self.events
-                    if e[0] == kind and (type_ is None or e[1]["type"] == type_)]
-
-    def wait(self, pred: Callable[[], Any], timeout: float, what: str,
-             alive: Callable[[], bool] = lambda: True) -> Any:
-        end = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                got = pred()
-                if got:
-                    return got
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise StepFailed(f"timed out after {timeout:g} s waiting for {what}")
-                if not alive():
-                    raise StepFailed(f"the device program exited while waiting for {what}")
-                self.cond.wait(min(left, 0.2))
 
 
 @dataclass
@@ -144,7 +119,10 @@ class Lane:
 
     def wait(self, pred: Callable[[], Any], what: str) -> Any:
         """Wait for the host side; fails early if the device program has died."""
-        return self.app.wait(pred, self.timeout, what, self._device_alive)
+        try:
+            return self.app.wait(pred, self.timeout, what, self._device_alive)
+        except TimeoutError as e:
+            raise StepFailed(str(e).replace("the peer", "the device program")) from None
 
     def _device_alive(self) -> bool:
         return self.device is None or self.device.proc.poll() is None
