@@ -40,7 +40,7 @@ EV_CLOSED = "closed"  # (EV_CLOSED, reason)
 
 IDLE, HANDSHAKE, OPEN = "idle", "handshake", "open"
 
-NOISE = ("crc", "cobs", "truncated", "oversize")
+NOISE = ("crc", "cobs", "truncated", "oversize")  # the deframer's codes: line noise, not tampering
 _INTERNAL = ("hello", "welcome", "ack", "nack")
 
 

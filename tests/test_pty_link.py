@@ -28,7 +28,7 @@ from hexiao.tools import micropython, relay
 
 HEAP = micropython.HEAP  # the device's budget: 64 KB
 KID = b"lane-1"
-NOISE_CODES = {"crc", "cobs", "truncated", "oversize"}
+NOISE_CODES = set(link.NOISE)  # line noise, as opposed to tampering
 
 
 def scan_ids(n: int) -> list[int]:
