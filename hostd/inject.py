@@ -298,6 +298,12 @@ class Injector:
         self._hash = hashlib.sha256()
         self._now = 0.0
 
+    @property
+    def at_boundary(self) -> bool:
+        """Between two commands: a job may end here (ending one mid-command would hand the
+        printer the next job's bytes as parameters). Never, once passing bytes through."""
+        return self._parser.at_boundary and not self.passthrough
+
     # -- public surface: every call returns the bytes to send to the printer now --
 
     def feed(self, data: bytes, now: float) -> bytes:

@@ -25,4 +25,4 @@ def _lazy(name: str, module: str, help: str) -> None:
 _lazy("demo", "hexiao.tools.demo", "Run a lane on this machine and show it working.")
 _lazy("bench", "hexiao.tools.bench", "Measure the protocol codec and the firmware link.")
 _lazy("sim", "hexiao.tools.sim", "Run simulators of the backends (WeChat card API) on loopback.")
-_lazy("tap", "hexiao.tools.tap", "Receipt tap: replay a capture through the QR injector, render.")
+_lazy("tap", "hexiao.tools.tap", "Receipt tap: serve, replay, render, verify, bench.")

@@ -1,4 +1,5 @@
-"""`hexiao tap`: the receipt tap's offline tools (replay, render, verify, bench).
+"""`hexiao tap`: the receipt tap's offline tools (replay, render, verify, bench), and the live
+proxy (`serve`, hostd/tap_proxy.py) with its latency benchmark (`proxybench`, hostd/tap_bench.py).
 
 `replay` runs a capture through the same streaming injector the proxy uses, fed in chunks; `render`
 draws what a stream prints; `verify` checks a signed per-receipt token. Verification lives here
@@ -376,3 +377,105 @@ def bench(mb: float, rounds: int, as_json: bool) -> None:
     click.echo(f"parser on text-only receipts: {result['parser_text_only_mbps']} MB/s")
     click.echo(f"one QR block: native {result['native_block_ms']} ms, raster (segno) "
                f"{result['raster_block_ms']} ms")
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:9100", show_default=True,
+              help="HOST:PORT the POS prints to (port 0: any free port)")
+@click.option("--printer", "printer_spec", required=True,
+              help="the real printer: tcp:HOST:PORT, file:PATH or serial:DEVICE[@BAUD]")
+@profile_options
+@click.option("--content", default="{token}", show_default=True,
+              help="QR content template; fields: " + ", ".join(sorted(inject.FIELDS)))
+@click.option("--caption", default="", help="a text line under the QR (a template too)")
+@click.option("--lane", default="lane-1", show_default=True, help="lane id signed into tokens")
+@click.option("--key-file", type=click.Path(dir_okay=False), help="tap key (for {token})")
+@click.option("--existing-qr", type=click.Choice(["inject", "skip"]), default="inject",
+              show_default=True)
+@click.option("--idle-timeout", type=click.FloatRange(0.01), default=2.0, show_default=True,
+              help="seconds of POS silence (at a command boundary) that end a job")
+@click.option("--connect-timeout", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="seconds to keep retrying a printer that refuses, before failing the job")
+@click.option("--json", "as_json", is_flag=True, help="one JSON line per finished connection")
+def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, raster: str | None,
+          width: int | None, cutter: bool | None, content: str, caption: str, lane: str,
+          key_file: str | None, existing_qr: str, idle_timeout: float, connect_timeout: float,
+          as_json: bool) -> None:
+    """Run the tap: POS -> this proxy (QR injected, fail-open) -> the printer, until SIGTERM."""
+    import signal
+    import threading
+
+    from hexiao.hostd.tap_printer import parse_target
+    from hexiao.hostd.tap_proxy import ConnRecord, TapProxy
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("use HOST:PORT, e.g. 127.0.0.1:9100", param_hint="--listen")
+    try:
+        target = parse_target(printer_spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--printer") from exc
+    profile = _profile(profile_spec, _overrides(qr, raster, width, cutter))
+    key = read_key(key_file) if key_file else None
+    try:
+        args = (profile, QRStyle(caption=caption), Content(content, lane, key))
+        Injector(*args, existing_qr=existing_qr)
+    except ValueError as exc:
+        raise click.UsageError(f"{exc} (give --key-file, or a --content without {{token}})"
+                               if "key" in str(exc) else str(exc)) from exc
+    import queue
+
+    done: queue.Queue[ConnRecord] = queue.Queue()
+    proxy = TapProxy(target, lambda: Injector(*args, existing_qr=existing_qr),
+                     (host.strip("[]"), int(port)), idle_timeout=idle_timeout,
+                     connect_timeout=connect_timeout, on_finish=done.put)
+    try:
+        addr = proxy.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror}") from exc
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    where = f"{addr[0]}:{addr[1]}"
+    click.echo(json.dumps({"listening": where, "printer": target.describe()}) if as_json else
+               f"listening on {where}, printing to {target.describe()} (Ctrl-C to stop)")
+    try:
+        while not stop.is_set():
+            try:
+                rec = done.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            click.echo(json.dumps(rec.as_json(), ensure_ascii=False) if as_json else
+                       f"{rec.peer}: {rec.end}, {rec.bytes_in} -> {rec.bytes_out} bytes, "
+                       f"{rec.counters['injected']} QR" + "".join(
+                           f"; error: {e}" for e in rec.errors))
+    except KeyboardInterrupt:
+        pass
+    proxy.stop()
+    summary = dict(proxy.counters)
+    click.echo(json.dumps({"summary": summary}) if as_json else
+               "stopped: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                       for k, v in sorted(summary.items())))
+
+
+@main.command()
+@click.option("--jobs", type=click.IntRange(10, 5000), default=200, show_default=True)
+@click.option("--profile", "profile_spec", type=click.Choice(list(inject.PROFILES)),
+              default="generic-80", show_default=True, help="native or raster QR, etc.")
+@click.option("--logo-rows", type=click.IntRange(0, 2000), default=0, show_default=True,
+              help="put a raster logo this many dots high on each receipt")
+@click.option("--json", "as_json", is_flag=True)
+def proxybench(jobs: int, profile_spec: str, logo_rows: int, as_json: bool) -> None:
+    """The proxy's added latency per job on loopback (p50/p99), POS connect to printer cut."""
+    from hexiao.hostd import tap_bench
+
+    result = tap_bench.proxy_latency(jobs, profile_spec,
+                                     tap_bench.typical_receipt(logo_rows=logo_rows))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{jobs} jobs of {result['receipt_bytes']} bytes, profile {profile_spec}: "
+               f"direct p50 {result['direct_p50_ms']} ms / p99 {result['direct_p99_ms']} ms, "
+               f"through the tap p50 {result['proxied_p50_ms']} ms / p99 "
+               f"{result['proxied_p99_ms']} ms")
+    click.echo(f"added by the tap: p50 {result['added_p50_ms']} ms, "
+               f"p99 {result['added_p99_ms']} ms")
