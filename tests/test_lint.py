@@ -24,3 +24,10 @@ def test_protocol_sources_compile_for_micropython(tmp_path: Path) -> None:
             capture_output=True, text=True,
         )
         assert result.returncode == 0, f"{py.name}: {result.stderr}"
+
+
+def test_console_scripts_start() -> None:
+    # both entry points in pyproject.toml import and run; hostd says plainly it is not assembled
+    assert subprocess.run([executable("hexiao"), "--help"], capture_output=True).returncode == 0
+    r = subprocess.run([executable("hexiao-hostd")], capture_output=True, text=True)
+    assert r.returncode == 2 and "not assembled yet" in r.stderr
