@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fakeclock import Clock
 from hexiao.tools import micropython
 
 TESTS = Path(__file__).resolve().parent
@@ -26,3 +27,9 @@ def run_mpy(mpy_stage):
         )
 
     return run
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock at fakeclock.T0 that the test moves by setting .now."""
+    return Clock()

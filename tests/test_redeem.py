@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakeclock import T0, Clock
 from hexiao.hostd.journal import Journal, JournalCorrupt
 from hexiao.hostd.redeem import Engine, LaneConfig, Verdict, looks_encrypted
 from hexiao.hostd.wechat_card import (
@@ -37,26 +38,12 @@ from hexiao.hostd.wechat_card import (
 from hexiao.tools.wechat_sim import WeChatSim
 from hexiao.tools.wechat_sim_seed import EXAMPLE
 
-T0 = 1_750_000_000.0
 DAY = 86_400
 SEED: dict[str, Any] = json.loads(Path(EXAMPLE).read_text())
 APPID, SECRET = SEED["apps"][0]["appid"], SEED["apps"][0]["secret"]
 CASH = "287463512093"  # 满100减20, NORMAL
 CASH_CARD = "pHexiaoSimCash100minus20xxxx"
 RUNNER = Path(__file__).with_name("redeem_runner.py")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
+from fakeclock import T0, Clock
 from hexiao.tools import sim as sim_cli
 from hexiao.tools.wechat_sim import WeChatSim
 from hexiao.tools.wechat_sim_seed import EXAMPLE, STATES, SeedError, parse
@@ -31,7 +32,6 @@ from wechatpy.exceptions import WeChatClientException
 
 APP, SECRET = "wx00000000000000a1", "test-secret-a1-0000000000000000"
 APP2, SECRET2 = "wx00000000000000b2", "test-secret-b2-0000000000000000"
-T0 = 1_750_000_000.0  # the tests' "now"
 DAY = 86_400
 
 # card_id -> card_type and value fields, one of each simulated type
@@ -85,19 +85,6 @@ def make_seed(**behaviour: Any) -> dict[str, Any]:
         {"appid": APP, "secret": SECRET, "token_daily_quota": 5},
         {"appid": APP2, "secret": SECRET2}],
         "behaviour": behaviour, "cards": cards, "codes": codes}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
