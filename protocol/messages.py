@@ -110,6 +110,7 @@ LEDS = ("off", "green", "red", "amber", "blue")
 
 _HOST = sys.implementation.name != "micropython"
 _cache = {} if _HOST else None
+_last_info = [None, None]  # without a cache: the last type asked about, and its info
 
 
 def _is_int(v):
@@ -226,6 +227,8 @@ def info(name):
         raise KeyError(name)
     if _cache is not None and ("info", name) in _cache:
         return _cache[("info", name)]
+    if _last_info[0] == name:  # the device: a frame asks about its type several times
+        return _last_info[1]
     h = _head(name)
     if h is None or h[0][1] != name:
         raise KeyError(name)
@@ -233,6 +236,8 @@ def info(name):
     out = (int(p[0]), p[2], p[3], p[4] == "reliable")
     if _cache is not None:
         _cache[("info", name)] = out
+    else:
+        _last_info[0], _last_info[1] = name, out
     return out
 
 
