@@ -31,7 +31,8 @@ except ImportError:  # ports without os.urandom: the host's nonce carries the se
     def entropy(n):
         return bytes(getrandbits(8) for _ in range(n))
 
-_CHUNK = 256  # bytes read per step at most, so poll() and writes interleave with a flood
+_CHUNK = 128  # bytes read per step at most: poll() and writes interleave with a flood, and
+# the copies a read makes on its way through the deframer stay small in a 64 KB heap
 
 
 class CdcLink:

@@ -23,7 +23,10 @@ except ImportError:  # MicroPython
     _OPAD = bytes(0x5C for _ in range(64))
 
     def _xor(a, b):
-        return bytes(x ^ y for x, y in zip(a, b))
+        out = bytearray(64)  # one allocation: a generator and zip cost several on the device
+        for i in range(64):
+            out[i] = a[i] ^ b[i]
+        return out
 
     def hmac_sha256_parts(key, parts):
         # fed piece by piece: a 1 KB frame's MAC input is never copied into one buffer

@@ -133,16 +133,20 @@ _HEADS = _heads()
 
 def _head(key):
     # the head line of a type number or struct name: [key, name, dir, epoch, reliability] or
-    # [name, "struct"], and the offsets of its field lines; None if there is no such head
+    # [name, "struct"], and the offsets of its field lines; None if there is no such head.
+    # Only the matching line is split: on the device every temporary string costs heap.
     k = str(key)
     for pos in _HEADS:
+        if not (_TABLE.startswith(k, pos) or _TABLE.startswith(k, _TABLE.find(" ", pos) + 1)):
+            continue
         end = _TABLE.find("\n", pos)
         parts = _TABLE[pos:end].split()
-        if parts[0] == k or (len(parts) > 2 and parts[1] == k):
-            nxt = _TABLE.find("\n", end + 1)
-            while nxt > 0 and _TABLE[end + 1] == " ":
-                end, nxt = nxt, _TABLE.find("\n", nxt + 1)
-            return parts, pos, end
+        if not (parts[0] == k or (len(parts) > 2 and parts[1] == k)):
+            continue
+        nxt = _TABLE.find("\n", end + 1)
+        while nxt > 0 and _TABLE[end + 1] == " ":
+            end, nxt = nxt, _TABLE.find("\n", nxt + 1)
+        return parts, pos, end
     return None
 
 
@@ -211,10 +215,12 @@ def fields(key):
         return _cache[key]
     _, pos, end = _head(key)
     out = []
-    for line in _TABLE[_TABLE.find("\n", pos) + 1 : end].split("\n"):
-        if line:
-            k, name, spec = line.split()
-            out.append((int(k.rstrip("!")), name, _parse(spec, 0)[0], k[-1] == "!"))
+    a = _TABLE.find("\n", pos) + 1
+    while a < end:  # one field line at a time, not the whole body split at once
+        b = _TABLE.find("\n", a)
+        k, name, spec = _TABLE[a:b].split()
+        out.append((int(k.rstrip("!")), name, _parse(spec, 0)[0], k[-1] == "!"))
+        a = b + 1
     out = tuple(out)
     if _cache is not None:
         _cache[key] = out

@@ -49,7 +49,9 @@ def stage(dest: Path, parts: tuple[str, ...] = PARTS) -> Path:
         for py in sorted(src.glob("*.py")):
             target = out / (py.stem + ".mpy")
             subprocess.run(
-                [mpy_cross, "-O3", "-o", str(target), str(py)],
+                # -s: the name tracebacks give, as on the device (hexiao/protocol/link.py),
+                # not this machine's path: it is a qstr in the device's heap
+                [mpy_cross, "-O3", "-s", f"hexiao/{part}/{py.name}", "-o", str(target), str(py)],
                 check=True, capture_output=True, text=True,
             )
     return dest
@@ -60,8 +62,11 @@ def command(
 ) -> tuple[list[str], dict[str, str]]:
     """argv and env to run under MicroPython, with `staged` on its module path, either a script
     (a path ending in .py) or a staged module by dotted name (run with -m, no compiling at run
-    time, which matters in a 64 KB heap)."""
+    time, which matters in a 64 KB heap). Run it with cwd=staged: the module path is relative,
+    as on a board ("hexiao/protocol/link.mpy"), because every module's path is a string the
+    device keeps in its heap for good (a long temp dir cost ~1 KB of the 64)."""
     run = [str(target)] if str(target).endswith(".py") else ["-m", str(target)]
     argv = [executable("micropython"), "-X", f"heapsize={heap}", *run, *(args or [])]
-    env = {"MICROPYPATH": f"{staged}:.frozen", "PATH": "/usr/bin:/bin"}
+    del staged  # the caller's cwd
+    env = {"MICROPYPATH": ".:.frozen", "PATH": "/usr/bin:/bin"}
     return argv, env
