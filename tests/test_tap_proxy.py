@@ -577,6 +577,30 @@ def test_cli_serve_prints_a_job_and_stops_on_sigterm(printer: FakePrinter, tmp_p
     assert json.loads(out.splitlines()[-1])["summary"]["jobs"] == 1
 
 
+def test_cli_serve_stall_timeout_flushes_a_pos_silent_mid_command(printer: FakePrinter) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from hexiao.tools.cli import main; main()", "tap", "serve",
+         "--listen", "127.0.0.1:0", "--printer", f"tcp:127.0.0.1:{printer.port}",
+         "--content", "https://x.example/{digest}", "--idle-timeout", "0.05",
+         "--stall-timeout", "0.2", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(json.loads(proc.stdout.readline())["listening"].rsplit(":", 1)[1])
+        sent = receipt_bytes()[:-3] + b"\x1d(k\x10"  # a GS ( k header cut short
+        with socket.create_connection(("127.0.0.1", port), timeout=LONG) as pos:
+            pos.sendall(sent)
+            assert pos.recv(16) == b""  # closed by the tap after the stall, not by us
+        done = json.loads(proc.stdout.readline())
+        job, = printer.wait_jobs(1)
+        proc.terminate()
+        proc.communicate(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert done["end"] == "stalled" and job == sent
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--printer", "usb:1"], "tcp:HOST:PORT"),
     (["--printer", "tcp:127.0.0.1:9100", "--listen", "9100"], "HOST:PORT"),

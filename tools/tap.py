@@ -396,11 +396,14 @@ def bench(mb: float, rounds: int, as_json: bool) -> None:
               help="seconds of POS silence (at a command boundary) that end a job")
 @click.option("--connect-timeout", type=click.FloatRange(0), default=5.0, show_default=True,
               help="seconds to keep retrying a printer that refuses, before failing the job")
+@click.option("--stall-timeout", type=click.FloatRange(0.01), default=30.0, show_default=True,
+              help="seconds of POS silence in the middle of a command before what it sent is "
+                   "passed on as it is and the connection is closed")
 @click.option("--json", "as_json", is_flag=True, help="one JSON line per finished connection")
 def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, raster: str | None,
           width: int | None, cutter: bool | None, content: str, caption: str, lane: str,
           key_file: str | None, existing_qr: str, idle_timeout: float, connect_timeout: float,
-          as_json: bool) -> None:
+          stall_timeout: float, as_json: bool) -> None:
     """Run the tap: POS -> this proxy (QR injected, fail-open) -> the printer, until SIGTERM."""
     import signal
     import threading
@@ -428,7 +431,8 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
     done: queue.Queue[ConnRecord] = queue.Queue()
     proxy = TapProxy(target, lambda: Injector(*args, existing_qr=existing_qr),
                      (host.strip("[]"), int(port)), idle_timeout=idle_timeout,
-                     connect_timeout=connect_timeout, on_finish=done.put)
+                     connect_timeout=connect_timeout, stall_timeout=stall_timeout,
+                     on_finish=done.put)
     try:
         addr = proxy.start()
     except OSError as exc:
