@@ -67,9 +67,14 @@ def hkdf_sha256(ikm, salt, info, length):
 
 
 def session_keys(device_key, host_nonce, device_nonce):
-    """The key schedule of SPEC.md: returns (d2h_key, h2d_key)."""
-    salt = host_nonce + device_nonce
+    """The key schedule of SPEC.md: returns (d2h_key, h2d_key).
+
+    Both keys are HKDF-SHA256(device_key, salt = host_nonce || device_nonce, info, 32); with one
+    32-byte block, HKDF-Expand is T(1) = HMAC(PRK, info || 0x01), and both share the extract
+    step's PRK, so it is computed once (three HMACs instead of four, and a shallower call chain:
+    the device runs this inside the receive path, where every frame costs heap)."""
+    prk = hmac_sha256_parts(host_nonce + device_nonce, (device_key,))
     return (
-        hkdf_sha256(device_key, salt, b"hexiao/1 d2h", 32),
-        hkdf_sha256(device_key, salt, b"hexiao/1 h2d", 32),
+        hmac_sha256_parts(prk, (b"hexiao/1 d2h\x01",)),
+        hmac_sha256_parts(prk, (b"hexiao/1 h2d\x01",)),
     )

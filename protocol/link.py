@@ -136,9 +136,15 @@ class Link:
                 continue
             self._count("rx_frames")
             try:
-                self._on_frame(item, now, events)
+                ack = self._on_frame(item, now, events)
             except ProtocolError as e:
                 self._rejected(e, events)
+                continue
+            # the answer is built up here, not at the bottom of the call chain that took the
+            # frame apart: on the device every frame of a deep chain takes heap
+            if ack is not None:
+                self._send_now({"type": "ack", "counter": ack})
+            self._pump(now)
         return events
 
     def poll(self, now):
@@ -280,11 +286,11 @@ class Link:
             events.append((EV_CLOSED, reason))
 
     def _on_frame(self, cose, now, events):
+        # returns the counter to acknowledge, or None
         m = _cose.parse(cose)
         if m.counter == 0:
-            self._on_handshake_frame(m, now, events)
-        else:
-            self._on_session_frame(m, now, events)
+            return self._on_handshake_frame(m, now, events)
+        return self._on_session_frame(m, now, events)
 
     def _on_handshake_frame(self, m, now, events):
         role = self._role
@@ -294,7 +300,7 @@ class Link:
         msg = messages.decode(m.payload)
         messages.check_epoch(0, msg)
         self._check_direction(msg)
-        role.on_handshake(self, m, key, msg, now, events)
+        return role.on_handshake(self, m, key, msg, now, events)
 
     def _check_direction(self, msg):
         d = messages.info(msg["type"])[1]
@@ -332,8 +338,7 @@ class Link:
         if reliable:  # stop-and-wait: each new reliable message has a higher counter than the last
             if c == self.last_reliable:
                 self._count("duplicate")
-                self._send_now({"type": "ack", "counter": c})
-                return
+                return c  # acknowledged again
             if c < self.last_reliable:
                 raise ProtocolError("replay", "counter %d is older than the last message" % c)
             self.last_reliable = c
@@ -341,7 +346,7 @@ class Link:
             seen = self.window.check(c)
             if seen == DUPLICATE:
                 self._count("duplicate")
-                return
+                return None
             if seen == TOO_OLD:
                 raise ProtocolError("replay", "counter %d is older than the window" % c)
         self.window.mark(c)
@@ -354,10 +359,10 @@ class Link:
         elif t == "nack":
             self._on_nack(msg, now, events)
         else:
-            if reliable:
-                self._send_now({"type": "ack", "counter": c})
             events.append((EV_MESSAGE, msg))
-        self._pump(now)
+            if reliable:
+                return c
+        return None
 
     def _on_ack(self, counter, now, events):
         f = self._inflight

@@ -42,9 +42,9 @@ def no_session(link, m, now):
 
 
 def on_handshake(link, m, key, msg, now, events):
+    # returns the counter to acknowledge (0: the welcome), or None
     if msg["type"] == "welcome":
-        _on_welcome(link, msg, now, events)
-        return
+        return _on_welcome(link, msg, now, events)
     code = msg["code"]  # a nack in the handshake epoch
     if link.state == OPEN and code == number("no_session"):
         link._count("host_lost")
@@ -59,8 +59,7 @@ def _on_welcome(link, msg, now, events):
         raise ProtocolError("handshake", "welcome for another hello")
     if link.state == OPEN and msg["host_nonce"] == link.host_nonce:
         link._count("duplicate")  # our ack of the welcome was lost: acknowledge again
-        link._send_now({"type": "ack", "counter": 0})
-        return
+        return 0
     if msg["version"] not in link.versions:
         raise ProtocolError("version", "host chose version %d" % msg["version"])
     if link.state == OPEN:
@@ -74,8 +73,7 @@ def _on_welcome(link, msg, now, events):
     link.tx_key, link.rx_key = session_keys(link.device_key, link.host_nonce, link.nonce)
     link._hs = None
     link._open({"version": link.version, "kid": link.kid}, events)
-    link._send_now({"type": "ack", "counter": 0})
-    link._pump(now)
+    return 0  # Link.receive sends the ack, then what is queued
 
 
 DIRECTION = messages.H2D  # what a device receives

@@ -26,3 +26,7 @@ _lazy("demo", "hexiao.tools.demo", "Run a lane on this machine and show it worki
 _lazy("bench", "hexiao.tools.bench", "Measure the protocol codec and the firmware link.")
 _lazy("sim", "hexiao.tools.sim", "Run simulators of the backends (WeChat card API) on loopback.")
 _lazy("tap", "hexiao.tools.tap", "Receipt tap: serve, replay, render, verify, bench.")
+_lazy("keys", "hexiao.tools.keys", "Firmware signing keys: generate, show.")
+_lazy("bundle", "hexiao.tools.bundle", "Build and verify signed firmware bundles.")
+_lazy("udev", "hexiao.tools.udev_cmd", "Install or show the udev rules for hexiao devices.")
+_lazy("service", "hexiao.tools.service_cmd", "Install or show the systemd unit for hexiao-hostd.")
