@@ -11,7 +11,7 @@ def main() -> None:
     """hexiao (核销): redeem WeChat cards and coupons at an unchanged till."""
 
 
-def _lazy(name: str, module: str, help: str) -> None:
+def _lazy(name: str, module: str, help: str, attr: str = "main") -> None:
     # subcommands import their module only when run, so `hexiao --help` stays fast
     @main.command(name, help=help, context_settings={"ignore_unknown_options": True},
                   add_help_option=False)
@@ -19,7 +19,8 @@ def _lazy(name: str, module: str, help: str) -> None:
     def _cmd(args: tuple[str, ...]) -> None:
         import importlib
 
-        importlib.import_module(module).main.main(args=list(args), prog_name=f"hexiao {name}")
+        command = getattr(importlib.import_module(module), attr)
+        command.main(args=list(args), prog_name=f"hexiao {name}")
 
 
 _lazy("demo", "hexiao.tools.demo", "Run a lane on this machine and show it working.")
@@ -28,5 +29,7 @@ _lazy("sim", "hexiao.tools.sim", "Run simulators of the backends (WeChat card AP
 _lazy("tap", "hexiao.tools.tap", "Receipt tap: serve, replay, render, verify, bench.")
 _lazy("keys", "hexiao.tools.keys", "Firmware signing keys: generate, show.")
 _lazy("bundle", "hexiao.tools.bundle", "Build and verify signed firmware bundles.")
-_lazy("udev", "hexiao.tools.udev_cmd", "Install or show the udev rules for hexiao devices.")
-_lazy("service", "hexiao.tools.service_cmd", "Install or show the systemd unit for hexiao-hostd.")
+_lazy("udev", "hexiao.tools.install", "Install or show the udev rules for hexiao devices.",
+      "udev_main")
+_lazy("service", "hexiao.tools.install", "Install or show the systemd unit for hexiao-hostd.",
+      "service_main")

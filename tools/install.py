@@ -1,7 +1,7 @@
 """Install the udev rules and the systemd unit that ship with hexiao.
 
 `hexiao udev install|show` and `hexiao service install|show` (the click groups `udev_main` and
-`service_main`; tools/udev_cmd.py and tools/service_cmd.py expose them as `main`).
+`service_main`, registered in tools/cli.py).
 
 `install` writes the file atomically (temporary file in the destination, fsync, rename) with
 mode 0644, then reloads udev or systemd unless --no-reload. Exit codes (sysexits.h):
