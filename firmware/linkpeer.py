@@ -1,9 +1,10 @@
 # A device program for tests and the demo: the link over CDC, then a scripted run of scans.
 #
 #   micropython -X heapsize=64k -m hexiao.firmware.linkpeer cfg=PATH [scans=N] [alg=5]
-#       [rto=200] [tries=8]
+#       [rto=200] [tries=8] [codes=PATH]
 #   (or id=TEXT key=HEX instead of cfg=PATH; cfg is a JSON file {"id": ..., "key": ...})
 #
+# codes=PATH: scan the lines of PATH (one code each, as QR ]Q1) instead of N "coupon-N"s.
 # stdout is the link and carries nothing but frames; every event is reported on stderr as one
 # JSON object per line ({"ev": "verdict", "scan_id": 3, ...}) so tests can check exactly-once
 # and in-order delivery. It answers health_get with health; it exits when the host side hangs
@@ -42,9 +43,10 @@ def log(ev, **kw):
 
 
 class Peer:
-    def __init__(self, scans):
+    def __init__(self, scans, codes=None):
         self.next = 1  # the next new scan id (no list of them: every byte of heap counts)
-        self.last = scans
+        self.codes = codes  # or the codes to scan, in order
+        self.last = len(codes) if codes else scans
         self.retry = []  # scans a closed session did not confirm, for the next session
         self.verdicts = 0
         self.peak = 0
@@ -62,8 +64,9 @@ class Peer:
         while cdc.link.pending() < 2 and cdc.link.is_open() and (
                 self.retry or self.next <= self.last):
             sid = self.retry[0] if self.retry else self.next
+            data = self.codes[sid - 1] if self.codes else ("coupon-%d" % sid).encode()
             if not cdc.send({"type": "scan", "scan_id": sid, "symbology": "]Q1",
-                             "data": ("coupon-%d" % sid).encode(), "time_ms": cdc.now()}):
+                             "data": data, "time_ms": cdc.now()}):
                 return  # the link's queue is full; acks make room
             if self.retry:
                 self.retry.pop(0)
@@ -85,6 +88,10 @@ class Peer:
                     "firmware": FIRMWARE, "heap_free": mem_free(), "heap_peak": self.peak,
                     "link": dict((counter_number(k), v) for k, v in self.cdc.link.counters.items()),
                     "app": {"verdicts": self.verdicts}})
+            elif t == "ping":
+                self.cdc.send({"type": "pong", "data": msg.get("data", b"")})
+            elif t == "logs_get":  # this peer keeps no log ring: an empty page
+                self.cdc.send({"type": "logs", "entries": [], "next": 0})
             else:
                 log("message", type=t)
         elif kind == L.EV_ACKED:
@@ -115,7 +122,11 @@ def main(argv):
             cfg = load(f)
         cfg.update(a)
         a = cfg
-    peer = Peer(int(a.get("scans", 0)))
+    codes = None
+    if "codes" in a:
+        with open(a["codes"]) as f:
+            codes = [line.strip().encode() for line in f if line.strip()]
+    peer = Peer(int(a.get("scans", 0)), codes)
     cdc = CdcLink(a["id"].encode(), unhexlify(a["key"]), peer.on_event,
                   hello={"firmware": FIRMWARE, "board": "sim", "reset_cause": "power_on"},
                   alg=int(a.get("alg", 5)), rto_ms=int(a.get("rto", 200)),

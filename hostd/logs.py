@@ -123,7 +123,8 @@ def configure(level: str = "info", stream: IO[str] | None = None, *,
     handler = logging.StreamHandler(out)
     handler.set_name("hexiao-json")
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *_chain()],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(),
+                           *_chain()],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, render]))
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "hexiao-json"]:

@@ -94,6 +94,13 @@ class SerialLink:
         self._wake()
         return ok
 
+    def poke(self, kid: bytes) -> None:
+        """Ask device `kid` to start a session now (Link.poke); ValueError without its key."""
+        with self._lock:
+            self.link.poke(kid, self.clock())
+            self._write()
+        self._wake()
+
     @property
     def counters(self) -> dict[str, int]:
         with self._lock:

@@ -111,6 +111,14 @@ class Link:
         self._role.connect(self, now)
         return events
 
+    def poke(self, kid, now):
+        """Host: ask device `kid` to say hello now (an unsolicited nack(no_session) under its
+        key), for a host that opens a port the device may still hold a session on. No-op once
+        a session is under way. ValueError if the keystore has no key for kid."""
+        if self.role != HOST:
+            raise ValueError("only the host pokes")
+        self._role.poke(self, kid, now)
+
     def send(self, msg, now):
         """Queue an application message; False if the queue is full. Raises ValueError if the
         message is invalid or one the link sends itself."""

@@ -41,6 +41,19 @@ def no_session(link, m, now):
     link._write(link._frame(nack, 0, key, m.kid, m.alg))
 
 
+def poke(link, kid, now):
+    # a host that has just opened the port cannot know whether the device still holds a
+    # session with a previous host (which would be silent until its next frame): the same
+    # nack(no_session) that answers such a frame asks it to say hello now
+    key = link.keystore(kid)
+    if key is None or len(key) != 32:
+        raise ValueError("no 32-byte key for device %s in the keystore" % bytes(kid).hex())
+    if link.state != IDLE:
+        return
+    nack = {"type": "nack", "code": number("no_session")}
+    link._write(link._frame(nack, 0, key, kid, link.alg))
+
+
 def give_up(link, now):
     # the session ends here: tell the device now rather than at its next frame
     nack = {"type": "nack", "code": number("no_session")}

@@ -184,7 +184,10 @@ def _atom(s, i):
         return ("a", tuple(items)), i + 1
     if c == "{":
         j = s.index("}", i)
-        return ("s", fields(s[i + 1 : j])), j + 1
+        # the host holds the struct's parsed fields; the device only its name, and walks its
+        # fields when a value is checked (a nested table is the largest parse there is)
+        name = s[i + 1 : j]
+        return ("s", fields(name) if _HOST else name), j + 1
     if s.startswith("map(", i):
         k, i = _parse(s, i + 4)
         v, i = _parse(s, i + 1)  # skip "="
@@ -333,7 +336,8 @@ def _check(spec, v, to_wire):
     if kind == "s":
         if not isinstance(v, dict):
             raise ValueError("expected map")
-        return _struct(spec[1], v, to_wire, 0)
+        flds = spec[1]
+        return _struct(_fields(flds) if isinstance(flds, str) else flds, v, to_wire, 0)
     if kind == "m":
         if not isinstance(v, dict) or len(v) > spec[3]:
             raise ValueError("expected map of at most %d" % spec[3])

@@ -198,6 +198,12 @@ def read_bundle(path: Path | str) -> Bundle:
         if path.stat().st_size > MAX_BUNDLE:
             raise BundleError("corrupt", f"{path} is larger than any firmware bundle")
         members: dict[str, bytes] = {}
+        with path.open("rb") as raw:  # a copy cut at a block boundary still reads as a tar
+            size = raw.seek(0, 2)
+            raw.seek(max(0, size - 1024))
+            if size % 512 or raw.read(1024) != bytes(1024):
+                raise BundleError("corrupt", f"{path} is truncated (no end-of-archive "
+                                             "marker): copy the bundle again")
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
                 if not info.isreg() or not _safe_name(info.name):

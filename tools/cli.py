@@ -27,6 +27,14 @@ _lazy("demo", "hexiao.tools.demo", "Run a lane on this machine and show it worki
 _lazy("bench", "hexiao.tools.bench", "Measure the protocol codec and the firmware link.")
 _lazy("sim", "hexiao.tools.sim", "Run simulators of the backends (WeChat card API) on loopback.")
 _lazy("tap", "hexiao.tools.tap", "Receipt tap: serve, replay, render, verify, bench.")
+_lazy("status", "hexiao.tools.ctl", "Show hostd's state: devices, journal, backend.", "status_main")
+_lazy("device", "hexiao.tools.ctl",
+      "Devices: list, info, ping, health, logs (via hostd or --port).", "device_main")
+_lazy("journal", "hexiao.tools.ctl", "Redemption journal: list, show, reconcile.", "journal_main")
+_lazy("decode", "hexiao.tools.capture",
+      "Decode a link capture: frames, messages, counters, noise vs MAC failures.")
+_lazy("flash", "hexiao.tools.flash",
+      "Install a signed firmware bundle on a board (USB) or the sim board.")
 _lazy("keys", "hexiao.tools.keys", "Firmware signing keys: generate, show.")
 _lazy("bundle", "hexiao.tools.bundle", "Build and verify signed firmware bundles.")
 _lazy("udev", "hexiao.tools.install", "Install or show the udev rules for hexiao devices.",

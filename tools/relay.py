@@ -372,4 +372,6 @@ class DeviceProcess:
             self.proc.kill()
             rc = self.proc.wait(5)
         self._reader.join(5)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
         return rc

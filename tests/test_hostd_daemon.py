@@ -1,0 +1,227 @@
+"""hexiao-hostd assembled, for real: the MicroPython device peer (staged .mpy, 64 KB heap) on a pty
+cable, the daemon (config, keystore, journal on disk, control socket, lanes), and the WeChat
+simulator over loopback HTTP. Every wait is bounded; nothing asserts a duration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hexiao.hostd import journal as jr
+from hexiao.hostd.config import from_dict
+from hexiao.hostd.daemon import Daemon, DaemonError
+from hexiao.hostd.keystore import Keystore
+from hexiao.protocol import messages
+from hexiao.tools import micropython, relay
+from hexiao.tools.wechat_sim import WeChatSim
+from hexiao.tools.wechat_sim_seed import EXAMPLE, read
+
+KID = "lane-1"
+CASH, CASH_USED, EXPIRED, MEMBER = "287463512093", "287463512094", "110293847566", "829304756182"
+UNKNOWN = "999999999999"
+LONG = 60.0  # a guard against hangs, never a performance claim
+# The device peer runs above the 64 KB budget here: at 64 KB it cannot decode the rules message
+# hostd pushes at every session (MemoryError in the nested parse; the known heap defect of
+# issue 4, pinned by test_pty_link.py::test_device_decodes_the_default_rules_in_its_budget).
+# These tests are about hostd, not the device's heap.
+DEVICE_HEAP = "72k"
+
+
+@pytest.fixture
+def sim() -> Iterator[WeChatSim]:
+    with WeChatSim(read(EXAMPLE)) as s:
+        yield s
+
+
+@dataclass
+class Lane:
+    daemon: Daemon
+    device: relay.DeviceProcess
+    cable: relay.Cable
+
+    def verdicts(self, n: int) -> list[dict[str, Any]]:
+        self.device.wait_for(lambda ev: sum(e["ev"] == "verdict" for e in ev) >= n, LONG)
+        return self.device.of("verdict")
+
+
+def config(tmp_path: Path, sim: WeChatSim, port: str, **backend: Any) -> Any:
+    app = next(iter(sim.state.seed.apps.values()))
+    secret = tmp_path / "wechat.secret"
+    secret.write_text(app.secret)
+    secret.chmod(0o600)
+    return from_dict({
+        "hostd": {"state_dir": str(tmp_path / "state"),
+                  "control_socket": str(tmp_path / "run" / "hostd.sock")},
+        "backend": {"kind": "wechat_card", "base_url": sim.url, "appid": app.appid,
+                    "secret_file": str(secret), "timeout_s": 2.0, "settle_after_s": 5.0,
+                    **backend},
+        "device": [{"id": KID, "port": port, "lane": "lane-1"}],
+        "macros": {"CASH": {"items": [[0x42, 0], "{reduce_cost_yuan}", [0x28, 0]]}},
+    })
+
+
+@contextmanager
+def lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim, codes: list[str]) -> Iterator[Lane]:
+    key = os.urandom(32)
+    (tmp_path / "state").mkdir(mode=0o700)
+    Keystore(tmp_path / "state" / "keystore.jsonl", create=True).add(KID.encode(), key)
+    dev_cfg = tmp_path / "device.json"
+    dev_cfg.write_text(json.dumps({"id": KID, "key": key.hex()}))
+    codes_file = tmp_path / "codes.txt"
+    codes_file.write_text("".join(c + "\n" for c in codes))
+    cable = relay.Cable().start()
+    argv, env = micropython.command("hexiao.firmware.linkpeer", mpy_stage, heap=DEVICE_HEAP,
+                                    args=[f"cfg={dev_cfg}", f"codes={codes_file}"])
+    device = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
+    daemon = Daemon(config(tmp_path, sim, cable.host_port))
+    try:
+        daemon.start()
+        yield Lane(daemon, device, cable)
+    finally:
+        daemon.stop()
+        cable.close()
+        device.stop()
+
+
+def outcome(v: dict[str, Any]) -> str:
+    return messages.OUTCOMES[v["outcome"]]
+
+
+def test_a_lane_redeems_once_refuses_the_rest_and_says_why(mpy_stage: Path, tmp_path: Path,
+                                                         sim: WeChatSim) -> None:
+    codes = [CASH, CASH, UNKNOWN, EXPIRED, MEMBER, CASH_USED]
+    with lane(mpy_stage, tmp_path, sim, codes) as ln:
+        got = ln.verdicts(len(codes))
+        ln.device.wait_for(lambda ev: any(e["ev"] == "message" and e["type"] == "keys"
+                                          for e in ev), LONG)
+        info = ln.daemon.device_info(KID)
+    assert [v["scan_id"] for v in got] == list(range(1, len(codes) + 1))
+    assert [outcome(v) for v in got] == ["accepted", "refused", "refused", "refused",
+                                         "identified", "refused"]
+    texts = [v["text"] for v in got]
+    assert texts[0] == "核销成功 减¥20.00 满¥100.00 …2093"
+    assert "already used" in texts[1] and "invalid code" in texts[2]
+    assert "expired" in texts[3] and "会员卡" in texts[4] and "already used" in texts[5]
+    assert all(len(t.encode()) <= 48 for t in texts)
+    assert sim.state.consumes[CASH] == 1 and sim.state.consumes[MEMBER] == 0
+    # the rules were pushed when the session opened; one macro typed the accepted coupon
+    kinds = [e["type"] for e in ln.device.of("message")]
+    assert kinds.count("rules") == 1 and kinds.count("keys") == 1
+    assert info["state"] == "open" and info["peer"]["firmware"] == "linkpeer/0.1"
+    assert info["stats"]["verdict_accepted"] == 1
+    with jr.Journal(tmp_path / "state" / "journal.sqlite3") as journal:
+        done = journal.entries(("done",))
+    assert [(e.outcome, e.reason) for e in done if e.code == CASH] == [
+        ("accepted", None), ("refused", "already_used")]
+    # the journal and the keystore are private to hostd's user
+    assert (tmp_path / "state").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "state" / "keystore.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_resent_scan_gets_the_verdict_already_given(mpy_stage: Path, tmp_path: Path,
+                                                     sim: WeChatSim) -> None:
+    """A scan sent again with its scan_id (SPEC §9.6) is answered from memory: no second
+    redemption, no "already used" for the cashier's own coupon."""
+    with lane(mpy_stage, tmp_path, sim, [CASH]) as ln:
+        first, = ln.verdicts(1)
+        lane_ = ln.daemon.lanes[KID]
+        lane_._on_message({"type": "scan", "scan_id": 1, "symbology": "]Q1",
+                           "data": CASH.encode(), "time_ms": 0})
+        second = ln.verdicts(2)[1]
+        assert lane_.stats["scans_repeated"] == 1
+    assert second == first and outcome(second) == "accepted"
+    assert sim.state.consumes[CASH] == 1
+
+
+def test_control_commands_see_the_lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim) -> None:
+    with lane(mpy_stage, tmp_path, sim, [CASH]) as ln:
+        ln.verdicts(1)
+        health = ln.daemon.device_health(KID)
+        ping = ln.daemon.device_ping(KID)
+        listed = ln.daemon.journal_list()
+        shown = ln.daemon.journal_show(listed[0]["id"])
+        status = ln.daemon.status()
+    assert health["firmware"] == "linkpeer/0.1" and health["heap_free"] > 0
+    assert ping["device"] == KID and ping["rtt_ms"] >= 0
+    assert listed[0]["code"] == "…2093" and listed[0]["outcome"] == "accepted"
+    assert CASH not in json.dumps(listed) and CASH not in json.dumps(shown, ensure_ascii=False)
+    assert [s["step"] for s in shown["steps"]][:1] == ["received"]
+    assert status["devices"] == {KID: "open"} and status["verify_manually"] == []
+
+
+def test_a_missing_device_waits_and_is_reported(tmp_path: Path, sim: WeChatSim) -> None:
+    (tmp_path / "state").mkdir(mode=0o700)
+    daemon = Daemon(config(tmp_path, sim, str(tmp_path / "no-such-tty")))
+    daemon.start()
+    try:
+        lane_ = daemon.lanes[KID]
+        deadline = time.monotonic() + LONG
+        while lane_.info()["error"] != "device not found" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        info = daemon.device_info(KID)
+    finally:
+        daemon.stop()
+    assert info["state"] == "waiting" and info["error"] == "device not found"
+
+
+def test_an_unreadable_secret_stops_start_with_the_reason(tmp_path: Path, sim: WeChatSim) -> None:
+    (tmp_path / "state").mkdir(mode=0o700)
+    cfg = config(tmp_path, sim, "/dev/null")
+    (tmp_path / "wechat.secret").chmod(0o644)
+    daemon = Daemon(cfg)
+    with pytest.raises(DaemonError, match="chmod 600"):
+        daemon.start()
+    daemon.stop()
+
+
+def test_hostd_check_config_and_bad_config_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[hostd]\nstate_dir = "state"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[backend]\ntimeout_s = "fast"\n[hostd]\nlog_levl = "info"\n')
+    exe = micropython.executable("hexiao-hostd")
+    ok = subprocess.run([exe, "--config", str(good), "--check-config"], capture_output=True,
+                        text=True)
+    no = subprocess.run([exe, "--config", str(bad)], capture_output=True, text=True)
+    missing = subprocess.run([exe, "--config", str(tmp_path / "none.toml")],
+                             capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    assert no.returncode == 2
+    assert 'backend.timeout_s: expected a number of seconds > 0, got "fast"' in no.stderr
+    assert "hostd.log_levl: unknown key" in no.stderr and "log_level" in no.stderr
+    assert missing.returncode == 2 and "none.toml" in missing.stderr
+
+
+def test_hostd_runs_until_sigterm_and_serves_its_socket(tmp_path: Path, sim: WeChatSim) -> None:
+    app = next(iter(sim.state.seed.apps.values()))
+    secret = tmp_path / "s"
+    secret.write_text(app.secret)
+    secret.chmod(0o600)
+    sock = tmp_path / "run" / "hostd.sock"
+    cfg = tmp_path / "hostd.toml"
+    cfg.write_text(f'[hostd]\nstate_dir = "state"\ncontrol_socket = "{sock}"\n'
+                   f'[backend]\nkind = "wechat_card"\nbase_url = "{sim.url}"\n'
+                   f'appid = "{app.appid}"\nsecret_file = "s"\n')
+    proc = subprocess.Popen([micropython.executable("hexiao-hostd"), "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + LONG
+        while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sock.exists(), proc.stderr.read() if proc.poll() is not None else "no socket"
+        proc.terminate()
+        _, err = proc.communicate(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert not sock.exists()  # removed on a clean stop
+    assert app.secret not in err

@@ -1,0 +1,378 @@
+"""The support commands that ask hostd over its control socket.
+
+Commands: status; device list|info|ping|health|logs; journal list|show|reconcile.
+
+They ask hostd over its control socket (--socket PATH, else $HEXIAO_SOCKET, else
+/run/hexiao/hostd.sock). `device info|ping|health|logs --port PORT --keystore FILE` talk to a
+device directly instead, for when hostd is stopped (hostd holds the port exclusively while it
+runs). --json prints one JSON document (an array for list commands); otherwise tables for lists
+and "key: value" for objects. Journal codes arrive redacted from hostd and are printed as given.
+
+Exit codes:
+  0  ok
+  1  error (bad request, permission refused, hostd internal error, bad keystore)
+  2  usage error (click)
+  3  hostd is not running
+  4  not found (unknown device or journal entry)
+  5  device unavailable (not connected, port busy, no handshake) or timed out
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from hexiao.hostd.control import ControlClient, ControlError, default_socket
+
+EXIT = {"not_running": 3, "not_found": 4, "unavailable": 5, "timeout": 5}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes | bytearray):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict | list):
+        return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Aligned columns, in the order the keys first appear."""
+    if not rows:
+        return "(none)"
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = [[c.upper() for c in cols], *cells]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def keyvalue(obj: dict[str, Any], indent: str = "") -> str:
+    out = []
+    for k, v in obj.items():
+        if isinstance(v, dict) and v:
+            out.append(f"{indent}{k}:")
+            out.append(keyvalue(v, indent + "  "))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.append(f"{indent}{k}:")
+            out.append("\n".join(indent + "  " + ln for ln in table(v).splitlines()))
+        else:
+            out.append(f"{indent}{k}: {_cell(v)}")
+    return "\n".join(out)
+
+
+def emit(result: Any, as_json: bool) -> None:
+    result = _plain(result)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, indent=2))
+    elif isinstance(result, list):
+        click.echo(table(result))
+    elif isinstance(result, dict):
+        click.echo(keyvalue(result))
+    else:
+        click.echo(_cell(result))
+
+
+def run(fn: Callable[[], Any], as_json: bool) -> None:
+    """Print fn()'s result, or its ControlError on stderr with the documented exit code."""
+    try:
+        result = fn()
+    except ControlError as e:
+        if as_json:
+            click.echo(json.dumps({"error": {"kind": e.kind, "message": e.message}}))
+        click.echo(f"error: {e.message}", err=True)
+        raise SystemExit(EXIT.get(e.kind, 1)) from None
+    emit(result, as_json)
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+    f = click.option("--timeout", type=click.FloatRange(0.1, 600), default=10.0,
+                     show_default=True, help="Seconds to wait for an answer.")(f)
+    return click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help=f"hostd's control socket [default: $HEXIAO_SOCKET "
+                                           f"or {default_socket()}]")(f)
+
+
+def _ask(sock: Path | None, timeout: float, cmd: str, **args: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        with ControlClient(sock, timeout=timeout) as c:
+            return c.call(cmd, **args)
+    return call
+
+
+CTX = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command("status", context_settings=CTX)
+@_common
+def status_main(sock: Path | None, timeout: float, as_json: bool) -> None:
+    """hostd's state: version, devices, journal, backend."""
+    run(_ask(sock, timeout, "status"), as_json)
+
+
+# -- direct mode ----------------------------------------------------------------------------------
+
+LEVELS = ("emergency", "alert", "critical", "error", "warning", "notice", "info", "debug")
+
+
+def _kid_text(kid: bytes) -> str:
+    text = kid.decode("ascii", "replace")
+    return text if text.isprintable() and "\ufffd" not in text else kid.hex()
+
+
+class DirectDevice:
+    """A device on a serial port without hostd: the handshake, then one request at a time."""
+
+    def __init__(self, port: str, keystore: Path, kid: str | None, timeout: float) -> None:
+        import serial
+        from hexiao.hostd.keystore import Keystore, KeystoreError
+        from hexiao.hostd.serial_link import EventLog, SerialLink
+        from hexiao.protocol.link import EV_OPEN
+
+        try:
+            ks = Keystore(keystore)
+        except KeystoreError as e:
+            raise ControlError("bad_request", str(e)) from None
+        want = None if kid is None else _kid_bytes(kid, ks)
+        self.port, self.timeout, self.events = port, timeout, EventLog()
+        try:
+            self.link = SerialLink.open(
+                port, lambda k: ks(k) if want is None or bytes(k) == want else None,
+                self.events.append)
+        except (serial.SerialException, OSError) as e:
+            raise ControlError("unavailable", f"cannot open {port}: {e} (while hostd runs it "
+                                              f"holds the port: leave out --port)") from None
+        self.link.start()
+        ids = [bytes(k) for k in ks.ids()] if want is None else [want]
+        if len(ids) == 1:  # a device still in a session with a stopped hostd: hello now
+            try:
+                self.link.poke(ids[0])
+            except ValueError as e:
+                self.link.close()
+                raise ControlError("bad_request", f"{e} ({keystore})") from None
+        got = self._wait(lambda: self.events.of(EV_OPEN))
+        if not got:
+            refused = sorted({str(e[1]) for e in self.events.of("rejected")})
+            why = (f"its frames were refused ({', '.join(refused)}): is its key in {keystore}"
+                   f"{'' if kid is None else f' under id {kid}'}?" if refused else
+                   "is hexiao firmware running there? (give --kid: a device still in a "
+                   "session with a stopped hostd is asked to say hello only by its own id)")
+            raise ControlError("unavailable", f"no handshake from a device on {port} within "
+                                              f"{timeout:g} s: {why}")
+        self.peer: dict[str, Any] = got[0][1]
+
+    def _wait(self, pred: Callable[[], Any]) -> Any:
+        """pred()'s first true value, or None after the timeout; the port failing is an error."""
+        from hexiao.hostd.serial_link import EV_PORT_CLOSED
+
+        try:
+            return self.events.wait(pred, self.timeout, "the device",
+                                    alive=lambda: not self.events.of(EV_PORT_CLOSED))
+        except TimeoutError:
+            closed = self.events.of(EV_PORT_CLOSED)
+            if closed:
+                raise ControlError("unavailable", f"{self.port} closed: {closed[0][1]}") from None
+            return None
+
+    def request(self, msg: dict[str, Any], reply: str,
+                match: Callable[[dict[str, Any]], bool] = lambda m: True) -> dict[str, Any]:
+        from hexiao.protocol.link import EV_ACKED, EV_MESSAGE, EV_NACKED
+
+        before = len(self.events.of(EV_MESSAGE, reply))
+        if not self.link.send(msg):
+            raise ControlError("unavailable", "the link's send queue is full")
+        got = self._wait(lambda: [e[1] for e in self.events.of(EV_MESSAGE, reply)[before:]
+                                  if match(e[1])] or self.events.of(EV_NACKED, msg["type"]))
+        what = msg["type"]
+        if got and isinstance(got[0], tuple):  # (EV_NACKED, msg, code, detail)
+            raise ControlError("bad_request", f"the device refused {what}: {got[0][2]}")
+        if got:
+            return {k: v for k, v in got[0].items() if k != "type"}
+        if self.events.of(EV_ACKED, what):
+            raise ControlError("timeout", (
+                f"the device received {what} but sent no {reply} within {self.timeout:g} s "
+                f"(its firmware, {self.peer.get('firmware')}, may not answer {what})"))
+        raise ControlError("timeout", f"no answer to {what} from the device on {self.port} "
+                                      f"within {self.timeout:g} s")
+
+    def info(self) -> dict[str, Any]:
+        kid = bytes(self.peer["kid"])
+        return {"device": _kid_text(kid), "kid": kid.hex(), "port": self.port, "connected": True,
+                **{k: v for k, v in self.peer.items() if k != "kid"}}
+
+    def ping(self, data: bytes) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self.request({"type": "ping", "data": data}, "pong", lambda m: m.get("data") == data)
+        return {"device": _kid_text(bytes(self.peer["kid"])),
+                "rtt_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+    def health(self) -> dict[str, Any]:
+        from hexiao.protocol.errors import counter_name
+
+        h = self.request({"type": "health_get"}, "health")
+        h["link"] = {counter_name(k): v for k, v in h.get("link", {}).items()}
+        return {"device": _kid_text(bytes(self.peer["kid"])), **h}
+
+    def logs(self, since: int | None, max_: int | None) -> dict[str, Any]:
+        msg: dict[str, Any] = {"type": "logs_get"}
+        if since is not None:
+            msg["since"] = since
+        if max_ is not None:
+            msg["max"] = max_
+        r = self.request(msg, "logs")
+        entries = [{"seq": s, "uptime_ms": t, "level": LEVELS[lv], "event": ev}
+                   for s, t, lv, ev in r["entries"]]
+        return {"entries": entries, "next": r["next"]}
+
+    def close(self) -> None:
+        self.link.close()
+
+    def __enter__(self) -> DirectDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _kid_bytes(kid: str, ks: Any) -> bytes:
+    """--kid as text if the keystore has it so, else as hex."""
+    if kid.encode() in ks:
+        return kid.encode()
+    try:
+        return bytes.fromhex(kid)
+    except ValueError:
+        raise ControlError("not_found", f"no device {kid!r} in {ks.path}") from None
+
+
+# -- device ---------------------------------------------------------------------------------------
+
+
+@click.group("device", context_settings=CTX)
+def device_main() -> None:
+    """Devices: list them, and ask one for its info, a ping, its health or its logs."""
+
+
+def _direct(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--kid", default=None, help="With --port: accept only this device id "
+                                                 "(text, or hex).")(f)
+    f = click.option("--keystore", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="With --port: the host keystore with the device key.")(f)
+    f = click.option("--port", default=None,
+                     help="Talk to the device on this serial port, not through hostd.")(f)
+    return click.argument("device", required=False)(_common(f))
+
+
+def _device(cmd: str, device: str | None, port: str | None, keystore: Path | None,
+            kid: str | None, sock: Path | None, timeout: float, as_json: bool,
+            direct: Callable[[Any], Any], **args: Any) -> None:
+    if port is None:
+        if not device:
+            raise click.UsageError("name a DEVICE (see `hexiao device list`), or give --port")
+        run(_ask(sock, timeout, cmd, device=device, **args), as_json)
+        return
+    if keystore is None:
+        raise click.UsageError("--port needs --keystore FILE (the host keystore)")
+    def call() -> Any:
+        with DirectDevice(port, keystore, kid, timeout) as dev:
+            return direct(dev)
+    run(call, as_json)
+
+
+@device_main.command("list", context_settings=CTX)
+@_common
+def device_list(sock: Path | None, timeout: float, as_json: bool) -> None:
+    """Devices hostd knows, connected or not."""
+    run(_ask(sock, timeout, "device.list"), as_json)
+
+
+@device_main.command("info", context_settings=CTX)
+@_direct
+def device_info(device: str | None, port: str | None, keystore: Path | None, kid: str | None,
+                sock: Path | None, timeout: float, as_json: bool) -> None:
+    """A device's identity, firmware and link state."""
+    _device("device.info", device, port, keystore, kid, sock, timeout, as_json,
+            lambda d: d.info())
+
+
+@device_main.command("ping", context_settings=CTX)
+@_direct
+def device_ping(device: str | None, port: str | None, keystore: Path | None, kid: str | None,
+                sock: Path | None, timeout: float, as_json: bool) -> None:
+    """Ping a device over its link (round trip through the device's firmware)."""
+    _device("device.ping", device, port, keystore, kid, sock, timeout, as_json,
+            lambda d: d.ping(os.urandom(8)))
+
+
+@device_main.command("health", context_settings=CTX)
+@_direct
+def device_health(device: str | None, port: str | None, keystore: Path | None, kid: str | None,
+                  sock: Path | None, timeout: float, as_json: bool) -> None:
+    """A device's uptime, reset cause, heap and link counters."""
+    _device("device.health", device, port, keystore, kid, sock, timeout, as_json,
+            lambda d: d.health())
+
+
+@device_main.command("logs", context_settings=CTX)
+@_direct
+@click.option("--since", type=click.IntRange(0, 2**32 - 1), default=None,
+              help="First log sequence number to fetch.")
+@click.option("--max", "max_", type=click.IntRange(1, 12), default=None,
+              help="At most this many entries.")
+def device_logs(device: str | None, port: str | None, keystore: Path | None, kid: str | None,
+                sock: Path | None, timeout: float, as_json: bool, since: int | None,
+                max_: int | None) -> None:
+    """A device's recent log entries."""
+    _device("device.logs", device, port, keystore, kid, sock, timeout, as_json,
+            lambda d: d.logs(since, max_), since=since, max=max_)
+
+
+# -- journal --------------------------------------------------------------------------------------
+
+
+@click.group("journal", context_settings=CTX)
+def journal_main() -> None:
+    """The redemption journal: list entries, show one, reconcile unfinished ones."""
+
+
+@journal_main.command("list", context_settings=CTX)
+@click.option("--state", "states", multiple=True, help="Only entries in this state (repeatable).")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@_common
+def journal_list(states: tuple[str, ...], limit: int, sock: Path | None, timeout: float,
+                 as_json: bool) -> None:
+    """Recent journal entries, newest first."""
+    run(_ask(sock, timeout, "journal.list", state=list(states) or None, limit=limit), as_json)
+
+
+@journal_main.command("show", context_settings=CTX)
+@click.argument("entry_id", type=click.IntRange(0, 2**32 - 1))
+@_common
+def journal_show(entry_id: int, sock: Path | None, timeout: float, as_json: bool) -> None:
+    """One journal entry and its steps."""
+    run(_ask(sock, timeout, "journal.show", entry_id=entry_id), as_json)
+
+
+@journal_main.command("reconcile", context_settings=CTX)
+@_common
+def journal_reconcile(sock: Path | None, timeout: float, as_json: bool) -> None:
+    """Reconcile unfinished entries with the backend now (queries, never a second consume)."""
+    run(_ask(sock, timeout, "journal.reconcile"), as_json)
+
