@@ -56,6 +56,7 @@ class DeviceLane:
         self._clock, self._backoff, self._link_args = clock, backoff, link_args or {}
         self._stop = threading.Event()
         self._cond = threading.Condition()
+        self._pump_lock = threading.Lock()
         self._link: SerialLink | None = None
         self.port: str | None = None
         self.peer: dict[str, Any] | None = None
@@ -86,7 +87,7 @@ class DeviceLane:
             link = self._link
             self._cond.notify_all()
         if link is not None:
-            link.close()
+            link.stop()  # the link thread closes the port when run() returns, not us under it
         for t in self._threads:
             t.join(timeout)
 
@@ -179,6 +180,12 @@ class DeviceLane:
             self._outbox.append(msg)
 
     def _pump(self) -> None:
+        # the link thread (acks) and the worker (verdicts) both pump: one at a time, or both
+        # could send the head of the outbox
+        with self._pump_lock:
+            self._pump_locked()
+
+    def _pump_locked(self) -> None:
         while True:
             with self._cond:
                 link = self._link
@@ -194,8 +201,7 @@ class DeviceLane:
             if not sent:
                 return  # an ack makes room and brings us back
             with self._cond:
-                if self._outbox and self._outbox[0] is msg:
-                    self._outbox.popleft()
+                self._outbox.popleft()
 
     # -- redemption ---------------------------------------------------------------------------
 

@@ -148,6 +148,11 @@ class SerialLink:
         self._thread = threading.Thread(target=self.run, name="hexiao-serial-link", daemon=True)
         self._thread.start()
 
+    def stop(self) -> None:
+        """Make run() return soon; the port stays open for the thread that runs it to close."""
+        self._stop.set()
+        self._wake()
+
     def close(self, timeout: float = 2.0) -> None:
         """Stop the loop, wait for the thread, close the port. Idempotent."""
         self._stop.set()
