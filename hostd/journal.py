@@ -172,8 +172,11 @@ class Journal:
 
     # --- writes ------------------------------------------------------------------------
 
-    def begin(self, scanned: str, lane: str, now: float, *, code: str | None = None) -> Entry:
-        """A new entry in `received`. InFlight if the code/scan already has an active one."""
+    def begin(self, scanned: str, lane: str, now: float, *, code: str | None = None,
+              origin: dict[str, Any] | None = None) -> Entry:
+        """A new entry in `received`. InFlight if the code/scan already has an active one.
+        `origin` (device, scan_id, time_ms) is kept in the first step: a scan the device sends
+        again after a hostd restart is recognised by it (Engine.answer_resend)."""
         try:
             with self._tx():
                 cur = self._db.execute(
@@ -181,7 +184,7 @@ class Journal:
                     "VALUES (?, ?, ?, 'received', ?, ?)", (scanned, code, lane, now, now))
                 rid = cur.lastrowid
                 assert rid is not None
-                self._step(rid, "received", now, {"lane": lane})
+                self._step(rid, "received", now, {"lane": lane, **(origin or {})})
         except sqlite3.IntegrityError as e:
             raise InFlight("this code already has a redemption in progress") from e
         return self.get(rid)
@@ -257,6 +260,13 @@ class Journal:
             marks = ",".join("?" * len(wanted))
             rows = self._db.execute(
                 f"SELECT {_COLS} FROM redemptions WHERE state IN ({marks}) ORDER BY id", wanted)
+        return [_entry(r) for r in rows]
+
+    def recent(self, scanned: str, since: float) -> list[Entry]:
+        """Entries for this scanned text created at or after `since`, newest first."""
+        rows = self._db.execute(
+            f"SELECT {_COLS} FROM redemptions WHERE scanned = ? AND created >= ? "
+            "ORDER BY id DESC", (scanned, since))
         return [_entry(r) for r in rows]
 
     def steps(self, entry_id: int) -> list[Step]:

@@ -3,9 +3,10 @@
 Rules this module keeps:
 - the port is (re)opened by a finder (explicit path, or USB match) with exponential backoff; a
   session starts when the device says hello; when it opens, hostd pushes the lane's rules;
-- a scan is answered exactly once per (scan_id, data) within a boot of the device: a scan sent
-  again (after a lost session, SPEC §9.6) gets the verdict already given, never a second
-  redemption; a scan still being redeemed is not queued twice;
+- a scan is redeemed once: a scan sent again (after a lost session, SPEC §9.6) gets the
+  verdict already given, never a second redemption: from memory while hostd runs, from the
+  journal after a restart (the entry keeps device, scan_id and the device's time_ms); a scan
+  still being redeemed is not queued twice;
 - redemptions run on the lane's worker thread, never on the link thread (a slow backend must not
   stall acks), one at a time and in order; verdicts go out in order with back-pressure: a full
   link queue holds them until an ack makes room;
@@ -63,9 +64,9 @@ class DeviceLane:
         self.state = "waiting"  # waiting (no port) | connecting | open
         self.last_error = ""
         self.stats = collections.Counter[str]()
-        self._scans: queue.Queue[tuple[int, bytes, float] | None] = queue.Queue()
-        self._answered: collections.OrderedDict[tuple[int, bytes], dict[str, Any] | None] = \
-            collections.OrderedDict()
+        self._scans: queue.Queue[tuple[int, bytes, int, float] | None] = queue.Queue()
+        self._answered: collections.OrderedDict[tuple[int, bytes, int],
+                                                dict[str, Any] | None] = collections.OrderedDict()
         self._outbox: collections.deque[dict[str, Any]] = collections.deque()
         self._replies: dict[str, dict[str, Any]] = {}
         self._macro_id = 0
@@ -152,7 +153,7 @@ class DeviceLane:
     def _on_message(self, msg: dict[str, Any]) -> None:
         t = msg["type"]
         if t == "scan":
-            key = (msg["scan_id"], msg["data"])
+            key = (msg["scan_id"], msg["data"], msg["time_ms"])  # unique across reboots too
             with self._cond:
                 if key in self._answered:
                     answer = self._answered[key]
@@ -169,7 +170,7 @@ class DeviceLane:
                 self._pump()
             else:
                 self.stats["scans"] += 1
-                self._scans.put((msg["scan_id"], msg["data"], self._clock()))
+                self._scans.put((msg["scan_id"], msg["data"], msg["time_ms"], self._clock()))
         else:
             with self._cond:
                 self._replies[t] = msg
@@ -217,7 +218,8 @@ class DeviceLane:
             engine.journal.close()
             engine.client.close()
 
-    def _redeem(self, engine: Engine, scan_id: int, data: bytes, received: float) -> None:
+    def _redeem(self, engine: Engine, scan_id: int, data: bytes, time_ms: int,
+                received: float) -> None:
         try:
             code = data.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -225,14 +227,16 @@ class DeviceLane:
         if not code or any(ord(c) < 0x20 for c in code):
             v = Verdict("refused", "invalid_code", "")
         else:
-            v = engine.redeem(code, self._clock())
+            origin = {"device": self.id, "scan_id": scan_id, "time_ms": time_ms}
+            now = self._clock()
+            v = engine.answer_resend(code, origin, now) or engine.redeem(code, now, origin)
         answer = verdicts.verdict_message(scan_id, v)
         macro = None
         if v.outcome == "accepted":
             self._macro_id += 1
             macro = verdicts.keys_message(self._macro_id, v, self._macros)
         with self._cond:
-            self._answered[(scan_id, data)] = answer
+            self._answered[(scan_id, data, time_ms)] = answer
             self._outbox.append(answer)
             if macro is not None:
                 self._outbox.append(macro)

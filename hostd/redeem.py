@@ -123,13 +123,14 @@ class Engine:
 
     # --- redeem ------------------------------------------------------------------------
 
-    def redeem(self, scanned: str, now: float) -> Verdict:
+    def redeem(self, scanned: str, now: float,
+               origin: dict[str, Any] | None = None) -> Verdict:
         mode = self.config.decrypt
         encrypted = mode == "always" or (mode == "auto" and looks_encrypted(scanned))
         try:
             # a plain code is known now: the unique index covers it from the first write
             entry = self.journal.begin(scanned, self.config.lane, now,
-                                       code=None if encrypted else scanned)
+                                       code=None if encrypted else scanned, origin=origin)
         except jr.InFlight:
             log.info("redeem %s: already in progress", tail(scanned))
             return Verdict("refused", "in_progress", tail(scanned))
@@ -266,6 +267,29 @@ class Engine:
             if settled is not None:
                 return settled
         return self._verdict(self.journal.get(eid))
+
+    def answer_resend(self, scanned: str, origin: dict[str, Any], now: float,
+                      window_s: float = 600.0) -> Verdict | None:
+        """The verdict already due to this very scan (same device, scan_id and device time),
+        if the journal has it: a device sends a scan again when its session ended before the
+        verdict arrived (SPEC §9.6), e.g. across a hostd restart. Without this the cashier's own
+        coupon would come back "already used". An entry whose consume may have been sent is
+        settled by a query first, never consumed again. None: not a resend, redeem it."""
+        for entry in self.journal.recent(scanned, now - window_s):
+            first = self.journal.steps(entry.id)[0].detail
+            if any(first.get(k) != v for k, v in origin.items()):
+                continue
+            if entry.state in ("consume_sent", "unknown") and entry.code is not None:
+                try:
+                    v = self._settle(entry.id, entry.state, entry.code, now,
+                                     may_be_in_flight=False)
+                except jr.StaleState:
+                    v = None
+                return v or self._verdict(self.journal.get(entry.id))
+            if entry.state == "done":
+                return self._verdict(entry)
+            return None  # received/checked: no consume was sent; reconcile closes it
+        return None
 
     # --- reconcile ---------------------------------------------------------------------
 

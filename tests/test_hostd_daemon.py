@@ -133,8 +133,11 @@ def test_a_resent_scan_gets_the_verdict_already_given(mpy_stage: Path, tmp_path:
     with lane(mpy_stage, tmp_path, sim, [CASH]) as ln:
         first, = ln.verdicts(1)
         lane_ = ln.daemon.lanes[KID]
+        with jr.Journal(tmp_path / "state" / "journal.sqlite3") as journal:
+            origin = journal.steps(journal.entries()[0].id)[0].detail
+        assert origin["device"] == KID and origin["scan_id"] == 1
         lane_._on_message({"type": "scan", "scan_id": 1, "symbology": "]Q1",
-                           "data": CASH.encode(), "time_ms": 0})
+                           "data": CASH.encode(), "time_ms": origin["time_ms"]})
         second = ln.verdicts(2)[1]
         assert lane_.stats["scans_repeated"] == 1
     assert second == first and outcome(second) == "accepted"

@@ -647,3 +647,42 @@ def test_soak_many_sigkills(sim: WeChatSim, journal_path: Path) -> None:
         assert len(j.entries()) == 300  # each crash + each rescan
     codes = state(sim)["codes"]
     assert all(codes[f"5{n:011d}"]["consume_count"] == 1 for n in range(150))
+
+
+# -- a scan the device sends again (SPEC §9.6), across a hostd restart ------------------------
+
+ORIGIN = {"device": "lane-1", "scan_id": 7, "time_ms": 123456}
+
+
+def test_a_resent_scan_gets_its_own_verdict_back_not_already_used(sim: WeChatSim,
+                                                                  engine: Engine) -> None:
+    first = engine.redeem(CASH, T0, ORIGIN)
+    again = engine.answer_resend(CASH, ORIGIN, T0 + 5)
+    assert first.outcome == again.outcome == "accepted" and again.entry_id == first.entry_id
+    assert consumes(sim, CASH) == 1
+    # the same code from another scan (another scan_id, or after a reboot another time_ms)
+    # is not a resend: it is redeemed, and refused as already used
+    for other in ({**ORIGIN, "scan_id": 8}, {**ORIGIN, "time_ms": 99}):
+        assert engine.answer_resend(CASH, other, T0 + 5) is None
+    assert engine.redeem(CASH, T0 + 6, {**ORIGIN, "scan_id": 8}).reason == "already_used"
+    # and a resend long after is no longer recognised
+    assert engine.answer_resend(CASH, ORIGIN, T0 + 3600) is None
+
+
+def test_a_resend_after_a_crash_mid_consume_is_settled_by_a_query(
+        sim: WeChatSim, journal: Journal, client: WeChatCardClient) -> None:
+    """hostd died after the consume went out (the backend committed it): the device's resend
+    is answered by querying, never by consuming again."""
+    class Crash(Exception):
+        pass
+
+    def hook(step: str) -> None:
+        if step == "consume_replied":
+            raise Crash
+
+    with pytest.raises(Crash):
+        Engine(journal, client, LaneConfig(location_id=1), hook=hook).redeem(CASH, T0, ORIGIN)
+    assert journal.entries()[0].state == "consume_sent" and consumes(sim, CASH) == 1
+    v = Engine(journal, client, LaneConfig(location_id=1)).answer_resend(CASH, ORIGIN, T0 + 2)
+    assert v is not None and v.outcome == "accepted" and consumes(sim, CASH) == 1
+    assert journal.entries()[0].state == "done"
