@@ -69,10 +69,12 @@ def config(tmp_path: Path, sim: WeChatSim, port: str, **backend: Any) -> Any:
 
 
 @contextmanager
-def lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim, codes: list[str]) -> Iterator[Lane]:
+def lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim, codes: list[str],
+         host_key: bytes | None = None) -> Iterator[Lane]:
     key = os.urandom(32)
     (tmp_path / "state").mkdir(mode=0o700)
-    Keystore(tmp_path / "state" / "keystore.jsonl", create=True).add(KID.encode(), key)
+    Keystore(tmp_path / "state" / "keystore.jsonl", create=True).add(KID.encode(),
+                                                                      host_key or key)
     dev_cfg = tmp_path / "device.json"
     dev_cfg.write_text(json.dumps({"id": KID, "key": key.hex()}))
     codes_file = tmp_path / "codes.txt"
@@ -228,3 +230,17 @@ def test_hostd_runs_until_sigterm_and_serves_its_socket(tmp_path: Path, sim: WeC
     assert proc.returncode == 0, err
     assert not sock.exists()  # removed on a clean stop
     assert app.secret not in err
+
+
+def test_a_device_with_the_wrong_key_never_gets_a_session_and_it_shows(
+        mpy_stage: Path, tmp_path: Path, sim: WeChatSim) -> None:
+    with lane(mpy_stage, tmp_path, sim, [CASH], host_key=os.urandom(32)) as ln:
+        lane_ = ln.daemon.lanes[KID]
+        deadline = time.monotonic() + LONG
+        while not lane_.info()["counters"].get("mac") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        info = ln.daemon.device_info(KID)
+        assert not ln.device.of("verdict") and not ln.device.of("open")
+    assert info["state"] == "connecting" and info["peer"] is None
+    assert info["counters"]["mac"] >= 1  # its hellos fail the MAC: a key mismatch, not noise
+    assert sim.state.consumes[CASH] == 0
