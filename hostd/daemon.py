@@ -227,6 +227,29 @@ class Daemon:
             msg["max"] = max
         return self._ask(device, msg, "logs")
 
+    def capture_start(self, device: str, path: str) -> dict[str, Any]:
+        from hexiao.hostd.control import ControlError
+
+        if not os.path.isabs(path):
+            raise ControlError("bad_request", f"give an absolute path (hostd's cwd is not "
+                                              f"yours): {path}")
+        try:
+            return self._lane(device).capture(path)
+        except FileExistsError as e:
+            raise ControlError("bad_request", str(e) if "already" in str(e) else
+                               f"{path} exists: captures never overwrite a file") from e
+        except OSError as e:
+            raise ControlError("bad_request", f"cannot create {path}: {e.strerror} "
+                                              f"(hostd writes it as its own user)") from e
+
+    def capture_stop(self, device: str) -> dict[str, Any]:
+        from hexiao.hostd.control import ControlError
+
+        try:
+            return self._lane(device).capture(None)
+        except LookupError as e:
+            raise ControlError("bad_request", str(e)) from e
+
     def journal_list(self, state: list[str] | None = None, limit: int = 50) -> list[dict[str, Any]]:
         with jr.Journal(self.journal_path) as journal:
             entries = journal.entries(state)[-limit:]

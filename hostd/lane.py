@@ -71,6 +71,8 @@ class DeviceLane:
         self._replies: dict[str, dict[str, Any]] = {}
         self._macro_id = 0
         self._threads: list[threading.Thread] = []
+        self._capture: Any = None  # a tools.capture.CaptureWriter while capturing
+        self._taps: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -83,6 +85,8 @@ class DeviceLane:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        if self._capture is not None:
+            self.capture(None)
         self._scans.put(None)
         with self._cond:
             link = self._link
@@ -111,6 +115,7 @@ class DeviceLane:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._backoff[1])
                 continue
+            link.taps = self._taps
             with self._cond:
                 self._link, self.port, self.state = link, port, "connecting"
             if self._stop.is_set():
@@ -263,6 +268,31 @@ class DeviceLane:
                                        f"within {timeout:g} s")
                 self._cond.wait(left)
             return self._replies.pop(answer)
+
+    def capture(self, path: str | None) -> dict[str, Any]:
+        """Start recording the raw link traffic to a new file `path` (0600), or stop (None).
+        The recording follows the device across reconnects until stopped."""
+        from hexiao.tools.capture import CaptureWriter, record_pair
+
+        with self._cond:
+            old, link = self._capture, self._link
+            if path is not None and old is not None:
+                raise FileExistsError(f"device {self.id} is already being captured to "
+                                      f"{old.path}")
+            if path is None:
+                self._capture = self._taps = None
+            else:
+                writer = CaptureWriter(path, self._kid)
+                writer.path = path
+                self._capture, self._taps = writer, record_pair(writer)
+            if link is not None:
+                link.taps = self._taps
+        if path is None:
+            if old is None:
+                raise LookupError(f"device {self.id} is not being captured")
+            old.close()
+            return {"device": self.id, "path": old.path, "stopped": True}
+        return {"device": self.id, "path": path, "started": True}
 
     def info(self) -> dict[str, Any]:
         with self._cond:

@@ -70,6 +70,8 @@ class SerialLink:
         except (AttributeError, NotImplementedError, ValueError):
             self._fd = None
         self._wake_r, self._wake_w = os.pipe() if self._fd is not None else (-1, -1)
+        # (device-to-host, host-to-device) byte taps, e.g. a capture; None: nothing recorded
+        self.taps: tuple[Callable[[bytes], Any], Callable[[bytes], Any]] | None = None
 
     @classmethod
     def open(
@@ -124,6 +126,9 @@ class SerialLink:
         events: list[Event] = []
         try:
             data = self.port.read(_READ_MAX)
+            taps = self.taps
+            if data and taps is not None:
+                taps[0](data)
             with self._lock:
                 now = self.clock()
                 if data:
@@ -180,6 +185,9 @@ class SerialLink:
         # under the lock
         data = self.link.data_to_send()
         if data:
+            taps = self.taps
+            if taps is not None:
+                taps[1](data)
             self.port.write(data)
 
     def _wait(self, seconds: float) -> None:

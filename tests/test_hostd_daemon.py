@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +70,8 @@ def config(tmp_path: Path, sim: WeChatSim, port: str, **backend: Any) -> Any:
 
 @contextmanager
 def lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim, codes: list[str],
-         host_key: bytes | None = None) -> Iterator[Lane]:
+         host_key: bytes | None = None,
+         before_device: Callable[[Daemon], None] | None = None) -> Iterator[Lane]:
     key = os.urandom(32)
     (tmp_path / "state").mkdir(mode=0o700)
     Keystore(tmp_path / "state" / "keystore.jsonl", create=True).add(KID.encode(),
@@ -82,15 +83,21 @@ def lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim, codes: list[str],
     cable = relay.Cable().start()
     argv, env = micropython.command("hexiao.firmware.linkpeer", mpy_stage, heap=DEVICE_HEAP,
                                     args=[f"cfg={dev_cfg}", f"codes={codes_file}"])
-    device = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
     daemon = Daemon(config(tmp_path, sim, cable.host_port))
+    device = None
     try:
+        if before_device is None:
+            device = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
         daemon.start()
+        if before_device is not None:
+            before_device(daemon)
+            device = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
         yield Lane(daemon, device, cable)
     finally:
         daemon.stop()
         cable.close()
-        device.stop()
+        if device is not None:
+            device.stop()
 
 
 def outcome(v: dict[str, Any]) -> str:
@@ -244,3 +251,37 @@ def test_a_device_with_the_wrong_key_never_gets_a_session_and_it_shows(
     assert info["state"] == "connecting" and info["peer"] is None
     assert info["counters"]["mac"] >= 1  # its hellos fail the MAC: a key mismatch, not noise
     assert sim.state.consumes[CASH] == 0
+
+
+def test_capture_through_the_control_socket_then_decode(mpy_stage: Path, tmp_path: Path,
+                                                         sim: WeChatSim) -> None:
+    """`hexiao capture` asks hostd to record the device's traffic; `hexiao decode` with the
+    keystore reads the session: the scan and its verdict, every frame verified."""
+    from click.testing import CliRunner
+    from hexiao.tools.capture import decode_capture
+    from hexiao.tools.ctl import capture_main
+
+    out = tmp_path / "lane.hxcap"
+    sock = str(tmp_path / "run" / "hostd.sock")
+    started: dict[str, Any] = {}
+
+    def capture_from_the_start(d: Daemon) -> None:  # before the device boots: with its hello
+        started.update(d.capture_start(KID, str(out)))
+
+    with lane(mpy_stage, tmp_path, sim, [CASH, MEMBER],
+              before_device=capture_from_the_start) as ln:
+        ln.verdicts(2)
+        stopped = ln.daemon.capture_stop(KID)
+        again = CliRunner().invoke(capture_main, [KID, "--out", str(tmp_path / "b.hxcap"),
+                                                  "--seconds", "0.2", "--socket", sock])
+        assert again.exit_code == 0, again.output
+        dup = CliRunner().invoke(capture_main, [KID, "--out", str(out), "--seconds", "0.1",
+                                                "--socket", sock])
+    assert started["started"] and stopped["stopped"]
+    assert dup.exit_code == 1 and "exists: captures never overwrite a file" in dup.output
+    assert out.stat().st_mode & 0o777 == 0o600
+    report = decode_capture(out, Keystore(tmp_path / "state" / "keystore.jsonl"))
+    types = [f.get("message", {}).get("type") for f in report.frames if f["status"] == "ok"]
+    assert "scan" in types and types.count("verdict") >= 1
+    assert {f["status"] for f in report.frames} == {"ok"}
+    assert CASH not in json.dumps(report.frames, ensure_ascii=False, default=str)

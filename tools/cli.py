@@ -31,6 +31,8 @@ _lazy("status", "hexiao.tools.ctl", "Show hostd's state: devices, journal, backe
 _lazy("device", "hexiao.tools.ctl",
       "Devices: list, info, ping, health, logs (via hostd or --port).", "device_main")
 _lazy("journal", "hexiao.tools.ctl", "Redemption journal: list, show, reconcile.", "journal_main")
+_lazy("capture", "hexiao.tools.ctl", "Record a device's raw link traffic through hostd.",
+      "capture_main")
 _lazy("decode", "hexiao.tools.capture",
       "Decode a link capture: frames, messages, counters, noise vs MAC failures.")
 _lazy("flash", "hexiao.tools.flash",

@@ -1,6 +1,6 @@
 """The support commands that ask hostd over its control socket.
 
-Commands: status; device list|info|ping|health|logs; journal list|show|reconcile.
+Commands: status; device list|info|ping|health|logs; journal list|show|reconcile; capture.
 
 They ask hostd over its control socket (--socket PATH, else $HEXIAO_SOCKET, else
 /run/hexiao/hostd.sock). `device info|ping|health|logs --port PORT --keystore FILE` talk to a
@@ -90,8 +90,9 @@ def emit(result: Any, as_json: bool) -> None:
         click.echo(_cell(result))
 
 
-def run(fn: Callable[[], Any], as_json: bool) -> None:
-    """Print fn()'s result, or its ControlError on stderr with the documented exit code."""
+def run(fn: Callable[[], Any], as_json: bool, *, show: bool = True) -> Any:
+    """Print fn()'s result (unless show=False) and return it, or print its ControlError on
+    stderr and exit with the documented code."""
     try:
         result = fn()
     except ControlError as e:
@@ -99,7 +100,9 @@ def run(fn: Callable[[], Any], as_json: bool) -> None:
             click.echo(json.dumps({"error": {"kind": e.kind, "message": e.message}}))
         click.echo(f"error: {e.message}", err=True)
         raise SystemExit(EXIT.get(e.kind, 1)) from None
-    emit(result, as_json)
+    if show:
+        emit(result, as_json)
+    return result
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -376,3 +379,35 @@ def journal_reconcile(sock: Path | None, timeout: float, as_json: bool) -> None:
     """Reconcile unfinished entries with the backend now (queries, never a second consume)."""
     run(_ask(sock, timeout, "journal.reconcile"), as_json)
 
+
+
+# -- capture --------------------------------------------------------------------------------------
+
+@click.command("capture", context_settings=CTX)
+@click.argument("device")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the capture file to create (hostd writes it, 0600, as its own user)")
+@click.option("--seconds", type=click.FloatRange(0.1), default=None,
+              help="stop after this long [default: until Ctrl-C]")
+@_common
+def capture_main(device: str, out: Path, seconds: float | None, sock: Path | None,
+                 timeout: float, as_json: bool) -> None:
+    """Record DEVICE's raw link traffic through hostd; read it with `hexiao decode FILE`.
+
+    Frames are verified and decoded from the session's handshake on: start the capture before
+    the device connects (or replug it) to read everything; otherwise the decoder checks the
+    frames' structure only (CRC, COBS, COSE headers)."""
+    path = str(out.resolve())
+    # with --json one document: the stop's result
+    run(_ask(sock, timeout, "capture.start", device=device, path=path), as_json,
+        show=not as_json)
+    try:
+        if seconds is None:
+            while True:
+                time.sleep(3600)
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+    run(_ask(sock, timeout, "capture.stop", device=device), as_json)
+    if not as_json:
+        click.echo(f"read it with: hexiao decode {path} --keystore KEYSTORE", err=True)
