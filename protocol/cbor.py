@@ -73,9 +73,8 @@ def _head(major, n):
     raise ValueError("integer out of CBOR range")
 
 
-def head(major, n):
-    """The deterministic head of an item (exported for hand-built COSE structures)."""
-    return _head(major, n)
+head = _head  # the deterministic head of an item, for hand-built COSE structures (an alias,
+# not a wrapper: every function is bytecode in the device's heap)
 
 
 def dumps(obj):

@@ -27,7 +27,7 @@ MAX_KID = 16
 MAX_OVERHEAD = 69
 MAX_PAYLOAD = 1024 - 4 - MAX_OVERHEAD  # frame.MAX_FRAME less the CRC: 951 bytes
 
-_MAC0_CONTEXT = cbor.dumps("MAC0")
+_MAC0_PREFIX = b"\x84\x64MAC0"  # array of 4, then the text "MAC0"
 _bhead = cbor.head
 
 
@@ -49,11 +49,10 @@ def protected_header(alg, kid, counter):
 
 
 def _mac_parts(protected, payload, aad):
-    # the MAC_structure ["MAC0", protected, external_aad, payload] in pieces
+    # the MAC_structure ["MAC0", protected, external_aad, payload] in pieces (none copied)
     return (
-        b"\x84" + _MAC0_CONTEXT + _bhead(2, len(protected)) + protected + _bhead(2, len(aad)) + aad
-        + _bhead(2, len(payload)),
-        payload,
+        _MAC0_PREFIX, _bhead(2, len(protected)), protected, _bhead(2, len(aad)), aad,
+        _bhead(2, len(payload)), payload,
     )
 
 

@@ -9,12 +9,11 @@
 import hmac
 
 from .cbor import head
-from .cose import MAX_COUNTER, MAX_KID, TAG_LEN, Mac0, _piv_ok
+from .cose import _MAC0_PREFIX, MAX_COUNTER, MAX_KID, TAG_LEN, Mac0, _piv_ok
 
 _digest = hmac.digest
 _HEADS = tuple(bytes((0x40 | n,)) for n in range(24))  # bstr heads of lengths 0..23
 _ALGS = {alg: bytes((alg,)) for alg in TAG_LEN}
-_MAC0_PREFIX = b"\x84\x64MAC0"
 _prefix = {}  # (alg, kid) -> protected header up to the partial IV
 
 

@@ -19,26 +19,28 @@ try:
 
     ct_equal = _hmac.compare_digest
 except ImportError:  # MicroPython
-    _IPAD = bytes(0x36 for _ in range(64))
-    _OPAD = bytes(0x5C for _ in range(64))
 
-    def _xor(a, b):
-        out = bytearray(64)  # one allocation: a generator and zip cost several on the device
+    def _block(key, pad):
+        # the key, zero-padded to the SHA-256 block and XORed with the pad byte: one 64-byte
+        # buffer, where pad constants, a padded key copy and a zip would cost several
+        out = bytearray(64)
+        out[: len(key)] = key
         for i in range(64):
-            out[i] = a[i] ^ b[i]
+            out[i] ^= pad
         return out
 
     def hmac_sha256_parts(key, parts):
-        # fed piece by piece: a 1 KB frame's MAC input is never copied into one buffer
+        # fed piece by piece: a 1 KB frame's MAC input is never copied into one buffer; the
+        # inner hash is finished before the outer one starts, so one hash object is alive at a time
         if len(key) > 64:
             key = hashlib.sha256(key).digest()
-        key = key + bytes(64 - len(key))
-        inner = hashlib.sha256(_xor(key, _IPAD))
+        h = hashlib.sha256(_block(key, 0x36))
         for part in parts:
-            inner.update(part)
-        outer = hashlib.sha256(_xor(key, _OPAD))
-        outer.update(inner.digest())
-        return outer.digest()
+            h.update(part)
+        inner = h.digest()
+        h = hashlib.sha256(_block(key, 0x5C))  # the inner hash object is garbage by now
+        h.update(inner)
+        return h.digest()
 
     def hmac_sha256(key, msg):
         return hmac_sha256_parts(key, (msg,))

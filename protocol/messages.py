@@ -171,72 +171,82 @@ def _num(s, i):
 
 
 def _atom(s, i):
+    # few locals, reused, and no loops over tuples: the device parses a spec in the middle of a
+    # decode, and a frame of more than 11 words would come from the heap
     c = s[i]
     if c == "[":
-        spec, i = _parse(s, i + 1)
+        a, i = _parse(s, i + 1)
         n, i = _num(s, i + 1)  # skip "]"
-        return ("l", spec, n), i
+        return ("l", a, n), i
     if c == "(":
-        items = []
+        a = []
         while s[i] != ")":
-            spec, i = _parse(s, i + 1)
-            items.append(spec)
-        return ("a", tuple(items)), i + 1
+            n, i = _parse(s, i + 1)
+            a.append(n)
+        return ("a", tuple(a)), i + 1
     if c == "{":
-        j = s.index("}", i)
+        n = s.index("}", i)
         # the host holds the struct's parsed fields; the device only its name, and walks its
         # fields when a value is checked (a nested table is the largest parse there is)
-        name = s[i + 1 : j]
-        return ("s", fields(name) if _HOST else name), j + 1
+        a = s[i + 1 : n]
+        return ("s", fields(a) if _HOST else a), n + 1
     if s.startswith("map(", i):
-        k, i = _parse(s, i + 4)
-        v, i = _parse(s, i + 1)  # skip "="
+        a, i = _parse(s, i + 4)
+        c, i = _parse(s, i + 1)  # skip "="
         n, i = _num(s, i + 1)  # skip ")"
-        return ("m", k, v, n), i
-    for word, spec in (("bool", ("?",)), ("int", ("i",))):
-        if s.startswith(word, i):
-            return spec, i + len(word)
+        return ("m", a, c, n), i
+    if s.startswith("bool", i):
+        return ("?",), i + 4
+    if s.startswith("int", i):
+        return ("i",), i + 3
     if c == "u":
         n, i = _num(s, i + 1)
         return ("u", (1 << n) - 1), i
     if s.startswith("bstr", i) or s.startswith("tstr", i):
-        lo, j = _num(s, i + 4)
-        if s[i] == "t":
-            return ("t", lo), j
-        if s.startswith("..", j):
-            hi, j = _num(s, j + 2)
-            return ("b", lo, hi), j
-        return ("b", lo, lo), j
-    lo, i = _num(s, i)  # "0..N"
-    hi, i = _num(s, i + 2)
-    return ("u", hi), i
+        a, i = _num(s, i + 4)
+        if c == "t":
+            return ("t", a), i
+        n = a
+        if s.startswith("..", i):
+            n, i = _num(s, i + 2)
+        return ("b", a, n), i
+    a, i = _num(s, i)  # "0..N"
+    n, i = _num(s, i + 2)
+    return ("u", n), i
 
 
-def _fields(key):
-    # yields (key, name, spec, required) for each field line, parsed one at a time: _struct
-    # walks a type's fields once, so on the device no parsed table of them is ever held at once
+def _field_lines(key):
+    # the offsets of a type's or struct's field lines in _TABLE: what the device's _struct walks,
+    # parsing one line at a time (a list of small ints, where a parsed table of a nested struct
+    # would be the largest object of a decode, and a generator's frame lives on the heap)
     _, pos, end = _head(key)
+    out = []
     a = _TABLE.find("\n", pos) + 1
     while a < end:
-        b = _TABLE.find("\n", a)
-        k, name, spec = _TABLE[a:b].split()
-        yield int(k.rstrip("!")), name, _parse(spec, 0)[0], k[-1] == "!"
-        a = b + 1
+        out.append(a)
+        a = _TABLE.find("\n", a) + 1
+    return out
+
+
+def _field(a):
+    # the field line at offset a: (key, name, spec, required)
+    k, name, spec = _TABLE[a : _TABLE.find("\n", a)].split()
+    return int(k.rstrip("!")), name, _parse(spec, 0)[0], k[-1] == "!"
 
 
 def fields(key):
     """The fields of a type number or struct name: ((key, name, spec, required), ...)."""
     if _cache is not None and key in _cache:
         return _cache[key]
-    out = tuple(_fields(key))
+    out = tuple(_field(a) for a in _field_lines(key))
     if _cache is not None:
         _cache[key] = out
     return out
 
 
 def _walk(key):
-    # what _struct iterates: the cached tuple on the host, the generator on the device
-    return fields(key) if _cache is not None else _fields(key)
+    # what _struct iterates: the cached fields on the host, the field lines' offsets on the device
+    return fields(key) if _cache is not None else _field_lines(key)
 
 
 def info(name):
@@ -302,7 +312,14 @@ def common_version(mine, theirs):
     return best
 
 
-def _check(spec, v, to_wire):
+# The checks below raise ValueError(reason) and have no try blocks: they recurse (rules: message
+# -> list -> struct -> list -> text), and on the device a call whose state is more than 11 words
+# (a try block alone takes 3) gets its frame from the heap. Hence also one argument, `walk`, for
+# the walk's state: walk[0] is its direction (True: to the wire), walk[1:] the names of the fields
+# being checked, outermost first; the one try, at the top, makes them "rules: action: reason".
+
+
+def _check(spec, v, walk):
     # returns the converted value; raises ValueError with a short reason
     kind = spec[0]
     if kind == "u":
@@ -328,49 +345,69 @@ def _check(spec, v, to_wire):
     if kind == "l":
         if not isinstance(v, (list, tuple)) or len(v) > spec[2]:
             raise ValueError("expected list of at most %d" % spec[2])
-        return [_check(spec[1], x, to_wire) for x in v]
+        return _items(spec, v, walk)
     if kind == "a":
         if not isinstance(v, (list, tuple)) or len(v) != len(spec[1]):
             raise ValueError("expected array of %d" % len(spec[1]))
-        return [_check(s, x, to_wire) for s, x in zip(spec[1], v)]
+        return _items(spec, v, walk)
     if kind == "s":
         if not isinstance(v, dict):
             raise ValueError("expected map")
-        flds = spec[1]
-        return _struct(_fields(flds) if isinstance(flds, str) else flds, v, to_wire, 0)
+        return _struct(_walk(spec[1]) if isinstance(spec[1], str) else spec[1], v, 0, walk)
     if kind == "m":
         if not isinstance(v, dict) or len(v) > spec[3]:
             raise ValueError("expected map of at most %d" % spec[3])
-        out = {}
-        for k in sorted(v, key=codec.pure_dumps) if to_wire else v:
-            out[_check(spec[1], k, to_wire)] = _check(spec[2], v[k], to_wire)
-        return out
+        return _map(spec, v, walk)
+    return _choice(spec[1], v, walk)
+
+
+def _items(spec, v, walk):
+    # a list ("l": one spec for all) or a fixed array ("a": a spec per position)
+    out = [None] * len(v)
+    for i in range(len(v)):
+        out[i] = _check(spec[1] if spec[0] == "l" else spec[1][i], v[i], walk)
+    return out
+
+
+def _map(spec, v, walk):
+    out = {}
+    for k in sorted(v, key=codec.pure_dumps) if walk[0] else v:
+        out[_check(spec[1], k, walk)] = _check(spec[2], v[k], walk)
+    return out
+
+
+def _choice(alts, v, walk):
     # "c": the first alternative that fits
-    for s in spec[1]:
+    depth = len(walk)
+    for s in alts:
         try:
-            return _check(s, v, to_wire)
+            return _check(s, v, walk)
         except ValueError:
-            pass
+            del walk[depth:]  # the names the failed alternative had entered
     raise ValueError("no alternative fits")
 
 
-def _struct(flds, v, to_wire, skip):
-    # to_wire: named dict -> int-keyed dict in ascending key order (deterministic); else reverse
+def _struct(flds, v, seen, walk):
+    # to the wire: named dict -> int-keyed dict in ascending key order (deterministic); from the
+    # wire the reverse. `seen` starts at the number of keys the caller accounts for (the type's)
     out = {}
-    seen = skip
-    for key, name, spec, required in flds:
-        src = name if to_wire else key
+    for fld in flds:
+        key, name, spec, required = fld if _cache is not None else _field(fld)
+        src, dst = (name, key) if walk[0] else (key, name)
         if src in v:
             seen += 1
-            try:
-                out[key if to_wire else name] = _check(spec, v[src], to_wire)
-            except ValueError as e:
-                raise ValueError("%s: %s" % (name, e.args[0])) from None
+            walk.append(name)
+            out[dst] = _check(spec, v[src], walk)
+            walk.pop()
         elif required:
             raise ValueError("missing field %s" % name)
     if seen != len(v):
         raise ValueError("unknown field")
     return out
+
+
+def _reason(walk, e):
+    return ": ".join(walk[1:] + [e.args[0]])
 
 
 def to_wire(msg):
@@ -382,7 +419,11 @@ def to_wire(msg):
     except KeyError:
         raise ValueError("unknown message type %r" % (msg.get("type"),)) from None
     out = {0: num}
-    out.update(_struct(_walk(num), msg, True, 1))
+    walk = [True]
+    try:
+        out.update(_struct(_walk(num), msg, 1, walk))
+    except ValueError as e:
+        raise ValueError(_reason(walk, e)) from None
     return out
 
 
@@ -394,10 +435,11 @@ def from_wire(w):
     t = type_info(num)
     if t is None:
         raise ProtocolError("unknown_type", "message type %r" % (num,))
+    walk = [False, t[0]]
     try:
-        out = _struct(_walk(num), w, False, 1)
+        out = _struct(_walk(num), w, 1, walk)
     except ValueError as e:
-        raise ProtocolError("schema", "%s: %s" % (t[0], e.args[0])) from None
+        raise ProtocolError("schema", _reason(walk, e)) from None
     out["type"] = t[0]
     return out
 

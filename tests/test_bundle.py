@@ -26,7 +26,8 @@ DEVICE_FILES = {
     "hexiao/protocol/link_device.mpy", "hexiao/protocol/messages.mpy",
     "hexiao/protocol/replay.mpy", "hexiao/firmware/__init__.mpy",
     "hexiao/firmware/cdc_link.mpy", "hexiao/firmware/linkpeer.mpy",
-}
+    "hexiao/firmware/app.mpy", "hexiao/firmware/main.mpy", "hexiao/firmware/hal_sim.mpy",
+}  # the sim board: its own HAL only (no hal_rp2040, hal_esp32s3, hal_usb)
 
 
 def run(cmd, *args: str):
@@ -43,7 +44,8 @@ def built(tmp_path_factory) -> dict:
     assert res.exit_code == 0, res.output
     outputs.append(res)
     path = d / f"hexiao-fw-sim-{VERSION}-c{COUNTER}.tar"
-    assert res.output.startswith(f"built {path}: sim {VERSION} counter {COUNTER}, 15 files")
+    want = f"built {path}: sim {VERSION} counter {COUNTER}, {len(DEVICE_FILES)} files"
+    assert res.output.startswith(want)
     return {"dir": d, "path": path, "key": d / "sign.key", "pub": d / "sign.key.pub",
             "other_pub": d / "other.key.pub", "outputs": outputs}
 
@@ -82,7 +84,8 @@ def test_verify_passes_with_json_result(built) -> None:
     out = json.loads(res.output)
     fp = keys.fingerprint(keys.load_public_key(built["pub"]))
     assert out == {"ok": True, "bundle": str(built["path"]), "board": "sim", "version": VERSION,
-                   "counter": COUNTER, "built": out["built"], "files": 15, "key": fp}
+                   "counter": COUNTER, "built": out["built"], "files": len(DEVICE_FILES),
+                   "key": fp}
 
 
 def test_built_mpy_files_import_and_run_under_micropython(built, tmp_path: Path) -> None:
@@ -305,3 +308,13 @@ def test_key_file_is_never_written_into_an_existing_file(tmp_path: Path) -> None
     with pytest.raises(FileExistsError):
         keys._create(tmp_path / "k", b"secret", 0o600)
     assert (tmp_path / "k").read_bytes() == b""
+
+
+def test_each_board_gets_its_own_hal_only() -> None:
+    names = {b: {n.rsplit("/", 1)[1] for n, _ in B.device_sources(board=b)} for b in B.BOARDS}
+    assert {"hal_rp2040.mpy", "hal_usb.mpy"} <= names["rp2040"]
+    assert {"hal_esp32s3.mpy", "hal_usb.mpy"} <= names["esp32s3"]
+    assert "hal_sim.mpy" in names["sim"] and "linkpeer.mpy" in names["sim"]
+    assert not names["sim"] & {"hal_rp2040.mpy", "hal_esp32s3.mpy", "hal_usb.mpy"}
+    assert not names["rp2040"] & {"hal_sim.mpy", "hal_esp32s3.mpy", "linkpeer.mpy"}
+    assert all("app.mpy" in n and "link.mpy" in n for n in names.values())

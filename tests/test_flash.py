@@ -20,6 +20,8 @@ from hexiao.tools import bundle as B
 from hexiao.tools import flash as F
 from hexiao.tools import keys, micropython
 
+NFILES = len(B.device_sources(board="sim"))  # the modules a sim bundle carries
+
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory) -> dict[str, Any]:
@@ -103,7 +105,8 @@ def test_flash_sim_dir_then_the_firmware_runs(kit, tmp_path: Path) -> None:
     res = cli(kit["v2"], "--pubkey", kit["pub"], "--sim-dir", dev, "--yes")
     assert res.exit_code == 0, res.output
     size = sum(len(d) for d in B.read_bundle(kit["v2"]).files.values())
-    assert res.stdout == (f"installed sim 1.0.0 (counter 2): 15 files written ({size} bytes), "
+    assert res.stdout == (f"installed sim 1.0.0 (counter 2): {NFILES} files written "
+                          f"({size} bytes), "
                           "0 already staged; device reset\n")
     assert "copying" in res.stderr  # the progress bar (rendered in full on a terminal)
     b = B.read_bundle(kit["v2"])
@@ -125,7 +128,7 @@ def test_json_result_and_no_progress(kit, tmp_path: Path) -> None:
     assert res.exit_code == 0 and res.stderr == ""
     out = json.loads(res.stdout)
     assert out == {"ok": True, "action": "installed", "board": "sim", "version": "1.1.0",
-                   "counter": 3, "previous": {"version": "1.0.0", "counter": 2}, "written": 15,
+                   "counter": 3, "previous": {"version": "1.0.0", "counter": 2}, "written": NFILES,
                    "skipped": 0, "bytes_written": out["bytes_written"], "repaired": None,
                    "bundle": str(kit["v3"]), "target": str(dev)}
     assert out["bytes_written"] > 20000 and runs(dev) == "1.1.0"
@@ -198,8 +201,8 @@ def test_interrupted_copy_resumes_where_it_stopped(kit, tmp_path: Path) -> None:
     assert runs(dev) == "1.0.0" and len(list((dev / "hexiao.new").rglob("*.mpy"))) == 6
     counting = Wrap(F.DirTarget(dev))
     r = F.flash(kit["v3"], kit["public"], counting)
-    assert (r.written, r.skipped) == (9, 6)
-    assert len(counting.writes) == 9 + 2  # the rest, then manifest.sig and manifest.json
+    assert (r.written, r.skipped) == (NFILES - 6, 6)
+    assert len(counting.writes) == NFILES - 6 + 2  # the rest, then manifest.sig and .json
     assert runs(dev) == "1.1.0" and not (dev / "hexiao.new").exists()
 
 
@@ -326,7 +329,7 @@ def test_mpremote_transport_against_the_unix_port_raw_repl_on_a_pty(kit, tmp_pat
         target = F.MpremoteTarget(os.ttyname(slave), root=str(dev), soft_reset=False)
         assert target.board() == "sim" and target.free_bytes() > 100_000
         r = F.flash(kit["v2"], kit["public"], target)
-        assert (r.action, r.written, r.version) == ("installed", 15, "1.0.0")
+        assert (r.action, r.written, r.version) == ("installed", NFILES, "1.0.0")
         assert proc.wait(timeout=30) == 0  # reset reached the device
     finally:
         proc.kill()

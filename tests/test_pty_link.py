@@ -228,8 +228,7 @@ def test_one_percent_noise_both_ways_exactly_once_in_order(mpy_stage: Path,
     it passes at 63 KB and fails at 62 KB. Known defect, owned by the firmware work (issue 4):
     the device's receive path needs ~3.5 KB of transient heap for a 60-byte frame, much of it
     MicroPython call frames (a function with more than 11 words of state gets its frame from the
-    heap). The other device tests here run at the 64 KB budget (the rules pair below shows the
-    same defect)."""
+    heap). The other device tests here run at the 64 KB budget."""
     n = 100
     with lane(mpy_stage, tmp_path, scans=n, noise=0.01, seed=20261125, rto=50,
               heap=NOISE_HEAP) as ln:
@@ -371,16 +370,13 @@ def _rules_decoded(stage: Path, tmp_path: Path, heap: str) -> None:
                                        if e["ev"] == "message" and e["type"] == "rules"], 30)
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "known heap defect (issue 4): the nested rules message does not decode in the 64 KB "
-    "budget yet (MemoryError); strict, so the fix shows up as a pass to claim"))
 def test_device_decodes_the_default_rules_in_its_budget(mpy_stage: Path, tmp_path: Path) -> None:
     _rules_decoded(mpy_stage, tmp_path, HEAP)
 
 
 def test_device_decodes_the_default_rules_above_its_budget(mpy_stage: Path,
                                                            tmp_path: Path) -> None:
-    """The same at NOISE_HEAP: what the xfail above lacks is heap, not a decoder."""
+    """The same at NOISE_HEAP (the nested rules message is the deepest decode there is)."""
     _rules_decoded(mpy_stage, tmp_path, NOISE_HEAP)
 
 

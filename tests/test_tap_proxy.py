@@ -634,3 +634,52 @@ def test_cli_proxybench_reports_figures_for_intact_jobs() -> None:
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output)
     assert figures["jobs"] == 10 and {"added_p50_ms", "added_p99_ms"} <= set(figures)
+
+
+# ---- a POS that prints to a serial port: the pty bridge ------------------------------------------
+
+def test_serial_pos_through_a_pty_gets_its_qr_and_its_status_reply(printer: FakePrinter,
+                                                                   tmp_path: Path) -> None:
+    """POS software configured with a serial device (here the pty the tap creates, by its
+    symlink) prints a receipt and asks for status: the printer gets the job with our QR, the
+    POS gets the printer's status byte back through the same port."""
+    link = tmp_path / "ttyPOS"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from hexiao.tools.cli import main; main()", "tap", "serve",
+         "--listen", f"pty:{link}", "--printer", f"tcp:127.0.0.1:{printer.port}",
+         "--content", "https://x.example/{digest}", "--idle-timeout", "0.3", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline())
+        assert started["listening"].startswith("/dev/pts/") and link.is_symlink()
+        fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+        try:
+            tty.setraw(fd)
+            os.write(fd, DLE_EOT_1)
+            ready, _, _ = select.select([fd], [], [], LONG)
+            status = os.read(fd, 1) if ready else b""
+            os.write(fd, receipt_bytes())
+            done = json.loads(proc.stdout.readline())  # the job ended at the idle gap
+        finally:
+            os.close(fd)
+        job, = printer.wait_jobs(1)
+        proc.terminate()
+        proc.communicate(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == bytes((STATUS[1],))
+    assert done["injected"] == 1 and decoded_qr(job) == [done["receipts"][0]["content"]]
+    assert remove_blocks(job, [tuple(i) for i in done["injections"]]) == (
+        DLE_EOT_1 + receipt_bytes())
+    assert not link.exists()  # the symlink goes with the tap
+
+
+def test_cli_serve_refuses_a_serial_pos_port_it_cannot_open(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from hexiao.tools.tap import main
+
+    r = CliRunner().invoke(main, ["serve", "--listen", f"serial:{tmp_path}/ttyNONE",
+                                  "--printer", "tcp:127.0.0.1:9", "--content", "{digest}"])
+    assert r.exit_code == 1 and f"cannot open serial:{tmp_path}/ttyNONE" in r.output

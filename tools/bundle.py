@@ -44,6 +44,14 @@ HOST_ONLY = {
     "protocol": {"codec_fast.py", "cose_fast.py", "messages_fast.py", "link_host.py", "check.py"},
     "firmware": {"bench_device.py"},
 }
+# the board HALs each board gets (firmware/hal_*.py not listed for a board stay out of its
+# bundle); the sim board also carries linkpeer, the scripted peer its self-tests run
+BOARD_FILES = {
+    "sim": {"hal_sim.py", "linkpeer.py"},
+    "rp2040": {"hal_rp2040.py", "hal_usb.py"},
+    "esp32s3": {"hal_esp32s3.py", "hal_usb.py"},
+}
+_PER_BOARD = set().union(*BOARD_FILES.values())
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 MAX_BUNDLE = 8 * 1024 * 1024  # boards have 2-16 MB of flash; a bigger bundle is not ours
 EXIT_CODES = {
@@ -97,16 +105,19 @@ def canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def device_sources(source: Path | None = None) -> list[tuple[str, Path]]:
-    """(device path of the .mpy, source .py) for every device module; `source` is a tree with
-    protocol/ and firmware/ folders (a checkout), else the installed hexiao packages."""
+def device_sources(source: Path | None = None,
+                   board: str = "sim") -> list[tuple[str, Path]]:
+    """(device path of the .mpy, source .py) for every module `board` runs; `source` is a tree
+    with protocol/ and firmware/ folders (a checkout), else the installed hexiao packages."""
     out = []
     for part in PARTS:
         src = source / part if source else micropython._source_dir(part)
         if not src.is_dir():
             raise click.UsageError(f"no {part}/ folder in {source}")
         for py in sorted(src.glob("*.py")):
-            if py.name not in HOST_ONLY[part]:
+            other_board = (part == "firmware" and py.name in _PER_BOARD
+                           and py.name not in BOARD_FILES[board])
+            if py.name not in HOST_ONLY[part] and not other_board:
                 out.append((f"hexiao/{part}/{py.stem}.mpy", py))
     return out
 
@@ -166,7 +177,7 @@ def build_bundle(board: str, version: str, counter: int, key: Ed25519PrivateKey,
     if not 0 <= counter < 2**32:
         raise click.BadParameter(f"counter {counter} is not in 0..2**32-1")
     with tempfile.TemporaryDirectory(prefix="hexiao-bundle-") as work:
-        files, tool = _compile(device_sources(source), Path(work))
+        files, tool = _compile(device_sources(source, board), Path(work))
     built = _built_time()
     manifest = canonical({
         "format": FORMAT, "board": board, "version": version, "counter": counter,

@@ -37,6 +37,12 @@ _lazy("decode", "hexiao.tools.capture",
       "Decode a link capture: frames, messages, counters, noise vs MAC failures.")
 _lazy("flash", "hexiao.tools.flash",
       "Install a signed firmware bundle on a board (USB) or the sim board.")
+_lazy("provision", "hexiao.tools.provision",
+      "Give a device its key and lane, record the key, self-test it.")
+_lazy("doctor", "hexiao.tools.doctor",
+      "Check a lane end to end and say what is wrong and what to do.")
+_lazy("bench-hostd", "hexiao.tools.hostd_bench",
+      "Measure hostd's own latency per redemption and its throughput with many lanes.")
 _lazy("keys", "hexiao.tools.keys", "Firmware signing keys: generate, show.")
 _lazy("bundle", "hexiao.tools.bundle", "Build and verify signed firmware bundles.")
 _lazy("udev", "hexiao.tools.install", "Install or show the udev rules for hexiao devices.",

@@ -381,7 +381,9 @@ def bench(mb: float, rounds: int, as_json: bool) -> None:
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:9100", show_default=True,
-              help="HOST:PORT the POS prints to (port 0: any free port)")
+              help="where the POS prints: HOST:PORT (port 0: any free port), "
+                   "serial:DEVICE[@BAUD] (a serial port the POS writes to), or "
+                   "pty[:LINK] (a new pseudo-terminal, optionally symlinked at LINK)")
 @click.option("--printer", "printer_spec", required=True,
               help="the real printer: tcp:HOST:PORT, file:PATH or serial:DEVICE[@BAUD]")
 @profile_options
@@ -411,9 +413,11 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
     from hexiao.hostd.tap_printer import parse_target
     from hexiao.hostd.tap_proxy import ConnRecord, TapProxy
 
-    host, _, port = listen.rpartition(":")
+    serial_pos = listen if listen == "pty" or listen.startswith(("pty:", "serial:")) else None
+    host, _, port = ("127.0.0.1:0" if serial_pos else listen).rpartition(":")
     if not host or not port.isdigit():
-        raise click.BadParameter("use HOST:PORT, e.g. 127.0.0.1:9100", param_hint="--listen")
+        raise click.BadParameter("use HOST:PORT (e.g. 127.0.0.1:9100), serial:DEVICE[@BAUD] "
+                                 "or pty[:LINK]", param_hint="--listen")
     try:
         target = parse_target(printer_spec)
     except ValueError as exc:
@@ -437,9 +441,24 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
         addr = proxy.start()
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror}") from exc
+    bridge = None
+    where = f"{addr[0]}:{addr[1]}"
+    if serial_pos is not None:
+        from hexiao.hostd.tap_serial import SerialBridge
+
+        kind, _, rest = serial_pos.partition(":")
+        dev, _, baud = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        try:
+            bridge = SerialBridge("pty" if kind == "pty" else dev, addr,
+                                  baud=int(baud) if baud.isdigit() else 9600,
+                                  link=(rest or None) if kind == "pty" else None,
+                                  idle_close_s=2 * idle_timeout).start()
+        except (OSError, ValueError) as exc:
+            proxy.stop()
+            raise click.ClickException(f"cannot open {serial_pos}: {exc}") from exc
+        where = bridge.path
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    where = f"{addr[0]}:{addr[1]}"
     click.echo(json.dumps({"listening": where, "printer": target.describe()}) if as_json else
                f"listening on {where}, printing to {target.describe()} (Ctrl-C to stop)")
     try:
@@ -454,6 +473,8 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
                            f"; error: {e}" for e in rec.errors))
     except KeyboardInterrupt:
         pass
+    if bridge is not None:
+        bridge.stop()
     proxy.stop()
     summary = dict(proxy.counters)
     click.echo(json.dumps({"summary": summary}) if as_json else

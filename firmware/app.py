@@ -1,0 +1,427 @@
+# The device application (DESIGN "Firmware"; SPEC §6.7 rules, §9.6 resent scans), on any board
+# HAL (hal_sim, hal_rp2040, hal_esp32s3) that gives: name, reset, rx/tx (None: stdin/stdout),
+# scan (a pollable stream), read(buf) -> n (-1: hung up), key(mod, usage), verdict(sid, outcome,
+# beep, led, text), note(seq, level, text), load(name) -> bytes|None, save(name, data), idle().
+#
+# Rules kept here:
+# - a product is typed from here, at once, whatever the link is doing (fail-open for sales);
+#   only printable ASCII is ever typed: anything else refuses the whole product or macro;
+# - a coupon scanned while no session is open gets the local "host offline" verdict and is never
+#   sent (the cashier turned it away); one sent but unanswered within offline_ms also gets it,
+#   and if its message expires it is sent again, same scan_id, in the next session (§9.6);
+# - one select.poll loop, not asyncio: asyncio's modules cost ~8 KB of a 64 KB heap that the
+#   link stack already fills to ~57 KB; a loop turn is short and no call chain is deep;
+# - tables are bytes and lists, functions small (a frame over 11 words goes on the heap).
+
+import gc
+import select
+
+from hexiao.firmware.cdc_link import CdcLink
+from hexiao.protocol import cbor
+from hexiao.protocol import link as L
+from hexiao.protocol.errors import counter_number
+
+FIRMWARE = "hexiao-fw 0.1.0"
+MAX_DATA = 512  # SPEC scan data limit; a longer read is dropped whole
+# US layout, chars 0x20..0x7e: HID usage | 0x80 when Shift is held
+US = bytes.fromhex(
+    "2c9eb4a0a1a2a434a6a7a5ae362d3738271e1f20212223242526b333b62eb7b8"
+    "9f8485868788898a8b8c8d8e8f909192939495969798999a9b9c9d2f3130a3ad"
+    "350405060708090a0b0c0d0e0f101112131415161718191a1b1c1dafb1b0b5")
+SUFFIX = {"enter": 0x28, "tab": 0x2B, "none": 0}
+# config name: (default, lowest, highest); suffix is text, the others ints
+CONFIG = {"inter_key_ms": (0, 0, 1000), "offline_ms": (3000, 200, 30000),
+          "char_ms": (50, 5, 1000), "term": (13, 10, 13), "suffix": ("enter",)}
+# before the first rules: what hostd pushes by default (EAN/UPC product, QR/Code 128 coupon)
+DEFAULT_RULES = [0, 0, [[0, ("]E0", "]E4"), None, None, None, 0],
+                        [1, ("]Q1", "]C0", "]Q0", "]d1"), 8, 512, None, 0]]]
+COUNTERS = ("scans", "products", "coupons", "verdicts", "offline", "late", "rejected",
+            "ignored", "garbage", "overlong", "partial", "macros", "resent")
+_LEVELS = 12  # log ring entries
+
+
+def gs1_ok(d):
+    """d is >= 2 ASCII digits ending in their GS1 mod-10 check digit."""
+    n = len(d)
+    if n < 2:
+        return False
+    s = 0
+    for i in range(n):
+        c = d[i] - 48
+        if c < 0 or c > 9:
+            return False
+        if i < n - 1:
+            s += c * (3 if (n - i) % 2 == 0 else 1)
+    return (10 - s % 10) % 10 == d[n - 1] - 48
+
+
+def matches(r, sym, d):
+    # r = [action, symbologies|None, min_len|None, max_len|None, prefix|None, check]
+    if r[1] is not None and sym not in r[1]:
+        return False
+    if (r[2] is not None and len(d) < r[2]) or (r[3] is not None and len(d) > r[3]):
+        return False
+    if r[4] is not None and not d.startswith(r[4]):
+        return False
+    return not r[5] or gs1_ok(d)
+
+
+def classify(rules, sym, d):
+    """0 product, 1 coupon, 2 ignore (SPEC §6.7)."""
+    for r in rules[2]:
+        if matches(r, sym, d):
+            return r[0]
+    return rules[1]
+
+
+def compile_rules(msg):
+    """A rules message -> the stored form, or a reason to refuse it (str)."""
+    out = []
+    for r in msg["rules"]:
+        syms = r.get("symbologies")
+        if syms is not None:
+            for s in syms:
+                if len(s) != 3 or s[0] != "]":
+                    return "bad symbology"
+            syms = tuple(syms)
+        lo, hi = r.get("min_len"), r.get("max_len")
+        if lo is not None and hi is not None and lo > hi:
+            return "min_len > max_len"
+        out.append([r["action"], syms, lo, hi, r.get("prefix"), r.get("check", 0)])
+    return [msg["version"], msg["default"], out]
+
+
+def rules_ok(r):
+    # a stored rule set read back from flash: shape and types, else it is corrupt
+    if type(r) is not list or len(r) != 3 or r[1] not in (0, 1, 2):
+        return False
+    for x in r[2]:
+        if (len(x) != 6 or x[0] not in (0, 1, 2) or not (x[1] is None or type(x[1]) is list)
+                or not (x[4] is None or type(x[4]) is bytes)):
+            return False
+        if x[1] is not None:
+            x[1] = tuple(x[1])
+    return True
+
+
+def config_ok(name, v):
+    spec = CONFIG.get(name)
+    if spec is None:
+        return False
+    if len(spec) == 1:
+        return v in SUFFIX
+    return type(v) is int and spec[1] <= v <= spec[2] and (name != "term" or v in (10, 13))
+
+
+def delay_code(ms):
+    return ms if ms < 128 else 128 + ms // 8  # one byte for 0..1000 ms
+
+
+class App:
+    def __init__(self, board, device_id, key, link_args):
+        self.b = board
+        self.n = dict((k, 0) for k in COUNTERS)
+        self.ring = []
+        self.seq = 0
+        self.line = bytearray(3 + MAX_DATA)
+        self.ln = 0  # bytes in line; -1 while dropping an over-long read
+        self.lt = 0  # time of the line's last byte
+        self.q = bytearray()  # keystrokes to type: (usage, modifiers); (0, delay code) sets delay
+        self.qi = 0
+        self.kat = 0  # when the next keystroke is due
+        self.kd = 0
+        self.sid = 1
+        self.wait = []  # [scan_id, offline deadline] of coupons awaiting a verdict
+        self.retry = []  # expired scan messages, for the next session
+        self.macros = []  # recent macro ids (typed once)
+        self.peak = 0
+        self.cfg = dict((k, v[0]) for k, v in CONFIG.items())
+        self.rules = DEFAULT_RULES
+        self.restore()
+        link_args["hello"] = {"firmware": FIRMWARE, "board": board.name,
+                              "reset_cause": board.reset}
+        self.cdc = CdcLink(device_id, key, self.on_event, board.rx, board.tx, **link_args)
+
+    # -- state on flash ---------------------------------------------------------------------
+
+    def restore(self):
+        for name in ("rules", "config"):
+            raw = self.b.load(name)
+            if raw is None:
+                continue
+            try:
+                v = cbor.loads(raw)
+                ok = rules_ok(v) if name == "rules" else type(v) is dict and all(
+                    config_ok(k, x) for k, x in v.items())
+            except Exception:  # any damage at all means the file is corrupt
+                ok = False
+            if not ok:
+                self.log(3, "corrupt %s file: defaults" % name)
+            elif name == "rules":
+                self.rules = v
+            else:
+                self.cfg.update(v)
+
+    def log(self, level, text):
+        self.seq += 1
+        if len(self.ring) >= _LEVELS:
+            self.ring.pop(0)
+        self.ring.append([self.seq, self.cdc.now() if hasattr(self, "cdc") else 0, level,
+                          text[:48]])
+        self.b.note(self.seq, level, text)
+
+    # -- scanner ----------------------------------------------------------------------------
+
+    def byte(self, c, now):
+        ln = self.ln
+        self.lt = now
+        if c == self.cfg["term"]:
+            self.ln = 0
+            if ln > 0:
+                self.scanned(bytes(memoryview(self.line)[:ln]), now)
+        elif ln < 0 or (ln == 0 and c in (10, 13)):
+            pass  # dropping an over-long read; or the other half of a CR LF
+        elif ln == len(self.line):
+            self.ln = -1
+            self.count("overlong", 4, "scan over 512 bytes dropped")
+        else:
+            self.line[ln] = c
+            self.ln = ln + 1
+
+    def count(self, name, level=None, text=None):
+        self.n[name] += 1
+        if text:
+            self.log(level, text)
+
+    def scanned(self, line, now):
+        if len(line) < 4 or line[0] != 0x5D or not (0x20 < line[1] < 0x7F and
+                                                    0x20 < line[2] < 0x7F):
+            self.count("garbage", 4, "scan without AIM id")
+            return
+        sym = line[:3].decode()
+        d = line[3:]
+        self.n["scans"] += 1
+        act = classify(self.rules, sym, d)
+        if act == 0:
+            self.product(d)
+        elif act == 1:
+            self.coupon(sym, d, now)
+        else:
+            self.n["ignored"] += 1
+
+    def product(self, d):
+        for c in d:
+            if c < 0x20 or c > 0x7E:
+                self.count("rejected", 4, "product not ASCII: not typed")
+                return
+        self.n["products"] += 1
+        q = self.q
+        q.append(0)
+        q.append(delay_code(self.cfg["inter_key_ms"]))
+        for c in d:
+            u = US[c - 32]
+            q.append(u & 0x7F)
+            q.append(2 if u & 0x80 else 0)
+        if SUFFIX[self.cfg["suffix"]]:
+            q.append(SUFFIX[self.cfg["suffix"]])
+            q.append(0)
+
+    def coupon(self, sym, d, now):
+        self.n["coupons"] += 1
+        sid = self.sid
+        self.sid = sid + 1
+        if self.cdc.link.is_open() and self.cdc.send({
+                "type": "scan", "scan_id": sid, "symbology": sym, "data": d, "time_ms": now}):
+            self.wait.append([sid, now + self.cfg["offline_ms"]])
+        else:
+            self.offline(sid)
+
+    def offline(self, sid):
+        self.n["offline"] += 1
+        self.b.verdict(sid, 2, 3, 3, "host offline")  # offline, warning beep, amber
+
+    # -- link -------------------------------------------------------------------------------
+
+    def on_event(self, ev):
+        kind = ev[0]
+        if kind == L.EV_MESSAGE:
+            self.on_message(ev[1])
+        elif kind == L.EV_OPEN:
+            self.log(6, "session open")
+            while self.retry:
+                self.n["resent"] += 1
+                self.cdc.send(self.retry.pop(0))
+        elif kind == L.EV_EXPIRED:
+            msg = ev[1]
+            if msg["type"] == "scan" and len(self.retry) < 4:
+                self.retry.append(msg)
+            self.log(4, "expired %s" % msg["type"])
+        elif kind == L.EV_REJECTED:
+            if ev[1] not in L.NOISE:
+                self.log(4, "rejected %s" % ev[1])
+        elif kind == L.EV_CLOSED:
+            self.log(5, "closed: %s" % ev[1])
+        elif kind == L.EV_NACKED:
+            self.log(4, "nacked %s %s" % (ev[1]["type"], ev[2]))
+
+    def on_message(self, msg):
+        t = msg["type"]
+        if t == "verdict":
+            self.verdict(msg)
+        elif t == "keys":
+            self.keys(msg)
+        elif t == "rules":
+            self.set_rules(msg)
+        elif t == "health_get":
+            self.cdc.send(self.health())
+        elif t == "logs_get":
+            self.cdc.send(self.logs(msg.get("since", 0), msg.get("max", _LEVELS)))
+        elif t == "config_get" or t == "config_set":
+            self.cdc.send({"type": "config", "values": self.config(msg)})
+        elif t == "ping":
+            self.cdc.send({"type": "pong", "data": msg.get("data", b"")})
+        else:
+            self.log(4, "no %s on this board" % t)  # print: no printer here
+
+    def verdict(self, msg):
+        sid = msg["scan_id"]
+        for w in self.wait:
+            if w[0] == sid:
+                self.wait.remove(w)
+                self.n["verdicts"] += 1
+                self.b.verdict(sid, msg["outcome"], msg["beep"], msg["led"], msg["text"])
+                return
+        # after the local offline verdict (or from an earlier session): text only, no sound
+        self.count("late", 5, "late verdict %d" % sid)
+        self.b.verdict(sid, msg["outcome"], 0, 0, msg["text"])
+
+    def keys(self, msg):
+        mid = msg["macro_id"]
+        if mid in self.macros:
+            return self.log(6, "macro %d again: not typed" % mid)
+        q = bytearray()
+        q.append(0)
+        q.append(delay_code(msg.get("delay_ms", self.cfg["inter_key_ms"])))
+        for item in msg["items"]:
+            if type(item) is str:
+                for c in item.encode():
+                    if c < 0x20 or c > 0x7E:
+                        return self.count("rejected", 4, "macro %d not ASCII: not typed" % mid)
+                    q.append(US[c - 32] & 0x7F)
+                    q.append(2 if US[c - 32] & 0x80 else 0)
+            elif item[0]:
+                q.append(item[0])
+                q.append(item[1])
+        self.macros.append(mid)
+        if len(self.macros) > 8:
+            self.macros.pop(0)
+        self.n["macros"] += 1
+        self.q.extend(q)
+
+    def set_rules(self, msg):
+        r = compile_rules(msg)
+        if type(r) is str:
+            return self.log(3, "rules v%d refused: %s" % (msg["version"], r))
+        self.b.save("rules", cbor.dumps(r))
+        self.rules = r
+        self.log(6, "rules v%d" % r[0])
+
+    def config(self, msg):
+        # SPEC 6.4: the answer has the values in force for the names asked or set; a name
+        # unknown or refused is absent
+        vals = msg.get("values")
+        names = msg.get("keys") or list(self.cfg)
+        if vals is not None:
+            names = []
+            for k, v in vals.items():
+                if config_ok(k, v):
+                    self.cfg[k] = v
+                    names.append(k)
+                else:
+                    self.log(4, "config %s refused" % k[:16])
+            self.b.save("config", cbor.dumps(self.cfg))
+        return dict((k, self.cfg[k]) for k in names if k in self.cfg)
+
+    def health(self):
+        self.sample()
+        return {"type": "health", "uptime_ms": self.cdc.now(), "reset_cause": self.b.reset,
+                "firmware": FIRMWARE, "heap_free": gc.mem_free(), "heap_peak": self.peak,
+                "link": dict((counter_number(k), v) for k, v in self.cdc.link.counters.items()),
+                "app": dict((k, v) for k, v in self.n.items() if v)}
+
+    def logs(self, since, most):
+        out = [e for e in self.ring if e[0] >= since][:most]
+        return {"type": "logs", "entries": out, "next": out[-1][0] + 1 if out else since}
+
+    def sample(self):
+        gc.collect()
+        self.peak = max(self.peak, gc.mem_alloc())
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def tick(self, now):
+        """Type what is due, give offline verdicts that are due, drop a stalled partial read;
+        returns the ms until the next of these (None: nothing pending)."""
+        q = self.q
+        while self.qi < len(q) and now >= self.kat:
+            u = q[self.qi]
+            m = q[self.qi + 1]
+            self.qi += 2
+            if u == 0:
+                self.kd = m if m < 128 else (m - 128) * 8
+                continue
+            self.b.key(m, u)
+            self.b.key(0, 0)
+            self.kat = now + self.kd
+        if self.qi and self.qi >= len(q):
+            self.q = bytearray()
+            self.qi = 0
+        for w in self.wait:
+            if now >= w[1]:
+                self.wait.remove(w)
+                self.offline(w[0])
+                break  # the list changed under the loop: the next turn looks again
+        if self.ln and now - self.lt >= self.cfg["char_ms"]:
+            if self.ln > 0:  # a read cut short is never typed; an over-long one was counted
+                self.count("partial", 4, "partial scan dropped")
+            self.ln = 0
+        return self.due(now)
+
+    def due(self, now):
+        t = self.kat if self.qi < len(self.q) else None
+        for w in self.wait:
+            t = w[1] if t is None or w[1] < t else t
+        if self.ln > 0:
+            c = self.lt + self.cfg["char_ms"]
+            t = c if t is None else min(t, c)
+        return None if t is None else max(0, t - now)
+
+    def run(self):
+        """Until the scanner input hangs up (the sim board's way to end)."""
+        cdc = self.cdc
+        b = self.b
+        buf = bytearray(64)
+        p = select.poll()
+        p.register(b.scan, select.POLLIN)
+        p.register(cdc.rx, select.POLLIN)
+        up = True  # the CDC port; a host that hangs up leaves the device working offline
+        cdc.connect()
+        while True:
+            now = cdc.now()
+            t = self.tick(now)
+            lt = cdc.link.next_timeout() if up else None
+            if lt is not None:
+                t = max(0, lt - now) if t is None else min(t, max(0, lt - now))
+            p.poll(1000 if t is None else t)
+            if up and not cdc.step(0):
+                up = False
+                p.unregister(cdc.rx)
+                self.log(4, "host port hung up")
+            n = b.read(buf)
+            if n < 0:
+                return
+            now = cdc.now()
+            for i in range(n):
+                self.byte(buf[i], now)
+            b.idle()
+            self.sample()
