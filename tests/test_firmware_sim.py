@@ -20,12 +20,7 @@ from hexiao.hostd.serial_link import EventLog, SerialLink, keystore_from
 from hexiao.protocol.link import EV_MESSAGE
 from hexiao.tools import micropython, relay
 
-# The heap the firmware tests run in. Measured 2026-11-26 on this 64-bit unix port: the
-# firmware suite passes at 79k, 80k and 84k and fails at 78k and 77k (MemoryError in the rules
-# test: the rules message decode, the known protocol defect) and below; the app boots at 76k
-# with 4.9 KB free (live heap 71.7 KB: link stack ~51.6 KB + app modules ~13.5 KB).
-# 79k + 4k margin = 83k. The goal is 64k (micropython.HEAP): not met yet.
-FIRMWARE_HEAP = "83k"
+FIRMWARE_HEAP = micropython.FIRMWARE_HEAP  # measured figures: tools/micropython.py
 KID = b"till-1"
 
 US_SHIFTED = '~!@#$%^&*()_+{}|:"<>?ABCDEFGHIJKLMNOPQRSTUVWXYZ'
