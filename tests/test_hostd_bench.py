@@ -45,11 +45,13 @@ def test_the_printed_report_names_the_target_and_the_verdict_on_it() -> None:
          "end_to_end": {"scans": 1, "n": 0},
          "throughput": {"lanes": 50, "redemptions": 1000, "accepted": 1000, "seconds": 2.0,
                         "per_s": 500.0, "scan_to_verdict": {"n": 1, "p50_ms": 1.0,
-                                                            "p99_ms": 1.0, "max_ms": 1.0}},
+                                                            "p99_ms": 1.0, "max_ms": 1.0},
+                        "hostd_cpu_ms_per_redemption": 2.0, "hostd_capacity_per_core_s": 500.0},
          "exactly_once": {"double_consumes": 0, "consumed": 1000, "expected_consumed": 1000}}
     text = hostd_bench.render(r)
     assert "Target: own time p99 <= 5 ms (journal on disk): 6.500 ms -> MISSED" in text
     assert "1000 redemptions in 2.0 s = 500.0 redemptions/s" in text
+    assert "hostd CPU per redemption 2.0 ms" in text and "~500.0/s" in text
     assert "(no samples)" in text and "0 double consumes" in text
 
 
