@@ -12,9 +12,8 @@ provisioned device (nothing written). hostd's config is not edited: the `[[devic
 add is printed (a TOML file edited without a TOML writer would lose its comments).
 
 The sim board (--sim-dir, the folder `hexiao flash --sim-dir` installs into) runs its firmware
-(hexiao.firmware.linkpeer) under MicroPython on a pty for the self-test, at a 72 KB heap, not
-the 64 KB budget: at 64 KB the firmware cannot decode the rules message yet (issue 4; pinned by
-tests/test_pty_link.py), and the rules push is part of the self-test.
+(hexiao.firmware.linkpeer) under MicroPython on a pty for the self-test, in the 64 KB device heap
+(the rules push is part of the self-test).
 
 Exit codes:
   0  provisioned (or --check), every required check passed
@@ -42,9 +41,7 @@ from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError
 
 CONFIG_PATH = "/config.json"
 SIM_MODULE = "hexiao.firmware.linkpeer"
-SIM_HEAP = "72k"  # see the module docstring
-SIM_NOTE = (f"sim device run at a {SIM_HEAP} heap, not the 64 KB budget: the firmware cannot "
-            f"decode the rules message in 64 KB yet (issue 4)")
+SIM_HEAP = "64k"  # the device budget (micropython.HEAP): the link peer decodes the rules push
 # firmware that can sound a test beep / report a test scan on request; none can yet
 BEEP_FIRMWARE: frozenset[str] = frozenset()
 EXIT_FAILED, EXIT_PROVISIONED, EXIT_REFUSED = 1, 3, 4
@@ -239,8 +236,6 @@ def self_test(board: Board, device_id: str, keystore: Path, report: Report,
     from hexiao.protocol.link import EV_ACKED, EV_NACKED
     from hexiao.tools.ctl import DirectDevice
 
-    if board.sim_dir:
-        report.notes.append(SIM_NOTE)
     required = ("handshake", "ping", "health", "rules pushed")
     with _start(board, report, timeout) as port:
         dev = None
@@ -289,7 +284,8 @@ def self_test(board: Board, device_id: str, keystore: Path, report: Report,
 
 def _snippet(device_id: str, lane: str, board: Board) -> str:
     if board.sim_dir:
-        where = 'port = "PTY"  # the host end of the pty the sim board runs on'
+        where = (f"port = {json.dumps(str(board.sim_dir / 'tty'))}  # while `hexiao sim board "
+                 f"--dir {board.sim_dir}` runs it")
     else:
         where = f"port = {json.dumps(board.port)}"
         with contextlib.suppress(Exception):

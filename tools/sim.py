@@ -63,3 +63,12 @@ def wechat(port: int, seed_path: Path | None, quiet: bool) -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
     click.echo("hexiao sim wechat: stopped", err=True)
+
+
+def _add_board() -> None:
+    from hexiao.tools.sim_board import board
+
+    main.add_command(board)
+
+
+_add_board()
