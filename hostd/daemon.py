@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +264,7 @@ class Daemon:
                 e = journal.get(entry_id)
             except KeyError as exc:
                 raise ControlError("not_found", f"no journal entry {entry_id}") from exc
-            steps = [{"step": s.step, "at": s.at, "detail": s.detail}
+            steps = [{"step": s.step, "at": _when(s.at), "detail": s.detail}
                      for s in journal.steps(entry_id)]
         return {**_entry(e), "steps": steps}
 
@@ -273,8 +274,13 @@ class Daemon:
                 "still_unknown": [v.entry_id for v in out if v.outcome == "verify_manually"]}
 
 
+def _when(t: float) -> str:
+    """A journal time as support reads it: local ISO 8601 to the millisecond, with its offset."""
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
+
+
 def _entry(e: jr.Entry) -> dict[str, Any]:
     return {"id": e.id, "lane": e.lane, "state": e.state, "outcome": e.outcome,
-            "reason": e.reason, "code": tail(e.code or e.scanned), "created": e.created,
-            "updated": e.updated, "title": e.detail.get("title"),
+            "reason": e.reason, "code": tail(e.code or e.scanned), "created": _when(e.created),
+            "updated": _when(e.updated), "title": e.detail.get("title"),
             "card_type": e.detail.get("card_type")}
