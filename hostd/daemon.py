@@ -15,6 +15,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -35,6 +36,7 @@ from hexiao.hostd.wechat_card import WeChatCardClient
 
 log = logging.getLogger("hexiao.hostd")
 RECONCILE_EVERY_S = 60.0
+METRICS_EVERY_S = 5.0
 
 
 class DaemonError(Exception):
@@ -85,6 +87,7 @@ class Daemon:
             host, _, port = self.cfg.hostd.metrics_listen.rpartition(":")
             self._metrics_server = self.metrics.serve(host.strip("[]"), int(port))
         self._spawn(self._reconcile_loop, "reconcile")
+        self._spawn(self._metrics_loop, "metrics")
         wd = Watchdog(self.notifier, self.healthy)
         self._watchdog = wd.start() if wd.interval_s is not None else None
         self.notifier.ready(f"serving {len(self.lanes)} device(s)")
@@ -163,6 +166,19 @@ class Daemon:
                 self.reconcile()
             except Exception:  # the loop must survive a bad backend hour; logged, retried
                 log.exception("reconcile failed")
+
+    def sample_metrics(self) -> None:
+        """Link counters and connected devices into the metrics (also done every few seconds)."""
+        infos = [lane.info() for lane in self.lanes.values()]
+        for info in infos:
+            # an id the metrics refuse as a label (ValueError): its counters stay out
+            with contextlib.suppress(ValueError):
+                self.metrics.link_counters(info["id"], info["counters"])
+        self.metrics.devices_connected(sum(i["state"] == "open" for i in infos))
+
+    def _metrics_loop(self) -> None:
+        while not self._stop.wait(METRICS_EVERY_S):
+            self.sample_metrics()
 
     def _verdict_done(self, device: str, v: Verdict, seconds: float) -> None:
         self.metrics.redemption(v.outcome, v.card_type, seconds, reason=v.reason)

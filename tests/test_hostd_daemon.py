@@ -285,3 +285,20 @@ def test_capture_through_the_control_socket_then_decode(mpy_stage: Path, tmp_pat
     assert "scan" in types and types.count("verdict") >= 1
     assert {f["status"] for f in report.frames} == {"ok"}
     assert CASH not in json.dumps(report.frames, ensure_ascii=False, default=str)
+
+
+def test_metrics_show_the_lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with lane(mpy_stage, tmp_path, sim, [CASH, MEMBER]) as ln:
+        ln.verdicts(2)
+        ln.daemon.sample_metrics()
+        text = ln.daemon.metrics.render().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("hexiao_devices_connected", ())] == 1
+    assert samples[("hexiao_redemptions_total", (("card_type", "CASH"), ("outcome", "accepted"),
+                                                 ("reason", "none")))] == 1
+    frames = {k: v for k, v in samples.items() if k[0] == "hexiao_link_frames_total"}
+    assert frames and all(v > 0 for v in frames.values())
+    assert CASH not in text
