@@ -212,6 +212,9 @@ class BusifavorBackend:
         self.client, self._stock, self._openid_for = client, stock_id, openid_for
         self._stocks: dict[str, dict[str, Any]] = {}
 
+    def close(self) -> None:
+        """Nothing held open between calls (the SDK makes a request per call)."""
+
     def decrypt(self, encrypt_code: str) -> str:
         raise InvalidCode("merchant coupons have no encrypted codes (set decrypt = never)")
 

@@ -146,6 +146,22 @@ class Backend:
     merchant_serial_no: str = ""
     private_key_file: Path | None = None
     apiv3_key_file: Path | None = None
+    platform_public_key_file: Path | None = None  # busifavor: the 微信支付公钥 (PEM), or none:
+    platform_public_key_id: str = ""              # platform certificates are downloaded
+    stock_id: str = ""               # busifavor: the stock a coupon of unknown owner is used from
+
+    def busifavor_args(self) -> dict[str, Any]:
+        """Keyword arguments for busifavor.BusifavorClient (reads the key files)."""
+        pub = self.platform_public_key_file
+        assert self.private_key_file is not None and self.apiv3_key_file is not None
+        return {"mchid": self.mchid, "appid": self.appid,
+                "private_key_pem": read_secret(self.private_key_file),
+                "cert_serial_no": self.merchant_serial_no,
+                "apiv3_key": read_secret(self.apiv3_key_file),
+                "base_url": self.base_url, "timeout_s": self.timeout_s,
+                "platform_public_key_pem": pub.read_text() if pub else None,
+                "platform_public_key_id": self.platform_public_key_id or None,
+                "retries": self.retries, "backoff_s": self.backoff_s}
 
     def card_client_args(self) -> dict[str, Any]:
         """Keyword arguments for wechat_card.WeChatCardClient (reads the secret file)."""
@@ -298,7 +314,11 @@ _SCHEMA: dict[type, dict[str, Check | type]] = {
               "settle_after_s": _seconds, "mchid": _str("a merchant id of digits", r"\d+"),
               "merchant_serial_no": _str("a certificate serial number (hex digits)",
                                          r"[0-9A-Fa-f]+"),
-              "private_key_file": _path, "apiv3_key_file": _path},
+              "private_key_file": _path, "apiv3_key_file": _path,
+              "platform_public_key_file": _path,
+              "platform_public_key_id": _str("the platform public key's id, e.g. "
+                                             '"PUB_KEY_ID_0114232134912410000000000000"'),
+              "stock_id": _str("a stock id of digits", r"\d+")},
     Keystore: {"path": _path},
     Lane: {"name": _LANE_NAME, "decrypt": _choice("auto", "always", "never"),
            "allowed_card_ids": _str_list, "location_id": _POSITIVE,

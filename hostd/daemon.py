@@ -32,7 +32,7 @@ from hexiao.hostd.lane import DeviceLane
 from hexiao.hostd.metrics import Metrics
 from hexiao.hostd.notify import Notifier, Watchdog
 from hexiao.hostd.redeem import Engine, Verdict, tail
-from hexiao.hostd.wechat_card import WeChatCardClient
+from hexiao.hostd.wechat_card import WeChatCardClient, WeChatError
 
 log = logging.getLogger("hexiao.hostd")
 RECONCILE_EVERY_S = 60.0
@@ -56,6 +56,7 @@ class Daemon:
         self._control: Any = None
         self._metrics_server: Any = None
         self._watchdog: Watchdog | None = None
+        self._make_client: Any = None  # a backend factory other than the card API client
         self._threads: list[threading.Thread] = []
         h = cfg.hostd
         self.state_dir = Path(h.state_dir)
@@ -124,8 +125,7 @@ class Daemon:
     def _backend(self) -> dict[str, Any]:
         b = self.cfg.backend
         if b.kind == "wechatpay_busifavor":
-            raise DaemonError("backend.kind = \"wechatpay_busifavor\": the merchant-coupon "
-                              "backend is not wired into hostd yet; use wechat_card or sim")
+            return self._busifavor()
         try:
             args = b.card_client_args()
         except ConfigError as e:
@@ -145,13 +145,36 @@ class Daemon:
             raise DaemonError("backend.base_url: no backend to talk to")
         return args
 
-    def _client(self) -> WeChatCardClient:
+    def _busifavor(self) -> dict[str, Any]:
+        from hexiao.hostd.busifavor import BusifavorBackend, BusifavorClient
+
+        b = self.cfg.backend
+        try:
+            args = b.busifavor_args()
+        except (ConfigError, OSError) as e:
+            raise DaemonError(f"backend: {e}") from e
+        if self._backend_url:
+            args["base_url"] = self._backend_url
+        args["base_url"] = args["base_url"] or "https://api.mch.weixin.qq.com"
+        try:  # once now: a wrong key or an unreachable platform says so at start
+            BusifavorClient(**args)
+        except WeChatError as e:
+            raise DaemonError(f"backend: {e} (check backend.mchid, merchant_serial_no, "
+                              "private_key_file and apiv3_key_file)") from e
+        stock = b.stock_id or None
+        self._make_client = lambda: BusifavorBackend(BusifavorClient(**args), stock_id=stock)
+        return args
+
+    def _client(self) -> Any:
+        """A new backend client for one thread (redeem.CardBackend)."""
+        if self._make_client is not None:
+            return self._make_client()
         return WeChatCardClient(**self._client_args)
 
     # -- reconcile ----------------------------------------------------------------------------
 
     def reconcile(self) -> list[Verdict]:
-        with jr.Journal(self.journal_path) as journal, self._client() as client:
+        with jr.Journal(self.journal_path) as journal, contextlib.closing(self._client()) as client:
             out = Engine(journal, client).reconcile(
                 self._clock(), settle_after_s=self.cfg.backend.settle_after_s)
             attention = len(journal.entries(("unknown",)))

