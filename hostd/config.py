@@ -23,6 +23,7 @@ import math
 import re
 import string
 import tomllib
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,11 +221,68 @@ def _kid(v: Any) -> str:
 
 
 @dataclass(frozen=True)
+class DeviceSettings:
+    """Pushed to the device (config_set) at every session; absent keys keep its own values."""
+    inter_key_ms: int | None = None   # pause between typed keys
+    suffix: str | None = None         # after a product: enter | tab | none
+    offline_ms: int | None = None     # no verdict this long: the device says "host offline"
+
+    def values(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+_ACTIONS = ("product", "coupon", "ignore")  # SPEC §6.7 actions 0, 1, 2
+
+
+def _rules(v: Any) -> tuple[dict[str, Any], ...]:
+    """Classifier rules (SPEC §6.7) in the rules message's wire form."""
+    what = ("1..8 rules, each {action = product|coupon|ignore, symbologies = [...] (<= 4 AIM "
+            "ids like \"]Q1\"), min_len, max_len (0..65535), prefix (text), check (bool)}")
+    if not isinstance(v, list) or not 1 <= len(v) <= 8 or not all(isinstance(r, dict) for r in v):
+        raise _Bad(what)
+    out = []
+    for r in v:
+        if r.get("action") not in _ACTIONS or set(r) - {"action", "symbologies", "min_len",
+                                                        "max_len", "prefix", "check"}:
+            raise _Bad(what)
+        rule: dict[str, Any] = {"action": _ACTIONS.index(r["action"])}
+        syms = r.get("symbologies")
+        if syms is not None:
+            if not (isinstance(syms, list) and len(syms) <= 4 and all(
+                    isinstance(x, str) and 1 <= len(x.encode()) <= 4 for x in syms)):
+                raise _Bad(what)
+            rule["symbologies"] = list(syms)
+        for key in ("min_len", "max_len"):
+            if key in r:
+                rule[key] = _int(0, 65535, what)(r[key])
+        if "prefix" in r:
+            if not isinstance(r["prefix"], str) or not 1 <= len(r["prefix"].encode()) <= 16:
+                raise _Bad(what)
+            rule["prefix"] = r["prefix"].encode()
+        if "check" in r:
+            rule["check"] = int(_bool(r["check"]))
+        out.append(rule)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class Device:
     id: str = ""
     port: str | None = None           # a device path or pyserial URL, or:
     match: UsbMatch | None = None     # find it by USB serial number (survives replug)
     lane: str = "lane-1"
+    rules: tuple[dict[str, Any], ...] = ()  # () = the default rules (hostd/lane.py)
+    rules_default: str = "product"    # what a scan no rule matches is
+    settings: DeviceSettings | None = None
+
+    def rules_message(self) -> dict[str, Any] | None:
+        """The rules message this device gets at every session; None: the default rules."""
+        if not self.rules:
+            return None
+        body = {"default": _ACTIONS.index(self.rules_default), "rules": list(self.rules)}
+        # the version says "changed" to the device: a checksum of the rules themselves
+        version = zlib.crc32(repr(sorted(body.items())).encode()) & 0xFFFFFFFF
+        return {"type": "rules", "version": version, **body}
 
     @property
     def kid(self) -> bytes:
@@ -328,7 +386,10 @@ _SCHEMA: dict[type, dict[str, Check | type]] = {
                "vendor": _str(_HEX4[1], _HEX4[0], False),
                "product": _str(_HEX4[1].replace("2e8a", "000a"), _HEX4[0], False)},
     Device: {"id": _kid, "port": _str("a device path or pyserial URL", empty=False),
-             "match": UsbMatch, "lane": _LANE_NAME},
+             "match": UsbMatch, "lane": _LANE_NAME, "rules": _rules,
+             "rules_default": _choice(*_ACTIONS), "settings": DeviceSettings},
+    DeviceSettings: {"inter_key_ms": _int(0, 1000), "suffix": _choice("enter", "tab", "none"),
+                     "offline_ms": _int(200, 30000)},
     Tap: {"enabled": _bool, "listen": _addr,
           "printer": _str("tcp:HOST:PORT, file:PATH or serial:DEVICE[@BAUD]",
                           r"(tcp|file|serial):.+"),

@@ -82,7 +82,9 @@ class Daemon:
                 dev.id, dev.kid, dev.lane, finder(dev), self.keystore,
                 lambda lc=lane_cfg: Engine(jr.Journal(self.journal_path), self._client(),
                                            lc.engine_config()),
-                dict(self.cfg.macros), on_verdict=self._verdict_done, clock=self._clock).start()
+                dict(self.cfg.macros), on_verdict=self._verdict_done, clock=self._clock,
+                rules=dev.rules_message(),
+                settings=dev.settings.values() if dev.settings else None).start()
         self._start_control()
         if self.cfg.hostd.metrics_listen:
             host, _, port = self.cfg.hostd.metrics_listen.rpartition(":")

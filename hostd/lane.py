@@ -2,7 +2,8 @@
 
 Rules this module keeps:
 - the port is (re)opened by a finder (explicit path, or USB match) with exponential backoff; a
-  session starts when the device says hello; when it opens, hostd pushes the lane's rules;
+  session starts when the device says hello; when it opens, hostd pushes the device's rules
+  and settings (config_set), so a replaced or reset device is back in sync at once;
 - a scan is redeemed once: a scan sent again (after a lost session, SPEC §9.6) gets the
   verdict already given, never a second redemption: from memory while hostd runs, from the
   journal after a restart (the entry keeps device, scan_id and the device's time_ms); a scan
@@ -47,7 +48,8 @@ class DeviceLane:
                  keystore: Callable[[bytes], bytes | None],
                  engine_factory: Callable[[], Engine], macros: dict[str, Macro], *,
                  on_verdict: Callable[[str, Verdict, float], None] | None = None,
-                 rules: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
+                 rules: dict[str, Any] | None = None,
+                 settings: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
                  backoff: tuple[float, float] = (0.5, 10.0),
                  link_args: dict[str, Any] | None = None) -> None:
         self.id, self._kid, self.lane = device_id, kid, lane
@@ -55,6 +57,7 @@ class DeviceLane:
         self._engine_factory, self._macros = engine_factory, macros
         self._on_verdict = on_verdict or (lambda dev, v, seconds: None)
         self.rules = rules or DEFAULT_RULES
+        self.settings = settings or {}  # device config values pushed at every session
         self._clock, self._backoff, self._link_args = clock, backoff, link_args or {}
         self._stop = threading.Event()
         self._cond = threading.Condition()
@@ -144,6 +147,8 @@ class DeviceLane:
                 self.stats["sessions"] += 1
             log.info("device %s open: firmware %s", self.id, ev[1].get("firmware"))
             self._send(self.rules)
+            if self.settings:
+                self._send({"type": "config_set", "values": dict(self.settings)})
             self._pump()
         elif kind == EV_MESSAGE:
             self._on_message(ev[1])

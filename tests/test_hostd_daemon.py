@@ -52,7 +52,8 @@ class Lane:
         return self.device.of("verdict")
 
 
-def config(tmp_path: Path, sim: WeChatSim, port: str, **backend: Any) -> Any:
+def config(tmp_path: Path, sim: WeChatSim, port: str, device: dict[str, Any] | None = None,
+           **backend: Any) -> Any:
     app = next(iter(sim.state.seed.apps.values()))
     secret = tmp_path / "wechat.secret"
     secret.write_text(app.secret)
@@ -63,7 +64,7 @@ def config(tmp_path: Path, sim: WeChatSim, port: str, **backend: Any) -> Any:
         "backend": {"kind": "wechat_card", "base_url": sim.url, "appid": app.appid,
                     "secret_file": str(secret), "timeout_s": 2.0, "settle_after_s": 5.0,
                     **backend},
-        "device": [{"id": KID, "port": port, "lane": "lane-1"}],
+        "device": [{"id": KID, "port": port, "lane": "lane-1", **(device or {})}],
         "macros": {"CASH": {"items": [[0x42, 0], "{reduce_cost_yuan}", [0x28, 0]]}},
     })
 
@@ -71,7 +72,8 @@ def config(tmp_path: Path, sim: WeChatSim, port: str, **backend: Any) -> Any:
 @contextmanager
 def lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim, codes: list[str],
          host_key: bytes | None = None,
-         before_device: Callable[[Daemon], None] | None = None) -> Iterator[Lane]:
+         before_device: Callable[[Daemon], None] | None = None,
+         device: dict[str, Any] | None = None) -> Iterator[Lane]:
     key = os.urandom(32)
     (tmp_path / "state").mkdir(mode=0o700)
     Keystore(tmp_path / "state" / "keystore.jsonl", create=True).add(KID.encode(),
@@ -83,21 +85,21 @@ def lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim, codes: list[str],
     cable = relay.Cable().start()
     argv, env = micropython.command("hexiao.firmware.linkpeer", mpy_stage, heap=DEVICE_HEAP,
                                     args=[f"cfg={dev_cfg}", f"codes={codes_file}"])
-    daemon = Daemon(config(tmp_path, sim, cable.host_port))
-    device = None
+    daemon = Daemon(config(tmp_path, sim, cable.host_port, device))
+    proc = None
     try:
         if before_device is None:
-            device = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
+            proc = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
         daemon.start()
         if before_device is not None:
             before_device(daemon)
-            device = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
-        yield Lane(daemon, device, cable)
+            proc = relay.DeviceProcess(cable, argv, env, str(mpy_stage))
+        yield Lane(daemon, proc, cable)
     finally:
         daemon.stop()
         cable.close()
-        if device is not None:
-            device.stop()
+        if proc is not None:
+            proc.stop()
 
 
 def outcome(v: dict[str, Any]) -> str:
@@ -302,3 +304,40 @@ def test_metrics_show_the_lane(mpy_stage: Path, tmp_path: Path, sim: WeChatSim) 
     frames = {k: v for k, v in samples.items() if k[0] == "hexiao_link_frames_total"}
     assert frames and all(v > 0 for v in frames.values())
     assert CASH not in text
+
+
+def test_configured_rules_and_settings_are_pushed_at_every_session(
+        mpy_stage: Path, tmp_path: Path, sim: WeChatSim) -> None:
+    rules = [{"action": "coupon", "symbologies": ["]Q1"], "prefix": "28", "min_len": 12},
+             {"action": "ignore", "symbologies": ["]C0"]}]
+    dev = {"rules": rules, "rules_default": "product",
+           "settings": {"inter_key_ms": 5, "suffix": "tab"}}
+    with lane(mpy_stage, tmp_path, sim, [CASH], device=dev) as ln:
+        ln.verdicts(1)
+        kinds = [e["type"] for e in ln.device.of("message")]
+        pushed = ln.daemon.lanes[KID].rules
+    assert kinds[:2] == ["rules", "config_set"]
+    assert pushed["default"] == 0 and pushed["rules"] == [
+        {"action": 1, "symbologies": ["]Q1"], "prefix": b"28", "min_len": 12},
+        {"action": 2, "symbologies": ["]C0"]}]
+    from hexiao.protocol import messages
+
+    messages.encode(pushed)  # a valid rules message (ValueError otherwise)
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ({"rules": [{"action": "type-it"}]}, "device[0].rules: expected 1..8 rules"),
+    ({"rules": [{"action": "coupon", "symbologies": ["]Q1", "]C0", "]E0", "]E4", "]d2"]}]},
+     "device[0].rules: expected 1..8 rules"),
+    ({"rules": [{"action": "coupon", "colour": "red"}]}, "device[0].rules: expected 1..8 rules"),
+    ({"rules_default": "keep"}, "device[0].rules_default: expected one of"),
+    ({"settings": {"suffix": "space"}}, "device[0].settings.suffix: expected one of"),
+    ({"settings": {"offline_ms": 10}}, "device[0].settings.offline_ms: expected an integer"),
+])
+def test_bad_rules_and_settings_are_named(tmp_path: Path, sim: WeChatSim,
+                                          device: dict[str, Any], message: str) -> None:
+    from hexiao.hostd.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config(tmp_path, sim, "/dev/null", device)
+    assert any(message in line for line in e.value.errors), e.value.errors
