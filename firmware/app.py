@@ -11,7 +11,8 @@
 #   and if its message expires it is sent again, same scan_id, in the next session (§9.6);
 # - one select.poll loop, not asyncio: asyncio's modules cost ~8 KB of a 64 KB heap that the
 #   link stack already fills to ~57 KB; a loop turn is short and no call chain is deep;
-# - tables are bytes and lists, functions small (a frame over 11 words goes on the heap).
+# - tables are bytes and lists, functions small (a frame over 11 words goes on the heap) but
+#   few, and no comprehensions: each function is ~100 B of heap for good (raw code, object).
 
 import gc
 import select
@@ -55,21 +56,14 @@ def gs1_ok(d):
     return (10 - s % 10) % 10 == d[n - 1] - 48
 
 
-def matches(r, sym, d):
-    # r = [action, symbologies|None, min_len|None, max_len|None, prefix|None, check]
-    if r[1] is not None and sym not in r[1]:
-        return False
-    if (r[2] is not None and len(d) < r[2]) or (r[3] is not None and len(d) > r[3]):
-        return False
-    if r[4] is not None and not d.startswith(r[4]):
-        return False
-    return not r[5] or gs1_ok(d)
-
-
 def classify(rules, sym, d):
-    """0 product, 1 coupon, 2 ignore (SPEC §6.7)."""
+    """0 product, 1 coupon, 2 ignore (SPEC §6.7): the first rule that matches, else the default."""
+    n = len(d)
     for r in rules[2]:
-        if matches(r, sym, d):
+        # r = [action, symbologies|None, min_len|None, max_len|None, prefix|None, check]
+        if ((r[1] is None or sym in r[1]) and (r[2] is None or n >= r[2])
+                and (r[3] is None or n <= r[3]) and (r[4] is None or d.startswith(r[4]))
+                and (not r[5] or gs1_ok(d))):
             return r[0]
     return rules[1]
 
@@ -91,19 +85,6 @@ def compile_rules(msg):
     return [msg["version"], msg["default"], out]
 
 
-def rules_ok(r):
-    # a stored rule set read back from flash: shape and types, else it is corrupt
-    if type(r) is not list or len(r) != 3 or r[1] not in (0, 1, 2):
-        return False
-    for x in r[2]:
-        if (len(x) != 6 or x[0] not in (0, 1, 2) or not (x[1] is None or type(x[1]) is list)
-                or not (x[4] is None or type(x[4]) is bytes)):
-            return False
-        if x[1] is not None:
-            x[1] = tuple(x[1])
-    return True
-
-
 def config_ok(name, v):
     spec = CONFIG.get(name)
     if spec is None:
@@ -120,7 +101,7 @@ def delay_code(ms):
 class App:
     def __init__(self, board, device_id, key, link_args):
         self.b = board
-        self.n = dict((k, 0) for k in COUNTERS)
+        self.n = dict.fromkeys(COUNTERS, 0)
         self.ring = []
         self.seq = 0
         self.line = bytearray(3 + MAX_DATA)
@@ -135,7 +116,9 @@ class App:
         self.retry = []  # expired scan messages, for the next session
         self.macros = []  # recent macro ids (typed once)
         self.peak = 0
-        self.cfg = dict((k, v[0]) for k, v in CONFIG.items())
+        self.cfg = {}
+        for k in CONFIG:  # no comprehensions here: each is one more function object
+            self.cfg[k] = CONFIG[k][0]
         self.rules = DEFAULT_RULES
         self.restore()
         link_args["hello"] = {"firmware": FIRMWARE, "board": board.name,
@@ -151,8 +134,18 @@ class App:
                 continue
             try:
                 v = cbor.loads(raw)
-                ok = rules_ok(v) if name == "rules" else type(v) is dict and all(
-                    config_ok(k, x) for k, x in v.items())
+                if name == "rules":  # shape and types, else it is corrupt
+                    ok = type(v) is list and len(v) == 3 and v[1] in (0, 1, 2)
+                    for x in v[2]:
+                        ok = ok and len(x) == 6 and x[0] in (0, 1, 2) and (
+                            x[1] is None or type(x[1]) is list) and (
+                            x[4] is None or type(x[4]) is bytes)
+                        if ok and x[1] is not None:
+                            x[1] = tuple(x[1])
+                else:
+                    ok = type(v) is dict
+                    for k in v:
+                        ok = ok and config_ok(k, v[k])
             except Exception:  # any damage at all means the file is corrupt
                 ok = False
             if not ok:
@@ -202,14 +195,12 @@ class App:
         d = line[3:]
         self.n["scans"] += 1
         act = classify(self.rules, sym, d)
-        if act == 0:
-            self.product(d)
-        elif act == 1:
-            self.coupon(sym, d, now)
-        else:
+        if act == 1:
+            return self.coupon(sym, d, now)
+        if act != 0:
             self.n["ignored"] += 1
-
-    def product(self, d):
+            return
+        # a product: typed at once (queued here, typed by tick)
         for c in d:
             if c < 0x20 or c > 0x7E:
                 self.count("rejected", 4, "product not ASCII: not typed")
@@ -243,9 +234,27 @@ class App:
     # -- link -------------------------------------------------------------------------------
 
     def on_event(self, ev):
+        # link events, and messages dispatched by type, in one function (each costs heap)
         kind = ev[0]
         if kind == L.EV_MESSAGE:
-            self.on_message(ev[1])
+            msg = ev[1]
+            t = msg["type"]
+            if t == "verdict":
+                self.verdict(msg)
+            elif t == "keys":
+                self.keys(msg)
+            elif t == "rules":
+                self.set_rules(msg)
+            elif t == "health_get":
+                self.cdc.send(self.health())
+            elif t == "logs_get":
+                self.cdc.send(self.logs(msg.get("since", 0), msg.get("max", _LEVELS)))
+            elif t == "config_get" or t == "config_set":
+                self.cdc.send({"type": "config", "values": self.config(msg)})
+            elif t == "ping":
+                self.cdc.send({"type": "pong", "data": msg.get("data", b"")})
+            else:
+                self.log(4, "no %s on this board" % t)  # print: no printer here
         elif kind == L.EV_OPEN:
             self.log(6, "session open")
             while self.retry:
@@ -263,25 +272,6 @@ class App:
             self.log(5, "closed: %s" % ev[1])
         elif kind == L.EV_NACKED:
             self.log(4, "nacked %s %s" % (ev[1]["type"], ev[2]))
-
-    def on_message(self, msg):
-        t = msg["type"]
-        if t == "verdict":
-            self.verdict(msg)
-        elif t == "keys":
-            self.keys(msg)
-        elif t == "rules":
-            self.set_rules(msg)
-        elif t == "health_get":
-            self.cdc.send(self.health())
-        elif t == "logs_get":
-            self.cdc.send(self.logs(msg.get("since", 0), msg.get("max", _LEVELS)))
-        elif t == "config_get" or t == "config_set":
-            self.cdc.send({"type": "config", "values": self.config(msg)})
-        elif t == "ping":
-            self.cdc.send({"type": "pong", "data": msg.get("data", b"")})
-        else:
-            self.log(4, "no %s on this board" % t)  # print: no printer here
 
     def verdict(self, msg):
         sid = msg["scan_id"]
@@ -318,14 +308,6 @@ class App:
         self.n["macros"] += 1
         self.q.extend(q)
 
-    def set_rules(self, msg):
-        r = compile_rules(msg)
-        if type(r) is str:
-            return self.log(3, "rules v%d refused: %s" % (msg["version"], r))
-        self.b.save("rules", cbor.dumps(r))
-        self.rules = r
-        self.log(6, "rules v%d" % r[0])
-
     def config(self, msg):
         # SPEC 6.4: the answer has the values in force for the names asked or set; a name
         # unknown or refused is absent
@@ -340,17 +322,38 @@ class App:
                 else:
                     self.log(4, "config %s refused" % k[:16])
             self.b.save("config", cbor.dumps(self.cfg))
-        return dict((k, self.cfg[k]) for k in names if k in self.cfg)
+        out = {}
+        for k in names:
+            if k in self.cfg:
+                out[k] = self.cfg[k]
+        return out
 
     def health(self):
         self.sample()
+        link = {}
+        for k, v in self.cdc.link.counters.items():
+            link[counter_number(k)] = v
+        app = {}
+        for k, v in self.n.items():
+            if v:
+                app[k] = v
         return {"type": "health", "uptime_ms": self.cdc.now(), "reset_cause": self.b.reset,
                 "firmware": FIRMWARE, "heap_free": gc.mem_free(), "heap_peak": self.peak,
-                "link": dict((counter_number(k), v) for k, v in self.cdc.link.counters.items()),
-                "app": dict((k, v) for k, v in self.n.items() if v)}
+                "link": link, "app": app}
+
+    def set_rules(self, msg):
+        r = compile_rules(msg)
+        if type(r) is str:
+            return self.log(3, "rules v%d refused: %s" % (msg["version"], r))
+        self.b.save("rules", cbor.dumps(r))
+        self.rules = r
+        self.log(6, "rules v%d" % r[0])
 
     def logs(self, since, most):
-        out = [e for e in self.ring if e[0] >= since][:most]
+        out = []
+        for e in self.ring:
+            if e[0] >= since and len(out) < most:
+                out.append(e)
         return {"type": "logs", "entries": out, "next": out[-1][0] + 1 if out else since}
 
     def sample(self):
@@ -385,9 +388,7 @@ class App:
             if self.ln > 0:  # a read cut short is never typed; an over-long one was counted
                 self.count("partial", 4, "partial scan dropped")
             self.ln = 0
-        return self.due(now)
-
-    def due(self, now):
+        # when the next of these is due (one function: each costs heap for good)
         t = self.kat if self.qi < len(self.q) else None
         for w in self.wait:
             t = w[1] if t is None or w[1] < t else t

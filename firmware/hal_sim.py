@@ -23,10 +23,6 @@ except ImportError:  # pragma: no cover
     from os import replace as rename
 
 
-def name_of(table, i, other):
-    return table[i] if i < len(table) else other  # reserved values show as info/none/off
-
-
 class Board:
     name = "sim"
     rx = tx = None  # stdin/stdout
@@ -62,9 +58,11 @@ class Board:
         self.hid.flush()
 
     def verdict(self, sid, outcome, beep, led, text):
-        emit({"ev": "verdict", "scan_id": sid, "outcome": name_of(OUTCOMES, outcome, "info"),
-              "beep": name_of(BEEPS, beep, "none"), "led": name_of(LEDS, led, "off"),
-              "text": text})
+        # reserved values show as info/none/off
+        emit({"ev": "verdict", "scan_id": sid,
+              "outcome": OUTCOMES[outcome] if outcome < len(OUTCOMES) else "info",
+              "beep": BEEPS[beep] if beep < len(BEEPS) else "none",
+              "led": LEDS[led] if led < len(LEDS) else "off", "text": text})
 
     def note(self, seq, level, text):
         emit({"ev": "log", "seq": seq, "level": level, "text": text})
