@@ -8,7 +8,9 @@
 #   only printable ASCII is ever typed: anything else refuses the whole product or macro;
 # - a coupon scanned while no session is open gets the local "host offline" verdict and is never
 #   sent (the cashier turned it away); one sent but unanswered within offline_ms also gets it,
-#   and if its message expires it is sent again, same scan_id, in the next session (§9.6);
+#   and it is sent again, same scan_id and time_ms, in the next session (§9.6) - whether its
+#   message expired or was acknowledged by a host that then died - so that the host can answer
+#   it from its journal; that answer shows as a late verdict (text only, no sound);
 # - one select.poll loop, not asyncio: asyncio's modules cost ~8 KB of a 64 KB heap that the
 #   link stack already fills to ~57 KB; a loop turn is short and no call chain is deep;
 # - tables are bytes and lists, functions small (a frame over 11 words goes on the heap) but
@@ -221,9 +223,9 @@ class App:
         self.n["coupons"] += 1
         sid = self.sid
         self.sid = sid + 1
-        if self.cdc.link.is_open() and self.cdc.send({
-                "type": "scan", "scan_id": sid, "symbology": sym, "data": d, "time_ms": now}):
-            self.wait.append([sid, now + self.cfg["offline_ms"]])
+        m = {"type": "scan", "scan_id": sid, "symbology": sym, "data": d, "time_ms": now}
+        if self.cdc.link.is_open() and self.cdc.send(m):
+            self.wait.append([sid, now + self.cfg["offline_ms"], m])
         else:
             self.offline(sid)
 
@@ -260,6 +262,9 @@ class App:
             while self.retry:
                 self.n["resent"] += 1
                 self.cdc.send(self.retry.pop(0))
+            for w in self.wait:  # delivered to a host that may be gone: ask this one too
+                self.n["resent"] += 1
+                self.cdc.send(w[2])
         elif kind == L.EV_EXPIRED:
             msg = ev[1]
             if msg["type"] == "scan" and len(self.retry) < 4:
@@ -282,6 +287,10 @@ class App:
                 self.b.verdict(sid, msg["outcome"], msg["beep"], msg["led"], msg["text"])
                 return
         # after the local offline verdict (or from an earlier session): text only, no sound
+        for m in self.retry:
+            if m["scan_id"] == sid:  # answered: not to be sent again
+                self.retry.remove(m)
+                break
         self.count("late", 5, "late verdict %d" % sid)
         self.b.verdict(sid, msg["outcome"], 0, 0, msg["text"])
 
@@ -383,6 +392,11 @@ class App:
             if now >= w[1]:
                 self.wait.remove(w)
                 self.offline(w[0])
+                if self.cdc.link.is_open():  # asked again now (a host that restarted)...
+                    self.n["resent"] += 1
+                    self.cdc.send(w[2])
+                elif len(self.retry) < 4:  # ...or in the next session (see the rules)
+                    self.retry.append(w[2])
                 break  # the list changed under the loop: the next turn looks again
         if self.ln and now - self.lt >= self.cfg["char_ms"]:
             if self.ln > 0:  # a read cut short is never typed; an over-long one was counted

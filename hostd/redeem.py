@@ -308,9 +308,11 @@ class Engine:
                 except jr.StaleState:
                     v = None
                 return v or self._verdict(self.journal.get(entry.id))
-            if entry.state == "done":
+            if entry.state == "done" and entry.outcome != "abandoned":
                 return self._verdict(entry)
-            return None  # received/checked: no consume was sent; reconcile closes it
+            # abandoned (hostd died before any consume) or still received/checked: nothing was
+            # consumed, so the scan is redeemed as new
+            return None
         return None
 
     # --- reconcile ---------------------------------------------------------------------

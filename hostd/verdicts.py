@@ -89,7 +89,11 @@ def text_of(v: Verdict) -> str:
         body = f"会员卡 {v.title or ''}".strip()
     else:
         body = _REASON_TEXT.get(v.reason or "unknown", _REASON_TEXT["unknown"])
-    return fit(f"{body} {tail}".strip())
+    if not tail:
+        return fit(body)
+    # the code's tail always shows (the cashier matches it to the customer's phone): the
+    # description gives way when the line is full
+    return f"{fit(body, TEXT_MAX - len(tail.encode()) - 1).rstrip()} {tail}"
 
 
 def verdict_message(scan_id: int, v: Verdict) -> dict[str, Any]:

@@ -58,13 +58,16 @@ def test_demo_json_shows_the_whole_lane() -> None:
     assert rec["entry"] == kill["entry"] and rec["outcome"] == "accepted"
     assert rec["consume_count"] == 1  # settled by a query, never consumed again
     assert rec["steps"][-2:] == ["verify_sent", "reconciled"] and "consume_sent" in rec["steps"]
-    assert [e["outcome"] for e in of(ev, "device_verdict")] == ["offline"]
+    # hostd's answer from its journal (after the device's own "host offline" if that came first)
+    assert [e["outcome"] for e in of(ev, "device_verdict")] in (["accepted"],
+                                                               ["offline", "accepted"])
 
     counters = of(ev, "counters")[0]
     assert counters["consumes"] == {"2093": 1, "4510": 1, "5912": 1}
     assert counters["verify_manually"] == [] and counters["hostd_starts"] == 2
     app = counters["device_app"]
-    assert (app["products"], app["coupons"], app["macros"], app["offline"]) == (2, 6, 1, 1)
+    assert (app["products"], app["coupons"], app["macros"]) == (2, 6, 1)
+    assert app.get("offline", 0) == app.get("late", 0) <= 1 and app["resent"] >= 1
     assert not re.search(r"[0-9a-f]{64}", p.stdout + p.stderr)  # no key is ever printed
 
 
