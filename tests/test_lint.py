@@ -31,3 +31,14 @@ def test_console_scripts_start() -> None:
     assert subprocess.run([executable("hexiao"), "--help"], capture_output=True).returncode == 0
     r = subprocess.run([executable("hexiao-hostd"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--check-config" in r.stdout
+
+
+def test_every_hexiao_subcommand_imports_and_has_help() -> None:
+    # subcommands are imported lazily: a broken registration shows only when it is run
+    from click.testing import CliRunner
+    from hexiao.tools.cli import main
+
+    assert len(main.commands) >= 17
+    for name in sorted(main.commands):
+        r = CliRunner().invoke(main, [name, "--help"])
+        assert r.exit_code == 0 and "Usage: hexiao " + name in r.output, (name, r.output)
