@@ -1,4 +1,4 @@
-"""hostd's control socket: line-delimited JSON over a Unix stream socket, and its client.
+"""hostd's control socket: line-delimited JSON over a Unix stream socket (the server side).
 
 Request  {"id": N, "cmd": "device.health", "args": {"device": "lane-1"}}
 Response {"id": N, "ok": true, "result": ...}
@@ -15,6 +15,9 @@ also covers a socket reached some other way (a bind mount, a loosened mode).
 
 One daemon per socket: a flock on "<path>.lock" is held while serving, and an existing socket is
 removed only if nothing answers on it, so a second hostd refuses instead of stealing the path.
+
+The commands and their argument checks live in control_commands.py; the client (ControlClient),
+the errors and the shared limits in control_client.py; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,99 +37,22 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from hexiao.hostd.control_client import (
+    DEFAULT_SOCKET,
+    MAX_LINE,
+    START_HINT,
+    ControlClient,
+    ControlError,
+    HostdNotRunning,
+    default_socket,
+)
+from hexiao.hostd.control_commands import COMMANDS, HANDLER_KINDS, Handlers, check_args
 
 log = logging.getLogger("hexiao.control")
 
-MAX_LINE = 64 * 1024  # one request or response line, newline excluded
 MAX_CONNECTIONS = 32
-DEFAULT_SOCKET = "/run/hexiao/hostd.sock"  # as hostd/config.py's control_socket default
-HANDLER_KINDS = frozenset({"not_found", "unavailable", "timeout", "internal", "bad_request"})
-START_HINT = "start it with `systemctl start hexiao-hostd` or `hexiao-hostd --config FILE`"
-
-
-def default_socket() -> Path:
-    return Path(os.environ.get("HEXIAO_SOCKET") or DEFAULT_SOCKET)
-
-
-class ControlError(Exception):
-    """An error with a kind the CLI maps to an exit code; str() is the message alone."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
-class HostdNotRunning(ControlError):
-    def __init__(self, path: str | Path) -> None:
-        super().__init__("not_running", f"hostd is not running (no answer on {path}); "
-                                        f"{START_HINT}")
-
-
-class Handlers(Protocol):
-    """What the daemon implements; raise ControlError(kind, message) for expected failures."""
-
-    def status(self) -> dict[str, Any]: ...
-    def device_list(self) -> list[dict[str, Any]]: ...
-    def device_info(self, device: str) -> dict[str, Any]: ...
-    def device_ping(self, device: str) -> dict[str, Any]: ...
-    def device_health(self, device: str) -> dict[str, Any]: ...
-    def device_logs(self, device: str, since: int | None = None,
-                    max: int | None = None) -> dict[str, Any]: ...
-    def journal_list(self, state: list[str] | None = None,
-                     limit: int = 50) -> list[dict[str, Any]]: ...
-    def journal_show(self, entry_id: int) -> dict[str, Any]: ...
-    def journal_reconcile(self) -> dict[str, Any]: ...
-    def capture_start(self, device: str, path: str) -> dict[str, Any]: ...
-    def capture_stop(self, device: str) -> dict[str, Any]: ...
-
-
-def _str(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 256
-
-
-def _count(v: Any) -> bool:  # bool is an int in Python, never a count here
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
-
-
-def _states(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= 16 and all(_str(s) for s in v)
-
-
-# cmd -> {arg: (check, required, what)}; the method name is cmd with "." -> "_"
-_DEV = {"device": (_str, True, "a device name")}
-COMMANDS: dict[str, dict[str, tuple[Callable[[Any], bool], bool, str]]] = {
-    "status": {}, "device.list": {}, "device.info": _DEV, "device.ping": _DEV,
-    "device.health": _DEV,
-    "device.logs": {**_DEV, "since": (_count, False, "a log sequence number"),
-                    "max": (_count, False, "a count")},
-    "journal.list": {"state": (_states, False, "a list of journal states"),
-                     "limit": (_count, False, "a count")},
-    "journal.show": {"entry_id": (_count, True, "a journal entry id")},
-    "journal.reconcile": {},
-    "capture.start": {**_DEV, "path": (_str, True, "a file path")},
-    "capture.stop": _DEV,
-}
-
-
-def check_args(cmd: str, args: Any) -> dict[str, Any]:
-    if cmd not in COMMANDS:
-        raise ControlError("unknown_command", f"unknown command {cmd!r}; known: "
-                                              f"{', '.join(sorted(COMMANDS))}")
-    if not isinstance(args, dict):
-        raise ControlError("bad_request", f"{cmd}: args must be a JSON object")
-    spec = COMMANDS[cmd]
-    for name in args:
-        if name not in spec:
-            raise ControlError("bad_request", f"{cmd}: unexpected argument {name!r}")
-    for name, (ok, required, what) in spec.items():
-        if name not in args or (args[name] is None and not required):
-            if required:
-                raise ControlError("bad_request", f"{cmd}: missing argument {name!r} ({what})")
-        elif not ok(args[name]):
-            raise ControlError("bad_request", f"{cmd}: argument {name!r} must be {what}")
-    return {k: v for k, v in args.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -395,81 +321,6 @@ def _lines(conn: socket.socket) -> Any:
         buf += data
 
 
-class ControlClient:
-    """A connection to hostd; call(cmd, **args) returns the result or raises ControlError."""
-
-    def __init__(self, path: str | Path | None = None, timeout: float = 10.0) -> None:
-        self.path = Path(path) if path is not None else default_socket()
-        self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._buf = b""
-        self._next_id = 0
-
-    def _connect(self) -> socket.socket:
-        if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(str(self.path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-                raise HostdNotRunning(self.path) from None
-            except PermissionError:
-                sock.close()
-                raise ControlError("forbidden", f"permission denied on {self.path}: run as root "
-                                                f"or join the socket's group") from None
-            self._sock = sock
-        return self._sock
-
-    def call(self, cmd: str, **args: Any) -> Any:
-        sock = self._connect()
-        self._next_id += 1
-        rid = self._next_id
-        req = {"id": rid, "cmd": cmd, "args": {k: v for k, v in args.items() if v is not None}}
-        try:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(json.dumps(req).encode() + b"\n")  # a refusal may be waiting
-            line = self._readline(sock)
-        except TimeoutError:
-            self.close()
-            raise ControlError("timeout", f"hostd did not answer {cmd} within "
-                                          f"{self.timeout:g} s ({self.path})") from None
-        except OSError as e:
-            self.close()
-            raise ControlError("internal", f"lost the connection to hostd ({self.path}): "
-                                           f"{e.strerror or e}") from None
-        try:
-            resp = json.loads(line)
-        except ValueError:
-            raise ControlError("internal", f"hostd sent a reply that is not JSON ({self.path})") \
-                from None
-        if not resp.get("ok"):
-            err = resp.get("error") or {}
-            raise ControlError(str(err.get("kind", "internal")), str(err.get("message", "")))
-        if resp.get("id") != rid:
-            raise ControlError("internal", f"hostd answered request {resp.get('id')}, not {rid}")
-        return resp.get("result")
-
-    def _readline(self, sock: socket.socket) -> bytes:
-        while b"\n" not in self._buf:
-            if len(self._buf) > MAX_LINE:
-                raise ControlError("internal", f"hostd's reply is over {MAX_LINE} bytes")
-            data = sock.recv(65536)
-            if not data:
-                self.close()
-                raise ControlError("internal", f"hostd closed the connection ({self.path})")
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self._buf = b""
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+__all__ = ["COMMANDS", "DEFAULT_SOCKET", "HANDLER_KINDS", "MAX_CONNECTIONS", "MAX_LINE",
+           "START_HINT", "ControlClient", "ControlError", "ControlServer", "Handlers",
+           "HostdNotRunning", "Peer", "check_args", "default_socket", "peer_of"]

@@ -22,17 +22,16 @@ from click.testing import CliRunner
 from hexiao.hostd.keystore import Keystore
 from hexiao.protocol import cose, crypto, frame, messages
 from hexiao.protocol.link import DEVICE, EV_MESSAGE, HOST, Link
-from hexiao.tools import capture
+from hexiao.tools import capture, decode
 from hexiao.tools.capture import (
     D2H,
     H2D,
-    NOISE,
     CaptureError,
     CaptureWriter,
-    decode_capture,
     read_capture,
     record_pair,
 )
+from hexiao.tools.decode import NOISE, decode_capture
 from hexiao.tools.relay import corrupt_copy
 
 KID = b"lane-01"
@@ -175,7 +174,7 @@ def _msg(wire: bytes, key: bytes) -> dict:
     return messages.decode(m.payload)
 
 
-def of(rep: capture.Report, d: str, **match: Any) -> list[dict]:
+def of(rep: decode.Report, d: str, **match: Any) -> list[dict]:
     return [f for f in rep.frames if f["dir"] == d and all(f.get(k) == v for k, v in
                                                            match.items())]
 
@@ -323,13 +322,13 @@ def test_codes_are_masked_unless_asked(lane: SimpleNamespace) -> None:
     datas = {f["message"]["data"] for f in masked.frames
              if f.get("message", {}).get("type") == "scan"}
     assert "*********0001" in datas and all(d.startswith("*********") for d in datas)
-    assert capture.mask_code(b"1234") == "****"
-    assert capture.mask_code(b"\x1d12345", show=True) == "\\x1d12345"
+    assert decode.mask_code(b"1234") == "****"
+    assert decode.mask_code(b"\x1d12345", show=True) == "\\x1d12345"
     runner = CliRunner()
-    out = runner.invoke(capture.main, [str(lane.path), "--key", DKEY.hex(), "--kid", "lane-01"])
+    out = runner.invoke(decode.main, [str(lane.path), "--key", DKEY.hex(), "--kid", "lane-01"])
     assert out.exit_code == 0, out.output
     assert "data=*********0001" in out.output and "6900000000001" not in out.output
-    out = runner.invoke(capture.main, [str(lane.path), "--key", DKEY.hex(), "--kid",
+    out = runner.invoke(decode.main, [str(lane.path), "--key", DKEY.hex(), "--kid",
                                        "hex:" + KID.hex(), "--show-codes"])
     assert out.exit_code == 0 and "data=6900000000001" in out.output
 
@@ -366,7 +365,7 @@ def test_truncated_capture_decodes_what_precedes_the_cut(lane: SimpleNamespace,
         "2 bytes)"
     assert rep.frames == full.frames[: len(rep.frames)] and len(rep.frames) > 20
     assert rep.summary["truncated"] == rep.truncated
-    out = CliRunner().invoke(capture.main, [str(cut), "--key", DKEY.hex(), "--kid", "lane-01",
+    out = CliRunner().invoke(decode.main, [str(cut), "--key", DKEY.hex(), "--kid", "lane-01",
                                             "--summary"])
     assert out.exit_code == 3
     assert f"warning: {cut}: {rep.truncated}; decoded everything before it" in out.output
@@ -397,13 +396,13 @@ def test_files_that_are_not_captures(tmp_path: Path, content: bytes, message: st
     with pytest.raises(CaptureError) as e:
         decode_capture(p)
     assert str(e.value) in (f"{p}: {message}", f"{p} {message}")
-    out = CliRunner().invoke(capture.main, [str(p)])
+    out = CliRunner().invoke(decode.main, [str(p)])
     assert out.exit_code == 1 and out.output.strip() == f"Error: {e.value}"
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     p = tmp_path / "missing.hxcap"
-    out = CliRunner().invoke(capture.main, [str(p)])
+    out = CliRunner().invoke(decode.main, [str(p)])
     assert out.exit_code == 1
     assert out.output.strip() == f"Error: cannot read {p}: No such file or directory"
 
@@ -411,11 +410,11 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_cli_human_output(lane: SimpleNamespace, tmp_path: Path) -> None:
     ks = Keystore(tmp_path / "keys", create=True)
     ks.add(KID, DKEY)
-    out = CliRunner().invoke(capture.main, [str(lane.path), "--keystore", str(ks.path)])
+    out = CliRunner().invoke(decode.main, [str(lane.path), "--keystore", str(ks.path)])
     assert out.exit_code == 0, out.output
     rep = decode_capture(lane.path, {KID: DKEY}.get)
     lines = out.output.splitlines()
-    assert len(lines) == len(rep.frames) + len(capture._summary_lines(rep.summary))
+    assert len(lines) == len(rep.frames) + len(decode._summary_lines(rep.summary))
     assert lines[0].split()[:4] == ["0.000000", "d2h", f"{rep.frames[0]['size']}B", "ok"]
     assert "kid=lane-01 alg=5 ctr=0  hello versions=[1]" in lines[0]
     assert any(ln.endswith("[retransmission]") and "scan scan_id=4" in ln for ln in lines)
@@ -427,13 +426,13 @@ def test_cli_human_output(lane: SimpleNamespace, tmp_path: Path) -> None:
     assert "gap of 3.700 s after 1.300000 s" in out.output
     assert "d2h: 2 bytes of an unfinished frame at the end" in out.output
     assert DKEY.hex() not in out.output
-    summary = CliRunner().invoke(capture.main, [str(lane.path), "--keystore", str(ks.path),
+    summary = CliRunner().invoke(decode.main, [str(lane.path), "--keystore", str(ks.path),
                                                 "--summary"])
     assert summary.output.splitlines() == lines[len(rep.frames):]
 
 
 def test_cli_json(lane: SimpleNamespace) -> None:
-    out = CliRunner().invoke(capture.main, [str(lane.path), "--json", "--key", DKEY.hex(),
+    out = CliRunner().invoke(decode.main, [str(lane.path), "--json", "--key", DKEY.hex(),
                                             "--kid", "lane-01"])
     assert out.exit_code == 0, out.output
     objs = [json.loads(line) for line in out.output.splitlines()]
@@ -442,7 +441,7 @@ def test_cli_json(lane: SimpleNamespace) -> None:
     assert objs[-1]["type"] == "summary" and objs[-1]["sessions"] == 2
     hello = objs[0]["message"]
     assert hello["type"] == "hello" and len(bytes.fromhex(hello["nonce"])) == 16
-    nokey = CliRunner().invoke(capture.main, [str(lane.path), "--json", "--summary"])
+    nokey = CliRunner().invoke(decode.main, [str(lane.path), "--json", "--summary"])
     (summary,) = [json.loads(line) for line in nokey.output.splitlines()]
     assert summary["mac_checked"] is False
 
@@ -455,7 +454,7 @@ def test_cli_json(lane: SimpleNamespace) -> None:
 ])
 def test_cli_key_option_errors(lane: SimpleNamespace, args: list[str], code: int,
                                message: str) -> None:
-    out = CliRunner().invoke(capture.main, [str(lane.path), *args])
+    out = CliRunner().invoke(decode.main, [str(lane.path), *args])
     assert out.exit_code == code and message in out.output
 
 
@@ -463,7 +462,7 @@ def test_unsafe_keystore_is_refused(lane: SimpleNamespace, tmp_path: Path) -> No
     ks = Keystore(tmp_path / "keys", create=True)
     ks.add(KID, DKEY)
     ks.path.chmod(0o644)
-    out = CliRunner().invoke(capture.main, [str(lane.path), "--keystore", str(ks.path)])
+    out = CliRunner().invoke(decode.main, [str(lane.path), "--keystore", str(ks.path)])
     assert out.exit_code == 1 and "lets other users read it" in out.output
 
 
@@ -506,5 +505,5 @@ def test_hand_made_frames_payload_header_and_ack_replay(tmp_path: Path) -> None:
         ("cose", "header", "unprotected header must be empty"),
     ]
     assert (rep.frames[6]["message"], rep.frames[6]["session"]) == ({"type": "ping"}, 1)
-    line = capture._line(rep.frames[7])
+    line = decode._line(rep.frames[7])
     assert line.endswith("cose        header: unprotected header must be empty")

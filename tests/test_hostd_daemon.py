@@ -260,8 +260,8 @@ def test_capture_through_the_control_socket_then_decode(mpy_stage: Path, tmp_pat
     """`hexiao capture` asks hostd to record the device's traffic; `hexiao decode` with the
     keystore reads the session: the scan and its verdict, every frame verified."""
     from click.testing import CliRunner
-    from hexiao.tools.capture import decode_capture
     from hexiao.tools.ctl import capture_main
+    from hexiao.tools.decode import decode_capture
 
     out = tmp_path / "lane.hxcap"
     sock = str(tmp_path / "run" / "hostd.sock")

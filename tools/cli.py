@@ -33,7 +33,7 @@ _lazy("device", "hexiao.tools.ctl",
 _lazy("journal", "hexiao.tools.ctl", "Redemption journal: list, show, reconcile.", "journal_main")
 _lazy("capture", "hexiao.tools.ctl", "Record a device's raw link traffic through hostd.",
       "capture_main")
-_lazy("decode", "hexiao.tools.capture",
+_lazy("decode", "hexiao.tools.decode",
       "Decode a link capture: frames, messages, counters, noise vs MAC failures.")
 _lazy("flash", "hexiao.tools.flash",
       "Install a signed firmware bundle on a board (USB) or the sim board.")
@@ -43,6 +43,8 @@ _lazy("doctor", "hexiao.tools.doctor",
       "Check a lane end to end and say what is wrong and what to do.")
 _lazy("bench-hostd", "hexiao.tools.hostd_bench",
       "Measure hostd's own latency per redemption and its throughput with many lanes.")
+_lazy("bench-firmware", "hexiao.tools.fw_bench",
+      "Measure the firmware's scan-to-HID latency and heap high-water on the sim board.")
 _lazy("keys", "hexiao.tools.keys", "Firmware signing keys: generate, show.")
 _lazy("bundle", "hexiao.tools.bundle", "Build and verify signed firmware bundles.")
 _lazy("udev", "hexiao.tools.install", "Install or show the udev rules for hexiao devices.",

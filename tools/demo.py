@@ -4,7 +4,10 @@ The lane (tools/demo_lane.py): the firmware on the sim board under MicroPython, 
 `hexiao-hostd` (a subprocess), the WeChat card API simulator on loopback and a fake POS showing the
 keystrokes it receives. Steps: products pass through, a coupon is redeemed with its value (and
 typed by the CASH macro), the same coupon is refused as used, an invalid code is refused, a busy
-backend is handled, hostd is SIGKILLed mid-redemption and reconciled after restart, counters.
+backend is handled, hostd is SIGKILLed mid-redemption and reconciled after restart, a Chinese
+receipt is printed through the receipt tap (its text and total as the tap read them, the
+printer's bytes: the original intact plus one QR block, the QR read back, its token verified),
+counters.
 Each step checks what it shows. The link-layer attacks (corrupted, forged, replayed frames) are
 not repeated here: tests/test_link.py and tests/test_pty_link.py show them.
 
@@ -17,6 +20,8 @@ not repeated here: tests/test_link.py and tests/test_pty_link.py show them.
     wait SECONDS            pause
     busy on|off             the simulator answers every API call "system busy" (errcode -1)
     kill-hostd              SIGKILL hostd, restart it, wait for the device's new session
+    receipt [YUAN ...]      the POS prints a receipt through the tap (items at these prices, e.g.
+                            12.50; default: the demo's four), checked as in the built-in step
 Exit status: 0 every step saw what it should; 1 a step did not (the reason is printed); 2 bad
 options or scenario file; 3 the lane could not be set up.
 """
@@ -24,22 +29,41 @@ options or scenario file; 3 the lane could not be set up.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
+from hexiao.hostd.inject import TokenError, TokenInfo, remove_blocks, verify_token
+from hexiao.hostd.receipt import Receipt
+from hexiao.hostd.tap_proxy import ConnRecord
 from hexiao.tools import micropython
-from hexiao.tools.demo_lane import DEVICE_ID, SETTLE_AFTER_S, Lane, SetupError
+from hexiao.tools.demo_lane import (
+    DEVICE_ID,
+    DLE_EOT_1,
+    PRINTER_STATUS,
+    SETTLE_AFTER_S,
+    TAP_CONTENT,
+    Lane,
+    SetupError,
+    qr_stored,
+    receipt_bytes,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD, EXIT_SETUP = 0, 1, 2, 3
 PRODUCTS = ("5901234123457", "4006381333931")
 CASH, DISCOUNT, GROUPON, UNKNOWN = "287463512093", "391827364510", "640218375912", "999999999999"
 OUTCOMES = ("accepted", "refused", "offline", "identified", "verify_manually", "info")
+SHOP = "好又多超市 (天河店)"
+ITEMS = (("可口可乐 330ml ×2", "7.00"), ("康师傅红烧牛肉面", "4.50"), ("农夫山泉 550ml", "2.00"),
+         ("鸡蛋 (10枚)", "12.50"))
+YUAN = re.compile(r"\d{1,6}\.\d{2}")
 
 
 class StepFailed(Exception):
@@ -271,6 +295,110 @@ def _settled(lane: Lane, entry_id: int) -> dict[str, Any] | None:
     return shown if shown["state"] == "done" else None
 
 
+def step_receipt(r: Run, items: tuple[tuple[str, str], ...] = ITEMS) -> None:
+    total = sum((Decimal(price) for _, price in items), Decimal("0.00"))
+    data = receipt_bytes(SHOP, list(items), str(total))
+    try:
+        tap = r.lane.receipt_tap()
+    except OSError as e:
+        raise StepFailed(f"the tap could not start: {e}") from None
+    assert tap.proxy is not None and tap.printer is not None
+    t0 = int(time.time())
+    try:
+        status, rec, job = tap.print_receipt(data)
+    except (OSError, TimeoutError) as e:
+        raise StepFailed(f"printing through the tap: {e}") from None
+    t1 = int(time.time())
+    pos, printer = tap.proxy.address, tap.printer.port
+    r.say.emit("tap", f"  POS → tap {pos[0]}:{pos[1]} → printer 127.0.0.1:{printer}; the POS "
+               f"asked for status (DLE EOT 1) and got 0x{status.hex() or '--'} back through "
+               "the tap", listen=f"{pos[0]}:{pos[1]}", printer=f"127.0.0.1:{printer}",
+               status=status.hex(), end=rec.end)
+    if status != bytes((PRINTER_STATUS,)):
+        raise StepFailed(f"the POS's status request got {status!r} through the tap, expected "
+                         f"{bytes((PRINTER_STATUS,))!r}")
+    rc = tap_receipt(rec, total)
+    r.say.emit("tap_receipt", f"  the tap read receipt {rc.index} ({len(rc.lines)} lines, "
+               f"ended by its {rc.end}):\n" + "".join(f"    | {line}\n" for line in rc.lines)
+               + f"  total: ¥{rc.total} (from the {rc.totals[-1][0]} line)", index=rc.index,
+               lines=rc.lines, total=str(rc.total), totals=[[n, str(v)] for n, v in rc.totals])
+    sent = DLE_EOT_1 + data
+    (off, n), = tap_bytes(sent, job, rec)
+    r.say.emit("tap_bytes", f"  the printer got {len(job)} bytes: all {len(sent)} the POS sent, "
+               f"in order, plus one {n}-byte QR block at byte {off}, before the cut",
+               sent=len(sent), received=len(job), injections=rec.injections, intact=True)
+    content = tap_qr(job, rc)
+    r.say.emit("tap_qr", f"  QR, read back from the printer's bytes (GS ( k store data): "
+               f"{content}", content=content, source="GS ( k 1 P")
+    info = tap_token(tap.key, content, tap.lane, total, t0, t1)
+    when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(info.time))
+    r.say.emit("tap_token", f"  its token verifies under the tap key: lane {info.lane}, "
+               f"{when}, total {info.total}, receipt digest {info.digest}", valid=True,
+               lane=info.lane, time=info.time, total=str(info.total), digest=info.digest)
+
+
+def tap_receipt(rec: ConnRecord, total: Decimal) -> Receipt:
+    """The one receipt the tap read, with its QR added and the total the POS printed."""
+    if len(rec.receipts) != 1:
+        raise StepFailed(f"the tap saw {len(rec.receipts)} receipts on the connection "
+                         f"({rec.end}), expected one")
+    rc = rec.receipts[0]
+    if not rc.injected:
+        raise StepFailed(f"the tap added no QR to the receipt: {rc.skipped}")
+    if rc.total != total:
+        raise StepFailed(f"the tap read the total as {rc.total}, the POS printed {total}")
+    return rc
+
+
+def tap_bytes(sent: bytes, job: bytes, rec: ConnRecord) -> list[tuple[int, int]]:
+    """One QR block, before the cut, and every byte the POS sent around it, in order."""
+    if len(rec.injections) != 1:
+        raise StepFailed(f"the tap reports {len(rec.injections)} QR blocks, expected one")
+    original = remove_blocks(job, rec.injections)
+    if original != sent:
+        at = next((i for i, (a, b) in enumerate(zip(original, sent, strict=False)) if a != b),
+                  min(len(original), len(sent)))
+        raise StepFailed(f"the printer's bytes without the QR block are not what the POS sent "
+                         f"({len(original)} vs {len(sent)} bytes, first difference at byte "
+                         f"{at})")
+    off, n = rec.injections[0]
+    if off + n > job.rfind(b"\x1dV"):
+        raise StepFailed(f"the QR block (bytes {off}..{off + n}) is not before the cut")
+    return rec.injections
+
+
+def tap_qr(job: bytes, rc: Receipt) -> str:
+    """The QR content as the printer will print it: the GS ( k store command's data."""
+    stored = qr_stored(job)
+    if len(stored) != 1:
+        raise StepFailed(f"the printer's bytes hold {len(stored)} QR store commands "
+                         f"(GS ( k 1 P), expected one")
+    try:
+        content = stored[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise StepFailed(f"the QR data is not UTF-8: {stored[0]!r}") from None
+    if content != rc.content:
+        raise StepFailed(f"the printer's QR says {content!r}, the tap says it added "
+                         f"{rc.content!r}")
+    return content
+
+
+def tap_token(key: bytes, content: str, lane: str, total: Decimal, t0: int,
+              t1: int) -> TokenInfo:
+    """The token in the QR's URL verifies under the key and says this lane, time and total."""
+    prefix = TAP_CONTENT.removesuffix("{token}")
+    if not content.startswith(prefix):
+        raise StepFailed(f"the QR {content!r} is not a {prefix}TOKEN link")
+    try:
+        info = verify_token([key], content.removeprefix(prefix))
+    except TokenError as e:
+        raise StepFailed(f"the QR's token does not verify: {e}") from None
+    if (info.lane, info.total) != (lane, total) or not t0 <= info.time <= t1:
+        raise StepFailed(f"the token says lane {info.lane}, total {info.total}, time "
+                         f"{info.time}; expected {lane}, {total}, a time in {t0}..{t1}")
+    return info
+
+
 def step_counters(r: Run) -> None:
     health = r.lane.ctl("device.health", device=DEVICE_ID)
     status = r.lane.ctl("status")
@@ -304,6 +432,7 @@ STEPS: list[Step] = [
     ("invalid", "an invalid code", step_invalid),
     ("busy", "the backend busy", step_busy),
     ("kill", "hostd killed mid-redemption", step_kill),
+    ("receipt", "a receipt through the tap", step_receipt),
     ("counters", "what everyone counted", step_counters),
 ]
 
@@ -329,10 +458,13 @@ def parse_scenario(text: str) -> list[Step]:
             fn = partial(_busy, on=args[0] == "on")
         elif verb == "kill-hostd" and not args:
             fn = _scenario_kill
+        elif verb == "receipt" and len(args) <= 8 and all(YUAN.fullmatch(a) for a in args):
+            fn = partial(step_receipt, items=tuple((f"商品 {i}", a) for i, a in
+                                                   enumerate(args, 1)) or ITEMS)
         else:
             raise ValueError(f"line {n}: cannot read {raw.strip()!r}: expected product DIGITS, "
-                             "coupon CODE [OUTCOME], scan LINE, wait SECONDS, busy on|off or "
-                             "kill-hostd")
+                             "coupon CODE [OUTCOME], scan LINE, wait SECONDS, busy on|off, "
+                             "kill-hostd or receipt [YUAN ...]")
         steps.append((f"line {n}", raw.strip(), fn))
     steps.append(STEPS[-1])
     return steps
@@ -417,7 +549,7 @@ def _fail(lane: Lane, say: Narrator, step: str, message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
 @click.option("--scenario", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Your own steps, one per line: product DIGITS | coupon CODE [OUTCOME] | "
-                   "scan LINE | wait SECONDS | busy on|off | kill-hostd.")
+                   "scan LINE | wait SECONDS | busy on|off | kill-hostd | receipt [YUAN ...].")
 @click.option("--backend-url", help="A WeChat-card-API-compatible server instead of the "
               "built-in simulator (it must know the example seed's appid and codes, as "
               "`hexiao sim wechat` does); fault steps are skipped.")

@@ -2,24 +2,35 @@
 MicroPython) on a relay.Cable pty, `hexiao-hostd` as a subprocess (so it can be SIGKILLed), the
 WeChat simulator in this process (it outlives hostd's kill), a scanner FIFO the demo writes scan
 lines to, and a fake POS that reads the device's HID reports and shows them as typed text.
+The receipt tap (started on first use): a TapProxy as `hexiao tap serve` runs it, in front of a
+loopback fake printer, with a POS that prints over TCP through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 from hexiao.hostd.control import ControlClient, ControlError
+from hexiao.hostd.escpos import Command, Payload, parse
+from hexiao.hostd.inject import PROFILES, Content, Injector, QRStyle
 from hexiao.hostd.keystore import Keystore
+from hexiao.hostd.tap_printer import TcpTarget
+from hexiao.hostd.tap_proxy import ConnRecord, TapProxy
 from hexiao.tools import micropython, relay
+from hexiao.tools.tap import read_key
 from hexiao.tools.wechat_sim_seed import EXAMPLE, read
 
 DEVICE_ID = "lane-1"
@@ -80,6 +91,7 @@ class Lane:
         self.sock = workdir / "run" / "hostd.sock"
         self.hostd_log = workdir / "hostd.log"
         self.pos_seen = 0  # HID lines already shown
+        self.tap: ReceiptTap | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -164,7 +176,16 @@ class Lane:
         self.sock.unlink(missing_ok=True)  # left behind by the dead process
         return pid
 
+    def receipt_tap(self) -> ReceiptTap:
+        """The tap, started on first use (the scan steps do not need it)."""
+        if self.tap is None:
+            self.tap = ReceiptTap(self.dir, self.timeout)
+            self.tap.start()
+        return self.tap
+
     def close(self) -> None:
+        if self.tap is not None:
+            self.tap.close()
         if self.hostd is not None and self.hostd.poll() is None:
             self.hostd.terminate()
             try:
@@ -275,3 +296,137 @@ class Lane:
         r = httpx.post(f"{self.url}/_sim/faults", json=faults, timeout=self.timeout)
         if r.status_code != 200:
             raise RuntimeError(f"the simulator refused faults {faults}: {r.text}")
+
+
+# -- the receipt tap ------------------------------------------------------------------------------
+
+TAP_CONTENT = "https://hexiao.example/r/{token}"
+DLE_EOT_1 = b"\x10\x04\x01"  # transmit printer status: the POS asks before it prints
+PRINTER_STATUS = 0x16         # the fake printer's answer: online, drawer closed
+
+
+def receipt_bytes(shop: str, items: list[tuple[str, str]], total: str) -> bytes:
+    """One Chinese receipt as a POS prints it: ESC @, Chinese mode, a double-size centred shop
+    name, item lines and the 合计 line in GB18030, a feed and a full cut."""
+    # columns by printed width: a Chinese character takes two half-width cells
+    body = [name + " " * max(1, 32 - _cells(name) - len(price)) + price + "\n"
+            for name, price in items]
+    return b"".join((
+        b"\x1b@\x1c&\x1ba\x01\x1d!\x11", f"{shop}\n".encode("gb18030"), b"\x1d!\x00",
+        time.strftime("%Y-%m-%d %H:%M  收银员 01\n").encode("gb18030"), b"\x1ba\x00",
+        "".join(body).encode("gb18030"), b"\x1bE\x01",
+        f"合计: ¥{total}\n".encode("gb18030"), b"\x1bE\x00\x1ba\x01",
+        "谢谢惠顾\n".encode("gb18030"), b"\x1bd\x04\x1dV\x00"))
+
+
+def _cells(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def qr_stored(data: bytes) -> list[bytes]:
+    """The data of every GS ( k store command (cn 49, fn 80: 'P') in an ESC/POS stream, read by
+    the project's own parser, without the leading m byte (0x30)."""
+    found: list[bytes] = []
+    store: bytearray | None = None
+    left = 0
+    for ev in parse(data):
+        if store is not None and isinstance(ev, Payload):
+            store += ev.raw
+            left -= len(ev.raw)
+            if left <= 0:
+                found.append(bytes(store[1:]))
+                store = None
+            continue
+        store = None
+        if isinstance(ev, Command) and ev.name == "GS ( k" and ev.raw[5:7] == b"1P" \
+                and ev.payload:
+            store, left = bytearray(), ev.payload
+    return found
+
+
+class FakePrinter:
+    """A loopback TCP printer: records each connection's bytes, answers DLE EOT n."""
+
+    def __init__(self) -> None:
+        self.jobs: list[bytes] = []
+        self.cond = threading.Condition()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, name="demo-printer", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf, scanned = bytearray(), 0
+        with conn:
+            while data := conn.recv(65536):
+                buf += data
+                while (j := buf.find(b"\x10\x04", scanned)) >= 0 and j + 2 < len(buf):
+                    conn.sendall(bytes((PRINTER_STATUS,)))
+                    scanned = j + 3
+                scanned = max(scanned, len(buf) - 2)
+            with self.cond:  # recorded before the close, so the tap's job is done by then
+                self.jobs.append(bytes(buf))
+                self.cond.notify_all()
+
+    def wait_jobs(self, n: int, timeout: float) -> list[bytes]:
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.jobs) >= n, timeout):
+                raise TimeoutError(f"waiting for the printer's job {n}: nothing after "
+                                   f"{timeout:g} s")
+            return list(self.jobs)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class ReceiptTap:
+    """A fake printer with the tap in front, as `hexiao tap serve --printer tcp:HOST:PORT
+    --key-file KEY --content URL` runs it; the POS prints through `print_receipt`."""
+
+    def __init__(self, workdir: Path, timeout: float, lane: str = DEVICE_ID) -> None:
+        self.timeout, self.lane = timeout, lane
+        self.key_file = workdir / "tap.key"
+        self.printer: FakePrinter | None = None
+        self.proxy: TapProxy | None = None
+
+    def start(self) -> None:
+        self.key_file.touch(mode=0o600)  # the key is written to a 0600 file, never printed
+        self.key_file.write_text(os.urandom(32).hex() + "\n")
+        self.key = read_key(str(self.key_file))
+        self.printer = FakePrinter()
+        args = (PROFILES["generic-80"], QRStyle(), Content(TAP_CONTENT, self.lane, self.key))
+        self.proxy = TapProxy(TcpTarget("127.0.0.1", self.printer.port, self.timeout),
+                              lambda: Injector(*args), ("127.0.0.1", 0),
+                              connect_timeout=self.timeout)
+        self.proxy.start()
+
+    def print_receipt(self, data: bytes) -> tuple[bytes, ConnRecord, bytes]:
+        """The POS connects, asks for the printer's status, prints `data` and closes. Returns
+        the status reply it got, the tap's record of the connection and what the printer got."""
+        assert self.proxy is not None and self.printer is not None
+        done = self.proxy.ended
+        with socket.create_connection(self.proxy.address, timeout=self.timeout) as pos:
+            pos.sendall(DLE_EOT_1)
+            status = pos.recv(1)
+            pos.sendall(data)
+            pos.shutdown(socket.SHUT_WR)  # end of job; the tap closes after the printer does
+            while pos.recv(4096):
+                pass
+        rec = self.proxy.wait_finished(done + 1, self.timeout)[-1]
+        job = self.printer.wait_jobs(done + 1, self.timeout)[-1]
+        return status, rec, job
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.printer is not None:
+            self.printer.close()

@@ -75,13 +75,13 @@ class Doctor:
     # -- hostd --------------------------------------------------------------------------------
 
     def _ask(self, cfg: Config, cmd: str, **args: Any) -> Any:
-        from hexiao.hostd.control import ControlClient
+        from hexiao.hostd.control_client import ControlClient
 
         with ControlClient(cfg.hostd.control_socket, timeout=self.timeout) as c:
             return c.call(cmd, **args)
 
     def hostd(self, cfg: Config) -> None:
-        from hexiao.hostd.control import START_HINT, ControlError, HostdNotRunning
+        from hexiao.hostd.control_client import START_HINT, ControlError, HostdNotRunning
 
         try:
             st = self._ask(cfg, "status")
@@ -145,7 +145,7 @@ class Doctor:
         self._handshake(cfg, dev, name, port, info)
 
     def _hostd_device(self, cfg: Config, dev: Device) -> dict[str, Any] | None:
-        from hexiao.hostd.control import ControlError
+        from hexiao.hostd.control_client import ControlError
 
         try:
             return dict(self._ask(cfg, "device.info", device=dev.id))
@@ -224,8 +224,8 @@ class Doctor:
         if port is None:
             self.add(n, "n/a", "the device is not present")
             return
-        from hexiao.hostd.control import ControlError
-        from hexiao.tools.ctl import DirectDevice
+        from hexiao.hostd.control_client import ControlError
+        from hexiao.tools.ctl_direct import DirectDevice
 
         try:
             with DirectDevice(port, Path(cfg.keystore.path or ""), dev.id, self.timeout) as d:

@@ -13,7 +13,7 @@ add is printed (a TOML file edited without a TOML writer would lose its comments
 
 The sim board (--sim-dir, the folder `hexiao flash --sim-dir` installs into) runs its firmware
 (hexiao.firmware.linkpeer) under MicroPython on a pty for the self-test, in the 64 KB device heap
-(the rules push is part of the self-test).
+(the rules push is part of the self-test). The self-test lives in provision_selftest.py.
 
 Exit codes:
   0  provisioned (or --check), every required check passed
@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,9 @@ import click
 from hexiao.hostd.config import ConfigError, kid_bytes
 from hexiao.hostd.config import load as load_config
 from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError
+from hexiao.tools.provision_selftest import BEEP_FIRMWARE, SIM_HEAP, SIM_MODULE, self_test
 
 CONFIG_PATH = "/config.json"
-SIM_MODULE = "hexiao.firmware.linkpeer"
-SIM_HEAP = "64k"  # the device budget (micropython.HEAP): the link peer decodes the rules push
-# firmware that can sound a test beep / report a test scan on request; none can yet
-BEEP_FIRMWARE: frozenset[str] = frozenset()
 EXIT_FAILED, EXIT_PROVISIONED, EXIT_REFUSED = 1, 3, 4
 
 
@@ -105,13 +101,12 @@ class Board:
     """The device's filesystem: the sim board's folder, or a USB board through mpremote."""
 
     def __init__(self, sim_dir: Path | None, port: str | None) -> None:
-        from hexiao.tools import flash
+        from hexiao.tools.flash_targets import DirTarget, FlashError, MpremoteTarget
 
         self.sim_dir, self.port = sim_dir, port
         try:
-            self.target: Any = flash.DirTarget(sim_dir) if sim_dir else flash.MpremoteTarget(
-                str(port))
-        except flash.FlashError as e:
+            self.target: Any = DirTarget(sim_dir) if sim_dir else MpremoteTarget(str(port))
+        except FlashError as e:
             raise Refused(EXIT_REFUSED, e.message) from None
 
     def read_config(self) -> dict[str, Any] | None:
@@ -184,101 +179,6 @@ def provision(board: Board, device_id: str, lane: str, keystore: Path, force: bo
 
 
 # -- the self-test ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _running_sim(root: Path) -> Iterator[tuple[str, Any]]:
-    """The sim board's firmware on a pty cable: yields (host port, DeviceProcess)."""
-    from hexiao.tools import micropython, relay
-
-    argv, env = micropython.command(SIM_MODULE, root, heap=SIM_HEAP, args=["cfg=config.json"])
-    cable = relay.Cable().start()
-    device = None
-    try:
-        device = relay.DeviceProcess(cable, argv, env, str(root))
-        yield cable.host_port, device
-    finally:
-        cable.close()
-        if device is not None:
-            device.stop()
-
-
-def _start(board: Board, report: Report, timeout: float) -> contextlib.AbstractContextManager[
-        str | None]:
-    @contextlib.contextmanager
-    def sim() -> Iterator[str | None]:
-        assert board.sim_dir is not None
-        with _running_sim(board.sim_dir) as (port, device):
-            try:
-                device.wait_for(lambda ev: [e for e in ev if e["ev"] == "boot"], timeout)
-            except TimeoutError as e:
-                tail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-                report.add("device starts", "fail", f"the firmware did not boot: "
-                           f"{str(e).splitlines()[0]} ({tail})")
-                yield None
-                return
-            report.add("device starts", "pass", f"{SIM_MODULE} on {port}")
-            yield port
-
-    @contextlib.contextmanager
-    def usb() -> Iterator[str | None]:
-        board.target.reset()  # the firmware reads /config.json at boot
-        report.add("device starts", "pass", f"reset {board.port}")
-        yield board.port
-
-    return sim() if board.sim_dir else usb()
-
-
-def self_test(board: Board, device_id: str, keystore: Path, report: Report,
-              timeout: float) -> None:
-    from hexiao.hostd.control import ControlError
-    from hexiao.hostd.lane import DEFAULT_RULES
-    from hexiao.protocol.link import EV_ACKED, EV_NACKED
-    from hexiao.tools.ctl import DirectDevice
-
-    required = ("handshake", "ping", "health", "rules pushed")
-    with _start(board, report, timeout) as port:
-        dev = None
-        try:
-            if port is not None:
-                dev = DirectDevice(port, keystore, device_id, timeout)
-        except ControlError as e:
-            report.add("handshake", "fail", e.message)
-        if dev is None:
-            done = {c.name for c in report.checks}
-            for name in (n for n in required if n not in done):
-                report.add(name, "skipped", "not run: an earlier check failed")
-            return
-        with dev:
-            fw = str(dev.peer.get("firmware", "?"))
-            report.add("handshake", "pass", f"with the new key; firmware {fw}, "
-                       f"board {dev.peer.get('board', '?')}")
-            for name, call in (("ping", lambda: f"{dev.ping(os.urandom(8))['rtt_ms']} ms"),
-                               ("health", lambda: "heap free {heap_free}, uptime {uptime_ms} ms"
-                                .format(**dev.health()))):
-                try:
-                    report.add(name, "pass", call())
-                except (ControlError, KeyError) as e:
-                    report.add(name, "fail", getattr(e, "message", f"bad reply: {e}"))
-            if not dev.link.send(DEFAULT_RULES):
-                report.add("rules pushed", "fail", "the link's send queue is full")
-            else:
-                try:
-                    got = dev.events.wait(lambda: dev.events.of(EV_ACKED, "rules")
-                                          or dev.events.of(EV_NACKED, "rules"), timeout,
-                                          "the rules' ack")
-                    ok = got[0][0] == EV_ACKED
-                    report.add("rules pushed", "pass" if ok else "fail",
-                               "default classifier rules acknowledged" if ok
-                               else f"the device refused the rules: {got[0][2]}")
-                except TimeoutError:
-                    report.add("rules pushed", "fail", f"no ack within {timeout:g} s (out of "
-                               f"heap decoding them?)")
-            support = "" if fw in BEEP_FIRMWARE else f"not supported by this firmware ({fw})"
-            report.add("test beep", "n/a", support, required=False)
-            report.add("test scan", "n/a", support, required=False)
-
-
 # -- hostd's config -----------------------------------------------------------------------------
 
 
@@ -400,6 +300,12 @@ def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
     self_test(board, device_id, ks_path, report, timeout)
     _print(report, as_json)
     raise SystemExit(0 if report.ok else EXIT_FAILED)
+
+
+
+__all__ = ["BEEP_FIRMWARE", "CONFIG_PATH", "EXIT_FAILED", "EXIT_PROVISIONED", "EXIT_REFUSED",
+           "SIM_HEAP", "SIM_MODULE", "Board", "Check", "Refused", "Report", "main", "provision",
+           "self_test"]
 
 
 if __name__ == "__main__":
