@@ -14,11 +14,68 @@ if hasattr(gc, "threshold"):  # see linkpeer: keeps the 64 KB heap unfragmented
 import sys
 
 
+def refused(state):
+    # The device's own check of what `hexiao flash` installed, before any of it runs: every
+    # file the manifest lists must be there with its size and SHA-256 (a tampered or
+    # half-written file), and the manifest's security counter must not be below the highest
+    # this device has run (a downgrade). The installer checked the Ed25519 signature; the
+    # device has no Ed25519, so it holds the firmware to the manifest it was installed with.
+    # Returns why the firmware must not run, or None. No manifest: a development build.
+    from json import load
+
+    try:
+        with open("hexiao/manifest.json") as f:
+            m = load(f)
+    except OSError:
+        return None
+    except ValueError:
+        return "its manifest is unreadable"
+    import hashlib
+    from binascii import hexlify
+
+    buf = bytearray(256)
+    for name in m["files"]:
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with open(name, "rb") as g:
+                k = g.readinto(buf)
+                while k:
+                    h.update(memoryview(buf)[:k])
+                    n += k
+                    k = g.readinto(buf)
+        except OSError:
+            return "missing " + name
+        want = m["files"][name]
+        if n != want["size"] or hexlify(h.digest()).decode() != want["sha256"]:
+            return "changed since it was installed: " + name
+    if state:
+        try:
+            with open(state + "/fw_counter") as f:
+                top = int(f.read())
+        except (OSError, ValueError):
+            top = 0
+        if m["counter"] < top:
+            return "downgraded: security counter %d is below %d" % (m["counter"], top)
+        if m["counter"] > top:
+            with open(state + "/fw_counter.new", "w") as f:
+                f.write(str(m["counter"]))
+            import os
+
+            os.rename(state + "/fw_counter.new", state + "/fw_counter")
+    return None
+
+
 def main(argv):
     a = {}
     for arg in argv:
         k, _, v = arg.partition("=")
         a[k] = v
+    why = refused(a.get("state"))
+    gc.collect()
+    if why:
+        sys.stderr.write('{"ev": "refused", "why": "%s"}\n' % why)
+        sys.exit(3)  # safe mode: nothing of this firmware runs
     from json import load
 
     with open(a["cfg"]) as f:

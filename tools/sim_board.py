@@ -91,7 +91,9 @@ def board(board_dir: Path, heap: str, as_json: bool) -> None:
                 written = len(device.events)
                 log.flush()
                 if device.proc.poll() is not None:
-                    click.echo("the firmware exited: " + " | ".join(device.other[-6:]), err=True)
+                    refused = [e["why"] for e in device.events if e.get("ev") == "refused"]
+                    click.echo("the firmware refused to run: " + refused[0] if refused else
+                               "the firmware exited: " + " | ".join(device.other[-6:]), err=True)
                     rc = 1
                     break
     finally:
