@@ -13,12 +13,14 @@ if hasattr(gc, "threshold"):  # see linkpeer: keeps the 64 KB heap unfragmented
     gc.threshold(2048)
 import sys
 
+BOARD = "sim"  # this entry point wires the sim board's HAL
+
 
 def refused(state):
-    # The device's own check of what `hexiao flash` installed, before any of it runs: every
-    # file the manifest lists must be there with its size and SHA-256 (a tampered or
-    # half-written file), and the manifest's security counter must not be below the highest
-    # this device has run (a downgrade). The installer checked the Ed25519 signature; the
+    # The device's own check of what `hexiao flash` installed, before any of it runs: built for
+    # this board, signed (a signature present), every file the manifest lists there with its
+    # size and SHA-256 (a tampered or half-written file), and a security counter not below the
+    # highest this device has run (a downgrade). The installer checked the Ed25519 signature; the
     # device has no Ed25519, so it holds the firmware to the manifest it was installed with.
     # Returns why the firmware must not run, or None. No manifest: a development build.
     from json import load
@@ -30,6 +32,14 @@ def refused(state):
         return None
     except ValueError:
         return "its manifest is unreadable"
+    if m.get("board") != BOARD:
+        return "built for board %s, this is a %s board" % (m.get("board"), BOARD)
+    try:  # present, not verified: the device has no Ed25519 (the installer verified it)
+        with open("hexiao/manifest.sig", "rb") as f:
+            if len(f.read(65)) != 64:
+                return "unsigned: its manifest.sig is not an Ed25519 signature"
+    except OSError:
+        return "unsigned: no manifest.sig"
     import hashlib
     from binascii import hexlify
 

@@ -101,7 +101,8 @@ def lane(mpy_stage: Path, tmp_path: Path, base_url: str, printer: str, *, hostd:
     if wrong_key:
         Keystore(tmp_path / "state" / "keystore.jsonl").add(KID.encode(), os.urandom(32),
                                                             replace=True)
-    argv, env = micropython.command(provision.SIM_MODULE, board, heap=provision.SIM_HEAP,
+    # the scripted link peer, in the 64 KB budget: the doctor's checks need only the link
+    argv, env = micropython.command("hexiao.firmware.linkpeer", board, heap=micropython.HEAP,
                                     args=["cfg=config.json"])
     device = relay.DeviceProcess(cable, argv, env, str(board))
     daemon = Daemon(load(cfg)).start() if hostd else None

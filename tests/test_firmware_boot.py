@@ -99,3 +99,19 @@ def test_a_downgrade_is_refused_by_the_device_itself(bundles, tmp_path: Path) ->
 def test_a_development_build_without_a_manifest_runs(mpy_stage: Path, tmp_path: Path) -> None:
     with sim(mpy_stage, tmp_path) as s:
         s.device.wait_for(lambda ev: [e for e in ev if e["ev"] == "boot"], 30)
+
+
+def test_a_wrong_board_or_unsigned_installation_is_refused(bundles, tmp_path: Path) -> None:
+    board, state = flashed(bundles, tmp_path / "board"), tmp_path / "state"
+    state.mkdir()
+    manifest = board / "hexiao" / "manifest.json"
+    good = manifest.read_bytes()
+    manifest.write_bytes(good.replace(b'"board":"sim"', b'"board":"rp2040"'))
+    r = boot(board, state)
+    assert r.returncode == 3
+    assert events(r) == [{"ev": "refused", "why": "built for board rp2040, this is a sim board"}]
+    manifest.write_bytes(good)
+    (board / "hexiao" / "manifest.sig").unlink()
+    r = boot(board, state)
+    assert r.returncode == 3
+    assert events(r) == [{"ev": "refused", "why": "unsigned: no manifest.sig"}]

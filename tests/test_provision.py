@@ -48,18 +48,18 @@ def test_provisioned_sim_board_handshakes_with_the_host_keystore(board: Path,
     assert not (board / "config.json.new").exists()
     assert cfg["key"] not in r.output and cfg["key"].upper() not in r.output
     for line in ("[pass] device key written: provisioned: /config.json with id and lane (0600)",
-                 "[pass] handshake: with the new key; firmware linkpeer/0.1, board sim",
+                 "[pass] handshake: with the new key; firmware hexiao-fw 0.1.0, board sim",
                  "[pass] rules pushed: default classifier rules acknowledged",
-                 "[n/a ] test beep: not supported by this firmware (linkpeer/0.1)",
+                 "[pass] test beep: the device sounded ok and lit blue",
                  'id = "hx-0001"',
                  "PASS: 7 of 7 required checks passed"):
         assert line in r.output
-    assert "note: sim device run at" not in r.output  # the self-test runs in the 64 KB budget
+    assert "[pass] test scan: the scan engine's read of HEXIAO-TEST reached the host" in r.output
     # independently of provision's own self-test: the device boots from what was written and
     # opens a session with the key the host keystore holds
-    with _running_sim(board) as (port, _device), DirectDevice(port, ks, KID, 10) as dev:
+    with _running_sim(board) as (port, _device, _scanner), DirectDevice(port, ks, KID, 10) as dev:
         assert dev.info()["device"] == KID
-        assert dev.health()["firmware"] == "linkpeer/0.1"
+        assert dev.health()["firmware"] == "hexiao-fw 0.1.0"
 
 
 def test_json_checklist_has_no_key(board: Path, tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_json_checklist_has_no_key(board: Path, tmp_path: Path) -> None:
     doc = json.loads(r.output)
     assert doc["ok"] is True
     status = {c["name"]: (c["status"], c["required"]) for c in doc["checks"]}
-    assert status["ping"] == ("pass", True) and status["test beep"] == ("n/a", False)
+    assert status["ping"] == ("pass", True) and status["test beep"] == ("pass", False)
     assert device_key(board) not in r.output
 
 
@@ -118,13 +118,13 @@ def test_no_firmware_on_the_board_is_refused(tmp_path: Path) -> None:
     bare.mkdir()
     r = run(bare, tmp_path / "ks.jsonl")
     assert r.exit_code == 4
-    assert (f"refused: no firmware on the sim board ({bare}/hexiao/firmware/linkpeer.mpy is "
+    assert (f"refused: no firmware on the sim board ({bare}/hexiao/firmware/main.mpy is "
             f"missing): install it first with `hexiao flash BUNDLE --sim-dir {bare}`") in r.output
     assert list(bare.iterdir()) == [] and not (tmp_path / "ks.jsonl").exists()
 
 
 def test_a_device_that_does_not_start_fails_the_checklist(board: Path, tmp_path: Path) -> None:
-    (board / "hexiao" / "firmware" / "linkpeer.mpy").write_bytes(b"not an mpy file")
+    (board / "hexiao" / "firmware" / "main.mpy").write_bytes(b"not an mpy file")
     ks = tmp_path / "ks.jsonl"
     r = run(board, ks)
     assert r.exit_code == 1, r.output

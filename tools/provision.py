@@ -12,8 +12,9 @@ provisioned device (nothing written). hostd's config is not edited: the `[[devic
 add is printed (a TOML file edited without a TOML writer would lose its comments).
 
 The sim board (--sim-dir, the folder `hexiao flash --sim-dir` installs into) runs its firmware
-(hexiao.firmware.linkpeer) under MicroPython on a pty for the self-test, in the 64 KB device heap
-(the rules push is part of the self-test). The self-test lives in provision_selftest.py.
+(hexiao.firmware.main) under MicroPython on a pty for the self-test, with a test scan written to
+its scanner and the host's answer shown by its buzzer and LED. The self-test lives in
+provision_selftest.py.
 
 Exit codes:
   0  provisioned (or --check), every required check passed
@@ -37,7 +38,7 @@ import click
 from hexiao.hostd.config import ConfigError, kid_bytes
 from hexiao.hostd.config import load as load_config
 from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError
-from hexiao.tools.provision_selftest import BEEP_FIRMWARE, SIM_HEAP, SIM_MODULE, self_test
+from hexiao.tools.provision_selftest import SIM_MODULE, TEST_CODE, self_test
 
 CONFIG_PATH = "/config.json"
 EXIT_FAILED, EXIT_PROVISIONED, EXIT_REFUSED = 1, 3, 4
@@ -80,7 +81,7 @@ class Report:
 
 def _sim_firmware(root: Path) -> Path | None:
     base = root / "hexiao" / "firmware"
-    return next((p for p in (base / "linkpeer.mpy", base / "linkpeer.py") if p.is_file()), None)
+    return next((p for p in (base / "main.mpy", base / "main.py") if p.is_file()), None)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -274,7 +275,7 @@ def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
         ks_path, listed = _hostd(config, device_id, lane, keystore, report)
         if sim_dir is not None and _sim_firmware(sim_dir) is None and sim_dir.is_dir():
             raise Refused(EXIT_REFUSED, f"no firmware on the sim board ({sim_dir}/hexiao/"
-                                        f"firmware/linkpeer.mpy is missing): install it first "
+                                        f"firmware/main.mpy is missing): install it first "
                                         f"with `hexiao flash BUNDLE --sim-dir {sim_dir}`")
         board = Board(sim_dir, port)
         if check:
@@ -303,8 +304,8 @@ def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
 
 
 
-__all__ = ["BEEP_FIRMWARE", "CONFIG_PATH", "EXIT_FAILED", "EXIT_PROVISIONED", "EXIT_REFUSED",
-           "SIM_HEAP", "SIM_MODULE", "Board", "Check", "Refused", "Report", "main", "provision",
+__all__ = ["CONFIG_PATH", "EXIT_FAILED", "EXIT_PROVISIONED", "EXIT_REFUSED",
+           "SIM_MODULE", "TEST_CODE", "Board", "Check", "Refused", "Report", "main", "provision",
            "self_test"]
 
 

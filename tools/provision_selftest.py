@@ -4,8 +4,10 @@ with the new key (handshake, ping, health, the default rules pushed and acknowle
 Rules this module keeps:
 - Every check lands in the Report as pass/fail/n-a/skipped with a detail line; nothing raises
   for a failed check, and checks after a failed handshake are reported as skipped, not dropped.
-- The sim board runs its real firmware (SIM_MODULE under MicroPython, in the device's heap) on a
-  pty cable; a USB board is reset so that it reads its new /config.json.
+- The sim board runs its real firmware (SIM_MODULE under MicroPython, at FIRMWARE_HEAP: it does
+  not fit the 64 KB budget yet) on a pty cable, its scanner a FIFO the test scan is written to;
+  a USB board is reset so that it reads its new /config.json, and its test scan is the
+  installer scanning the printed test code (n/a, not a failure, when none comes).
 - Nothing is written here: provision.py writes, this module only looks.
 """
 
@@ -20,27 +22,35 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # provision.py imports this module: its types only for annotations
     from hexiao.tools.provision import Board, Report
 
-SIM_MODULE = "hexiao.firmware.linkpeer"
-SIM_HEAP = "64k"  # the device budget (micropython.HEAP): the link peer decodes the rules push
-# firmware that can sound a test beep / report a test scan on request; none can yet
-BEEP_FIRMWARE: frozenset[str] = frozenset()
+SIM_MODULE = "hexiao.firmware.main"  # the application the sim board runs
+TEST_CODE = "HEXIAO-TEST"  # what the printed test code carries (QR): ]Q1HEXIAO-TEST
 
 
 @contextlib.contextmanager
-def _running_sim(root: Path) -> Iterator[tuple[str, Any]]:
-    """The sim board's firmware on a pty cable: yields (host port, DeviceProcess)."""
+def _running_sim(root: Path) -> Iterator[tuple[str, Any, int]]:
+    """The sim board's firmware on a pty cable: yields (host port, DeviceProcess, the write end
+    of its scanner FIFO)."""
+    import tempfile
+
     from hexiao.tools import micropython, relay
 
-    argv, env = micropython.command(SIM_MODULE, root, heap=SIM_HEAP, args=["cfg=config.json"])
-    cable = relay.Cable().start()
-    device = None
-    try:
-        device = relay.DeviceProcess(cable, argv, env, str(root))
-        yield cable.host_port, device
-    finally:
-        cable.close()
-        if device is not None:
-            device.stop()
+    with tempfile.TemporaryDirectory(prefix="hexiao-selftest-") as tmp:
+        fifo = Path(tmp) / "scanner"
+        os.mkfifo(fifo, 0o600)
+        scanner = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # held: no end of input for it
+        argv, env = micropython.command(
+            SIM_MODULE, root, heap=micropython.FIRMWARE_HEAP,
+            args=["cfg=config.json", f"scanner={fifo}", f"hid={tmp}/hid.log"])
+        cable = relay.Cable().start()
+        device = None
+        try:
+            device = relay.DeviceProcess(cable, argv, env, str(root))
+            yield cable.host_port, device, scanner
+        finally:
+            cable.close()
+            os.close(scanner)
+            if device is not None:
+                device.stop()
 
 
 def _start(board: Board, report: Report, timeout: float) -> contextlib.AbstractContextManager[
@@ -48,7 +58,8 @@ def _start(board: Board, report: Report, timeout: float) -> contextlib.AbstractC
     @contextlib.contextmanager
     def sim() -> Iterator[str | None]:
         assert board.sim_dir is not None
-        with _running_sim(board.sim_dir) as (port, device):
+        with _running_sim(board.sim_dir) as (port, device, scanner):
+            sim_io[:] = [device, scanner]
             try:
                 device.wait_for(lambda ev: [e for e in ev if e["ev"] == "boot"], timeout)
             except TimeoutError as e:
@@ -66,7 +77,10 @@ def _start(board: Board, report: Report, timeout: float) -> contextlib.AbstractC
         report.add("device starts", "pass", f"reset {board.port}")
         yield board.port
 
-    return sim() if board.sim_dir else usb()
+    sim_io: list[Any] = []  # the sim board's DeviceProcess and scanner, for the test scan
+    cm = sim() if board.sim_dir else usb()
+    cm.sim_io = sim_io  # type: ignore[attr-defined]
+    return cm
 
 
 def self_test(board: Board, device_id: str, keystore: Path, report: Report,
@@ -77,7 +91,8 @@ def self_test(board: Board, device_id: str, keystore: Path, report: Report,
     from hexiao.tools.ctl_direct import DirectDevice
 
     required = ("handshake", "ping", "health", "rules pushed")
-    with _start(board, report, timeout) as port:
+    starter = _start(board, report, timeout)
+    with starter as port:
         dev = None
         try:
             if port is not None:
@@ -114,6 +129,45 @@ def self_test(board: Board, device_id: str, keystore: Path, report: Report,
                 except TimeoutError:
                     report.add("rules pushed", "fail", f"no ack within {timeout:g} s (out of "
                                f"heap decoding them?)")
-            support = "" if fw in BEEP_FIRMWARE else f"not supported by this firmware ({fw})"
-            report.add("test beep", "n/a", support, required=False)
-            report.add("test scan", "n/a", support, required=False)
+            _test_scan(dev, starter.sim_io, timeout, report)
+
+
+def _test_scan(dev: Any, sim_io: list[Any], timeout: float, report: Report) -> None:
+    """A scan of the test code reaches the host (the sim board: written to its scanner; a USB
+    board: the installer scans the printed code), and the host's answer beeps and lights."""
+    from hexiao.protocol.link import EV_MESSAGE
+
+    if sim_io:
+        os.write(sim_io[1], f"]Q1{TEST_CODE}\r\n".encode())
+    try:
+        ev = dev.events.wait(lambda: [e for e in dev.events.of(EV_MESSAGE, "scan")
+                                      if e[1]["data"] == TEST_CODE.encode()], timeout,
+                             "the test scan")
+    except TimeoutError:
+        report.add("test scan", "n/a", f"no scan of the printed test code ({TEST_CODE}) within "
+                   f"{timeout:g} s: scan it during the self-test to check the scan engine",
+                   required=False)
+        report.add("test beep", "n/a", "needs the test scan", required=False)
+        return
+    sid = ev[0][1]["scan_id"]
+    report.add("test scan", "pass", f"the scan engine's read of {TEST_CODE} reached the host "
+               f"(scan {sid})", required=False)
+    from hexiao.protocol import messages
+
+    dev.link.send({"type": "verdict", "scan_id": sid, "outcome": messages.OUTCOMES.index("info"),
+                   "beep": messages.BEEPS.index("ok"), "led": messages.LEDS.index("blue"),
+                   "text": "hexiao self-test ok"})
+    if not sim_io:
+        report.add("test beep", "pass", "answered with an ok beep and a blue light: did the "
+                   "device beep and light?", required=False)
+        return
+    try:
+        shown = sim_io[0].wait_for(lambda evs: [e for e in evs if e["ev"] == "verdict"
+                                                and e.get("scan_id") == sid], timeout)[0]
+    except TimeoutError:
+        report.add("test beep", "fail", "the device did not show the host's answer",
+                   required=False)
+        return
+    ok = (shown.get("beep"), shown.get("led")) == ("ok", "blue")
+    report.add("test beep", "pass" if ok else "fail", f"the device sounded {shown.get('beep')} "
+               f"and lit {shown.get('led')}", required=False)
