@@ -172,3 +172,18 @@ def test_corpus_files_are_what_the_generator_builds() -> None:
     for name, (data, expect) in jobs.items():
         assert (CORPUS / name).read_bytes() == data, f"{name}: run tests/receipts/make_corpus.py"
         assert manifest[name] == expect
+
+
+def test_hexiao_receipt_verify_is_the_same_check(tmp_path: Path, key_file: Path) -> None:
+    from click.testing import CliRunner
+    from hexiao.tools.cli import main
+
+    _, lines = replay_json(CORPUS / "cn_supermarket.bin", tmp_path / "o.bin", key_file)
+    url = lines[0]["content"]
+    good = CliRunner().invoke(main, ["receipt", "verify", url, "--key-file", str(key_file)])
+    i = len(url) - 20  # a character well inside the token: all of its bits count
+    tampered = url[:i] + ("A" if url[i] != "A" else "B") + url[i + 1:]
+    bad = CliRunner().invoke(main, ["receipt", "verify", tampered, "--key-file",
+                                    str(key_file)])
+    assert good.exit_code == 0 and good.output.startswith("valid: lane ")
+    assert bad.exit_code == 1 and bad.output.startswith("INVALID: ")

@@ -27,6 +27,7 @@ _lazy("demo", "hexiao.tools.demo", "Run a lane on this machine and show it worki
 _lazy("bench", "hexiao.tools.bench", "Measure the protocol codec and the firmware link.")
 _lazy("sim", "hexiao.tools.sim", "Run simulators of the backends (WeChat card API) on loopback.")
 _lazy("tap", "hexiao.tools.tap", "Receipt tap: serve, replay, render, verify, bench.")
+_lazy("receipt", "hexiao.tools.tap", "Receipt tokens: verify a QR's token.", "receipt_main")
 _lazy("status", "hexiao.tools.ctl", "Show hostd's state: devices, journal, backend.", "status_main")
 _lazy("device", "hexiao.tools.ctl",
       "Devices: list, info, ping, health, logs (via hostd or --port).", "device_main")

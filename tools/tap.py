@@ -504,3 +504,11 @@ def proxybench(jobs: int, profile_spec: str, logo_rows: int, as_json: bool) -> N
                f"{result['proxied_p99_ms']} ms")
     click.echo(f"added by the tap: p50 {result['added_p50_ms']} ms, "
                f"p99 {result['added_p99_ms']} ms")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def receipt_main() -> None:
+    """Per-receipt tokens, for whoever handles the customer's scan of a receipt's QR."""
+
+
+receipt_main.add_command(verify)  # `hexiao receipt verify` is `hexiao tap verify`
