@@ -5,7 +5,6 @@ relay.Cable with an optional host (SerialLink) that answers every scan with a ve
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import os
 import threading
@@ -175,21 +174,11 @@ def device_cfg(tmp: Path, key: bytes) -> Path:
 
 
 def open_writer(fifo: Path, device: relay.DeviceProcess, timeout: float = 30) -> int:
-    """The FIFO's write end, once the device has opened its read end (ENXIO until then)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            if time.monotonic() > end or device.proc.poll() is not None:
-                raise AssertionError(
-                    f"the device never opened its scanner: {device.other}") from None
-            time.sleep(0.01)
-            continue
-        os.set_blocking(fd, True)
-        return fd
+    """The scanner FIFO's write end, once the device has opened its read end."""
+    try:
+        return device.open_writer(fifo, timeout)
+    except TimeoutError:
+        raise AssertionError(f"the device never opened its scanner: {device.other}") from None
 
 
 @contextmanager

@@ -9,7 +9,6 @@ loopback fake printer, with a POS that prints over TCP through it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -141,22 +140,13 @@ class Lane:
             f'delay_ms = 0\n')
 
     def _open_scanner(self, fifo: Path) -> int:
-        """The FIFO's write end, once the device has opened its read end (ENXIO until then)."""
+        """The scanner FIFO's write end, once the device has opened its read end."""
         assert self.device is not None
-        end = time.monotonic() + self.timeout
-        while True:
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                if time.monotonic() > end or self.device.proc.poll() is not None:
-                    raise SetupError("the device never opened its scanner: "
-                                     + " | ".join(self.device.other[-4:])) from None
-                time.sleep(0.02)
-                continue
-            os.set_blocking(fd, True)
-            return fd
+        try:
+            return self.device.open_writer(fifo, self.timeout)
+        except TimeoutError:
+            raise SetupError("the device never opened its scanner: "
+                             + " | ".join(self.device.other[-4:])) from None
 
     def start_hostd(self) -> None:
         self.hostd_starts += 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import math
 import os
 import random
 import select
@@ -37,6 +36,7 @@ import click
 from hexiao.hostd.serial_link import EventLog, SerialLink, keystore_from
 from hexiao.protocol.link import EV_MESSAGE, EV_OPEN
 from hexiao.tools import micropython, relay
+from hexiao.tools.bench_stats import fs_type, pct, summary
 
 TARGET_P99_MS = 10.0
 GOAL, STRETCH = 64 * 1024, 48 * 1024  # heap goals (issue 4)
@@ -70,14 +70,6 @@ def ean13(rng: random.Random) -> str:
     return "".join(map(str, d)) + str((10 - s % 10) % 10)
 
 
-def pct(xs: list[float], p: float) -> float:
-    """Nearest-rank percentile of seconds, in ms."""
-    s = sorted(xs)
-    return round(s[min(len(s), max(1, math.ceil(p / 100 * len(s)))) - 1] * 1000, 3)
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "p50_ms": pct(xs, 50), "p99_ms": pct(xs, 99), "max_ms": pct(xs, 100)}
 
 
 def watch(path: Path) -> int:
@@ -151,18 +143,12 @@ class Board:
         self.host = Host()
         self.scanner = self.hid_fd = self.notify = -1
         self.link: SerialLink | None = None
-        end = time.monotonic() + LONG
-        while self.scanner < 0:  # ENXIO until the device opens the FIFO's read end
-            try:
-                self.scanner = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                if time.monotonic() > end or self.device.proc.poll() is not None:
-                    self.close()
-                    raise click.ClickException(
-                        "the firmware never opened its scanner: "
-                        + "\n".join(self.device.other[-8:])) from None
-                time.sleep(0.01)
-        os.set_blocking(self.scanner, True)
+        try:
+            self.scanner = self.device.open_writer(fifo, LONG)
+        except TimeoutError:
+            self.close()
+            raise click.ClickException("the firmware never opened its scanner: "
+                                       + "\n".join(self.device.other[-8:])) from None
         self.hid_fd = os.open(self.hid, os.O_RDONLY)
         self.notify = watch(self.hid)
         self.link = SerialLink.open(self.cable.host_port, keystore_from({KID: key}),
@@ -322,16 +308,6 @@ def mixed(stage: Path, tmp: Path, heap: str, n: int, every: int, seed: int) -> d
 def _heap(h: dict[str, Any]) -> dict[str, int]:
     return {"heap_free": h["heap_free"], "heap_peak": h["heap_peak"]}
 
-
-def fs_type(path: Path) -> str:
-    """The file system under path (from /proc/mounts): tmpfs or a disk's."""
-    best, kind = "", "?"
-    real = str(path.resolve())
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _, mnt, typ, *_ = line.split()
-        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-            best, kind = mnt, typ
-    return kind
 
 
 def default_dir() -> Path | None:

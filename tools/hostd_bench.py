@@ -17,7 +17,6 @@ Benchmarks are not tests: nothing here fails on a slow number. DESIGN target: ow
 from __future__ import annotations
 
 import json
-import math
 import os
 import pty
 import subprocess
@@ -38,6 +37,7 @@ from hexiao.hostd.daemon import Daemon
 from hexiao.hostd.keystore import Keystore
 from hexiao.hostd.redeem import Engine, LaneConfig, Verdict
 from hexiao.hostd.wechat_card import WeChatCardClient
+from hexiao.tools.bench_stats import fs_type, summary
 from hexiao.tools.relay import set_raw
 from hexiao.tools.wechat_sim_seed import EXAMPLE, read
 
@@ -47,25 +47,7 @@ WARMUP = 10  # per engine: token fetch, card/get cache, SQLite page cache
 LONG = 300.0  # a guard against hangs, not a performance claim
 
 
-def pct(xs: list[float], p: float) -> float:
-    """Nearest-rank percentile of seconds, in ms."""
-    s = sorted(xs)
-    return round(s[min(len(s), max(1, math.ceil(p / 100 * len(s)))) - 1] * 1000, 3)
 
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "p50_ms": pct(xs, 50), "p99_ms": pct(xs, 99), "max_ms": pct(xs, 100)}
-
-
-def fs_type(path: Path) -> str:
-    """The file system under path (from /proc/mounts): tmpfs or a disk's."""
-    best, kind = "", "?"
-    real = str(path.resolve())
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _, mnt, typ, *_ = line.split()
-        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-            best, kind = mnt, typ
-    return kind
 
 
 class TimedTransport(httpx.BaseTransport):

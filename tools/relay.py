@@ -22,6 +22,7 @@ stderr.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pty
@@ -363,6 +364,24 @@ class DeviceProcess:
                     state = "timed out" if left <= 0 else f"device exited ({self.proc.poll()})"
                     raise TimeoutError(f"{state}; device stderr:\n{tail}")
                 self._cond.wait(min(left, 0.2))
+
+    def open_writer(self, fifo: str | os.PathLike[str], timeout: float) -> int:
+        """The (blocking) write end of a FIFO this device reads, e.g. the sim board's scanner,
+        once the device has opened its read end: until then the open fails with ENXIO.
+        TimeoutError if it has not within `timeout` seconds, or has exited."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise TimeoutError(f"the device never opened {fifo}") from None
+                time.sleep(0.01)
+                continue
+            os.set_blocking(fd, True)
+            return fd
 
     def stop(self, timeout: float = 10.0) -> int:
         """Wait for the process to end (after the cable hung up on it); kill it if it does not."""
