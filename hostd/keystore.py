@@ -154,21 +154,28 @@ class Keystore:
         body = "".join(json.dumps({"id": k.hex(), "key": v.hex()}) + "\n"
                        for k, v in self._keys.items()).encode("ascii")
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            try:
-                _fchmod600(fd)
-                view = memoryview(body)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_private(tmp, body)
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self.path.parent)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist) 0600 from its first byte, whatever the umask, write
+    `data` and fsync it: a key is never readable by others, not even briefly."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)
+    try:
+        _fchmod600(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fchmod600(fd: int) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import click
 from hexiao.hostd.config import ConfigError, kid_bytes
 from hexiao.hostd.config import load as load_config
-from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError
+from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError, write_private
 from hexiao.tools.provision_selftest import SIM_MODULE, TEST_CODE, self_test
 
 CONFIG_PATH = "/config.json"
@@ -87,15 +87,7 @@ def _sim_firmware(root: Path) -> Path | None:
 def _write_private(path: Path, data: bytes) -> None:
     """Create `path` 0600 from the first byte (a key must never be readable, even briefly)."""
     path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private(path, data)
 
 
 class Board:
