@@ -20,7 +20,7 @@ import threading
 import time
 import tty
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stderr, redirect_stdout, suppress
+from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
 
 import pytest
@@ -551,25 +551,33 @@ def test_bad_printer_specs_say_what_to_use(spec: str) -> None:
 
 # ---- the CLI -----------------------------------------------------------------------------------
 
-def test_cli_serve_prints_a_job_and_stops_on_sigterm(printer: FakePrinter, tmp_path: Path) -> None:
+@contextmanager
+def tap_serve(printer: FakePrinter, *args: str) -> Iterator[tuple[subprocess.Popen[str], dict]]:
+    """`hexiao tap serve --json` in its own process, printing to `printer`: yields it and its
+    first line (where it listens); killed if the test did not stop it."""
     proc = subprocess.Popen(
         [sys.executable, "-c", "from hexiao.tools.cli import main; main()", "tap", "serve",
-         "--listen", "127.0.0.1:0",
          "--printer", f"tcp:127.0.0.1:{printer.port}", "--content", "https://x.example/{digest}",
-         "--idle-timeout", "5", "--json"],
+         "--json", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        started = json.loads(proc.stdout.readline())
+        yield proc, json.loads(proc.stdout.readline())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=LONG)
+
+
+def test_cli_serve_prints_a_job_and_stops_on_sigterm(printer: FakePrinter, tmp_path: Path) -> None:
+    with tap_serve(printer, "--listen", "127.0.0.1:0", "--idle-timeout", "5") as (proc, started):
+        assert proc.stdout is not None
         assert started["listening"].startswith("127.0.0.1:")
         pos_print(int(started["listening"].rsplit(":", 1)[1]))
         done = json.loads(proc.stdout.readline())
         job, = printer.wait_jobs(1)
         proc.terminate()
         out, err = proc.communicate(timeout=LONG)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err
     assert done["end"] == "closed" and done["injected"] == 1
     assert remove_blocks(job, [tuple(i) for i in done["injections"]]) == receipt_bytes()
@@ -578,15 +586,10 @@ def test_cli_serve_prints_a_job_and_stops_on_sigterm(printer: FakePrinter, tmp_p
 
 
 def test_cli_serve_stall_timeout_flushes_a_pos_silent_mid_command(printer: FakePrinter) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from hexiao.tools.cli import main; main()", "tap", "serve",
-         "--listen", "127.0.0.1:0", "--printer", f"tcp:127.0.0.1:{printer.port}",
-         "--content", "https://x.example/{digest}", "--idle-timeout", "0.05",
-         "--stall-timeout", "0.2", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with tap_serve(printer, "--listen", "127.0.0.1:0", "--idle-timeout", "0.05",
+                   "--stall-timeout", "0.2") as (proc, started):
         assert proc.stdout is not None
-        port = int(json.loads(proc.stdout.readline())["listening"].rsplit(":", 1)[1])
+        port = int(started["listening"].rsplit(":", 1)[1])
         sent = receipt_bytes()[:-3] + b"\x1d(k\x10"  # a GS ( k header cut short
         with socket.create_connection(("127.0.0.1", port), timeout=LONG) as pos:
             pos.sendall(sent)
@@ -595,9 +598,6 @@ def test_cli_serve_stall_timeout_flushes_a_pos_silent_mid_command(printer: FakeP
         job, = printer.wait_jobs(1)
         proc.terminate()
         proc.communicate(timeout=LONG)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert done["end"] == "stalled" and job == sent
 
 
@@ -644,14 +644,9 @@ def test_serial_pos_through_a_pty_gets_its_qr_and_its_status_reply(printer: Fake
     symlink) prints a receipt and asks for status: the printer gets the job with our QR, the
     POS gets the printer's status byte back through the same port."""
     link = tmp_path / "ttyPOS"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from hexiao.tools.cli import main; main()", "tap", "serve",
-         "--listen", f"pty:{link}", "--printer", f"tcp:127.0.0.1:{printer.port}",
-         "--content", "https://x.example/{digest}", "--idle-timeout", "0.3", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with tap_serve(printer, "--listen", f"pty:{link}", "--idle-timeout", "0.3") as (proc,
+                                                                                 started):
         assert proc.stdout is not None
-        started = json.loads(proc.stdout.readline())
         assert started["listening"].startswith("/dev/pts/") and link.is_symlink()
         fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
         try:
@@ -666,9 +661,6 @@ def test_serial_pos_through_a_pty_gets_its_qr_and_its_status_reply(printer: Fake
         job, = printer.wait_jobs(1)
         proc.terminate()
         proc.communicate(timeout=LONG)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert status == bytes((STATUS[1],))
     assert done["injected"] == 1 and decoded_qr(job) == [done["receipts"][0]["content"]]
     assert remove_blocks(job, [tuple(i) for i in done["injections"]]) == (
