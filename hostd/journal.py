@@ -40,6 +40,8 @@ NEXT: dict[str, frozenset[str]] = {
     "done": frozenset(),
 }
 _ACTIVE_SQL = "state IN ('received','checked','consume_sent','unknown')"
+_RECENT_INDEX = ("CREATE INDEX IF NOT EXISTS scanned_by_time "
+                 "ON redemptions(scanned, created)")
 _SCHEMA = [  # statement by statement: executescript would commit our transaction
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
     """CREATE TABLE redemptions (
@@ -162,6 +164,8 @@ class Journal:
         if row is None or row[0] != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"schema version {row and row[0]}, this hostd reads {SCHEMA_VERSION}")
+        with self._tx():  # recent() runs for every scan: an index, not a walk of the journal
+            self._db.execute(_RECENT_INDEX)
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
