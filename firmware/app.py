@@ -18,11 +18,10 @@
 
 import gc
 import select
+import sys
 
 from hexiao.firmware.cdc_link import CdcLink
-from hexiao.protocol import cbor
 from hexiao.protocol import link as L
-from hexiao.protocol.errors import counter_number
 
 FIRMWARE = "hexiao-fw 0.1.0"
 MAX_DATA = 512  # SPEC scan data limit; a longer read is dropped whole
@@ -32,15 +31,15 @@ US = bytes.fromhex(
     "9f8485868788898a8b8c8d8e8f909192939495969798999a9b9c9d2f3130a3ad"
     "350405060708090a0b0c0d0e0f101112131415161718191a1b1c1dafb1b0b5")
 SUFFIX = {"enter": 0x28, "tab": 0x2B, "none": 0}
-# config name: (default, lowest, highest); suffix is text, the others ints
-CONFIG = {"inter_key_ms": (0, 0, 1000), "offline_ms": (3000, 200, 30000),
-          "char_ms": (50, 5, 1000), "term": (13, 10, 13), "suffix": ("enter",)}
+# config name: default (the host may set them: app_service.LIMITS)
+CONFIG = {"inter_key_ms": 0, "offline_ms": 3000, "char_ms": 50, "term": 13, "suffix": "enter"}
 # before the first rules: what hostd pushes by default (EAN/UPC product, QR/Code 128 coupon)
 DEFAULT_RULES = [0, 0, [[0, ("]E0", "]E4"), None, None, None, 0],
                         [1, ("]Q1", "]C0", "]Q0", "]d1"), 8, 512, None, 0]]]
 COUNTERS = ("scans", "products", "coupons", "verdicts", "offline", "late", "rejected",
             "ignored", "garbage", "overlong", "partial", "macros", "resent")
 _LEVELS = 12  # log ring entries
+SERVICE = ("rules", "health_get", "logs_get", "config_get", "config_set")
 
 
 def gs1_ok(d):
@@ -70,32 +69,6 @@ def classify(rules, sym, d):
     return rules[1]
 
 
-def compile_rules(msg):
-    """A rules message -> the stored form, or a reason to refuse it (str)."""
-    out = []
-    for r in msg["rules"]:
-        syms = r.get("symbologies")
-        if syms is not None:
-            for s in syms:
-                if len(s) != 3 or s[0] != "]":
-                    return "bad symbology"
-            syms = tuple(syms)
-        lo, hi = r.get("min_len"), r.get("max_len")
-        if lo is not None and hi is not None and lo > hi:
-            return "min_len > max_len"
-        out.append([r["action"], syms, lo, hi, r.get("prefix"), r.get("check", 0)])
-    return [msg["version"], msg["default"], out]
-
-
-def config_ok(name, v):
-    spec = CONFIG.get(name)
-    if spec is None:
-        return False
-    if len(spec) == 1:
-        return v in SUFFIX
-    return type(v) is int and spec[1] <= v <= spec[2] and (name != "term" or v in (10, 13))
-
-
 def delay_code(ms):
     return ms if ms < 128 else 128 + ms // 8  # one byte for 0..1000 ms
 
@@ -118,44 +91,12 @@ class App:
         self.retry = []  # expired scan messages, for the next session
         self.macros = []  # recent macro ids (typed once)
         self.peak = 0
-        self.cfg = {}
-        for k in CONFIG:  # no comprehensions here: each is one more function object
-            self.cfg[k] = CONFIG[k][0]
+        self.cfg = dict(CONFIG)
         self.rules = DEFAULT_RULES
-        self.restore()
+        self.serve(None)  # rules and config from flash
         link_args["hello"] = {"firmware": FIRMWARE, "board": board.name,
                               "reset_cause": board.reset}
         self.cdc = CdcLink(device_id, key, self.on_event, board.rx, board.tx, **link_args)
-
-    # -- state on flash ---------------------------------------------------------------------
-
-    def restore(self):
-        for name in ("rules", "config"):
-            raw = self.b.load(name)
-            if raw is None:
-                continue
-            try:
-                v = cbor.loads(raw)
-                if name == "rules":  # shape and types, else it is corrupt
-                    ok = type(v) is list and len(v) == 3 and v[1] in (0, 1, 2)
-                    for x in v[2]:
-                        ok = ok and len(x) == 6 and x[0] in (0, 1, 2) and (
-                            x[1] is None or type(x[1]) is list) and (
-                            x[4] is None or type(x[4]) is bytes)
-                        if ok and x[1] is not None:
-                            x[1] = tuple(x[1])
-                else:
-                    ok = type(v) is dict
-                    for k in v:
-                        ok = ok and config_ok(k, v[k])
-            except Exception:  # any damage at all means the file is corrupt
-                ok = False
-            if not ok:
-                self.log(3, "corrupt %s file: defaults" % name)
-            elif name == "rules":
-                self.rules = v
-            else:
-                self.cfg.update(v)
 
     def log(self, level, text):
         self.seq += 1
@@ -245,14 +186,8 @@ class App:
                 self.verdict(msg)
             elif t == "keys":
                 self.keys(msg)
-            elif t == "rules":
-                self.set_rules(msg)
-            elif t == "health_get":
-                self.cdc.send(self.health())
-            elif t == "logs_get":
-                self.cdc.send(self.logs(msg.get("since", 0), msg.get("max", _LEVELS)))
-            elif t == "config_get" or t == "config_set":
-                self.cdc.send({"type": "config", "values": self.config(msg)})
+            elif t in SERVICE:
+                self.serve(msg)
             elif t == "ping":
                 self.cdc.send({"type": "pong", "data": msg.get("data", b"")})
             else:
@@ -317,53 +252,24 @@ class App:
         self.n["macros"] += 1
         self.q.extend(q)
 
-    def config(self, msg):
-        # SPEC 6.4: the answer has the values in force for the names asked or set; a name
-        # unknown or refused is absent
-        vals = msg.get("values")
-        names = msg.get("keys") or list(self.cfg)
-        if vals is not None:
-            names = []
-            for k, v in vals.items():
-                if config_ok(k, v):
-                    self.cfg[k] = v
-                    names.append(k)
-                else:
-                    self.log(4, "config %s refused" % k[:16])
-            self.b.save("config", cbor.dumps(self.cfg))
-        out = {}
-        for k in names:
-            if k in self.cfg:
-                out[k] = self.cfg[k]
-        return out
-
-    def health(self):
-        self.sample()
-        link = {}
-        for k, v in self.cdc.link.counters.items():
-            link[counter_number(k)] = v
-        app = {}
-        for k, v in self.n.items():
-            if v:
-                app[k] = v
-        return {"type": "health", "uptime_ms": self.cdc.now(), "reset_cause": self.b.reset,
-                "firmware": FIRMWARE, "heap_free": gc.mem_free(), "heap_peak": self.peak,
-                "link": link, "app": app}
-
-    def set_rules(self, msg):
-        r = compile_rules(msg)
-        if type(r) is str:
-            return self.log(3, "rules v%d refused: %s" % (msg["version"], r))
-        self.b.save("rules", cbor.dumps(r))
-        self.rules = r
-        self.log(6, "rules v%d" % r[0])
-
-    def logs(self, since, most):
-        out = []
-        for e in self.ring:
-            if e[0] >= since and len(out) < most:
-                out.append(e)
-        return {"type": "logs", "entries": out, "next": out[-1][0] + 1 if out else since}
+    def serve(self, msg):
+        # a host request (None: boot's restore) by the overlay firmware/app_service, loaded for
+        # it and dropped before the answer is sent: its code is not in the heap while the till
+        # sells, nor while the answer is encoded
+        name = "hexiao.firmware.app_service"
+        s = __import__(name, None, None, ("serve",))
+        try:
+            if msg is None:
+                s.restore(self, SUFFIX)
+            else:
+                msg = s.serve(self, msg, FIRMWARE, SUFFIX)
+        finally:
+            s = None
+            del sys.modules[name]
+            delattr(sys.modules["hexiao.firmware"], "app_service")
+            gc.collect()
+        if msg is not None:
+            self.cdc.send(msg)
 
     def sample(self):
         gc.collect()

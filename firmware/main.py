@@ -1,11 +1,19 @@
 # The firmware's entry point on the sim board:
 #
 #   micropython -X heapsize=64k -m hexiao.firmware.main cfg=PATH scanner=PATH hid=PATH
-#       [state=DIR] [rto=200] [tries=8]
+#       [state=DIR] [reset=CAUSE] [rto=200] [tries=8] [stable=60000] [crash=1]
 #
 # cfg is a JSON file {"id": ..., "key": hex} (as linkpeer's). Modules are imported one at a
-# time with a collection between, so each lands in a compacted heap. On a board, main.py on
-# its filesystem does the same with its own HAL (hal_rp2040 / hal_esp32s3).
+# time with a collection between, so each lands in a compacted heap; boot-only modules
+# (install_check, safe) are dropped once used. On a board, board_main does the same with its
+# own HAL. reset= is the reset cause the sim board reports (hal_sim; default power_on);
+# stable= the ms of running that clear the crash record (safe.STABLE_MS on a board).
+#
+# Exit status: 0 the scanner hung up (the sim board's end); 3 the installed firmware is refused
+# (install_check); 4 an exception escaped the application: recorded in state=DIR (safe.py), as
+# a board records it before it resets; 5 ran in safe mode (safe.py) until the scanner hung up.
+# crash= raises in place of running the application, after boot: the sim board's way for tests
+# to crash it (boards have no such argument).
 
 import gc
 
@@ -14,66 +22,14 @@ if hasattr(gc, "threshold"):  # see linkpeer: keeps the 64 KB heap unfragmented
 import sys
 
 BOARD = "sim"  # this entry point wires the sim board's HAL
+PKG = "hexiao.firmware."
 
 
-def refused(state):
-    # The device's own check of what `hexiao flash` installed, before any of it runs: built for
-    # this board, signed (a signature present), every file the manifest lists there with its
-    # size and SHA-256 (a tampered or half-written file), and a security counter not below the
-    # highest this device has run (a downgrade). The installer checked the Ed25519 signature; the
-    # device has no Ed25519, so it holds the firmware to the manifest it was installed with.
-    # Returns why the firmware must not run, or None. No manifest: a development build.
-    from json import load
-
-    try:
-        with open("hexiao/manifest.json") as f:
-            m = load(f)
-    except OSError:
-        return None
-    except ValueError:
-        return "its manifest is unreadable"
-    if m.get("board") != BOARD:
-        return "built for board %s, this is a %s board" % (m.get("board"), BOARD)
-    try:  # present, not verified: the device has no Ed25519 (the installer verified it)
-        with open("hexiao/manifest.sig", "rb") as f:
-            if len(f.read(65)) != 64:
-                return "unsigned: its manifest.sig is not an Ed25519 signature"
-    except OSError:
-        return "unsigned: no manifest.sig"
-    import hashlib
-    from binascii import hexlify
-
-    buf = bytearray(256)
-    for name in m["files"]:
-        h = hashlib.sha256()
-        n = 0
-        try:
-            with open(name, "rb") as g:
-                k = g.readinto(buf)
-                while k:
-                    h.update(memoryview(buf)[:k])
-                    n += k
-                    k = g.readinto(buf)
-        except OSError:
-            return "missing " + name
-        want = m["files"][name]
-        if n != want["size"] or hexlify(h.digest()).decode() != want["sha256"]:
-            return "changed since it was installed: " + name
-    if state:
-        try:
-            with open(state + "/fw_counter") as f:
-                top = int(f.read())
-        except (OSError, ValueError):
-            top = 0
-        if m["counter"] < top:
-            return "downgraded: security counter %d is below %d" % (m["counter"], top)
-        if m["counter"] > top:
-            with open(state + "/fw_counter.new", "w") as f:
-                f.write(str(m["counter"]))
-            import os
-
-            os.rename(state + "/fw_counter.new", state + "/fw_counter")
-    return None
+def drop(name):
+    # forget a boot-only module: sys.modules and its package hold it
+    del sys.modules[PKG + name]
+    delattr(sys.modules[PKG[:-1]], name)
+    gc.collect()
 
 
 def main(argv):
@@ -81,11 +37,29 @@ def main(argv):
     for arg in argv:
         k, _, v = arg.partition("=")
         a[k] = v
-    why = refused(a.get("state"))
-    gc.collect()
+    st = a.get("state")
+    st = st + "/" if st else None  # state file prefix; None: nothing persists
+    from hexiao.firmware.install_check import refused
+
+    why = refused(st, BOARD)
+    refused = None
+    drop("install_check")
     if why:
         sys.stderr.write('{"ev": "refused", "why": "%s"}\n' % why)
-        sys.exit(3)  # safe mode: nothing of this firmware runs
+        sys.exit(3)  # nothing of this firmware runs
+    count = 0
+    if st is not None:
+        from hexiao.firmware import safe
+
+        count, why = safe.boot(st, a.get("reset", "power_on"))
+        if why:
+            from hexiao.firmware.hal_sim import Board, emit
+
+            emit({"ev": "safe", "why": why})
+            safe.run(Board(a), why)
+            sys.exit(5)
+        safe = None
+        drop("safe")
     from json import load
 
     with open(a["cfg"]) as f:
@@ -98,18 +72,58 @@ def main(argv):
     from hexiao.firmware.hal_sim import Board, emit
 
     board = Board(a)
+    if count:  # crashes in a row so far: a run this long, or a clean end, clears them
+        from time import ticks_diff, ticks_ms
+
+        t0, idle, left = ticks_ms(), board.idle, [st + "crash"]
+        ms = int(a.get("stable", 60000))
+
+        def stable():
+            if left and ticks_diff(ticks_ms(), t0) >= ms:
+                import os
+
+                try:  # noqa: SIM105 - no contextlib on the device
+                    os.remove(left.pop())
+                except OSError:
+                    pass
+            idle()
+
+        board.idle = stable
     gc.collect()
     from hexiao.firmware.app import App
 
     gc.collect()
     app = App(board, kid, key, {"rto_ms": int(a.get("rto", 200)),
                                 "max_tries": int(a.get("tries", 8)), "queue_max": 4})
+    crash = "crash" in a
     a = None
     app.sample()
-    emit({"ev": "boot", "board": board.name, "heap_free": gc.mem_free(), "heap_used": app.peak})
-    app.run()
+    emit({"ev": "boot", "board": board.name, "heap_free": gc.mem_free(), "heap_used": app.peak,
+          "crashes": count})
+    try:
+        if crash:
+            raise RuntimeError("crash= argument")
+        app.run()
+    except Exception as e:  # any of them is a crash
+        app = board = None
+        gc.collect()
+        sys.print_exception(e, sys.stderr)  # stdout is the link
+        n = 0
+        if st is not None:
+            from hexiao.firmware import safe
+
+            n, why = safe.crashed(st, e)
+        emit({"ev": "crash", "why": why or repr(e), "crashes": n})
+        sys.exit(4)  # as a board resets
     app.sample()
     emit({"ev": "heap", "free": gc.mem_free(), "peak": app.peak, "app": app.n})
+    if count:
+        import os
+
+        try:  # noqa: SIM105 - no contextlib on the device
+            os.remove(st + "crash")  # a clean end: a stable run
+        except OSError:
+            pass
 
 
 main(sys.argv[1:])

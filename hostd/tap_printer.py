@@ -1,4 +1,4 @@
-"""Where the receipt tap sends a job: the real printer over TCP, a serial port, or a file.
+"""Where the receipt tap sends a job: the real printer over TCP, a serial port, USB, or a file.
 
 Rules this module keeps:
 - One `open()` per job; a connection is written in order and closed gracefully (TCP: FIN, then
@@ -7,12 +7,18 @@ Rules this module keeps:
 - `open()` never writes anything: retrying it (the proxy's debounce of a brief printer drop)
   can never print a byte twice. Any OSError from `open`, `write` or `read` means the printer is
   unusable for this job; the caller decides (the proxy never resends written bytes).
-- `fileno()` is None when the target cannot answer (a file): there are no status replies.
+- `fileno()` is None when the target cannot answer (a file, a USB printer without a bulk IN
+  endpoint): there are no status replies. Otherwise it is a descriptor the proxy selects on, and
+  `read()` is called only once it is readable (so it never blocks): a socket, a serial port, or
+  for USB (no descriptor of its own) a pipe fed by a reader thread (tap_usb.py).
+- USB lives in tap_usb.py, imported only for a usb: spec: pyusb and libusb are needed by nothing
+  else.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import time
@@ -156,8 +162,15 @@ class SerialTarget:
         return f"serial:{self.url}"
 
 
+_USB = re.compile(r"([0-9a-fA-F]{1,4}):([0-9a-fA-F]{1,4})(?::(.+))?")
+SPECS = ("the printer is tcp:HOST:PORT, file:PATH, serial:DEVICE[@BAUD] or usb:VID:PID[:SERIAL] "
+         "(USB ids in hex as lsusb shows them, e.g. usb:0416:5011)")
+
+
 def parse_target(spec: str, timeout: float = 30.0) -> Target:
-    """`tcp:HOST:PORT`, `file:PATH` or `serial:DEVICE_OR_URL[@BAUD]`; ValueError otherwise."""
+    """`tcp:HOST:PORT`, `file:PATH`, `serial:DEVICE_OR_URL[@BAUD]` or `usb:VID:PID[:SERIAL]`
+    (hex USB ids; SERIAL: the printer's USB serial number, to pick one of several alike);
+    ValueError otherwise."""
     kind, _, rest = spec.partition(":")
     if kind == "tcp":
         host, _, port = rest.rpartition(":")
@@ -171,4 +184,11 @@ def parse_target(spec: str, timeout: float = 30.0) -> Target:
         if baud and not baud.isdigit():
             raise ValueError(f"{spec!r}: the baud rate after @ must be a number")
         return SerialTarget(url, int(baud) if baud else 19200, timeout)
-    raise ValueError(f"{spec!r}: the printer is tcp:HOST:PORT, file:PATH or serial:DEVICE[@BAUD]")
+    if kind == "usb" and (m := _USB.fullmatch(rest)):
+        try:  # here, not at the top: pyusb is needed for USB printers only
+            from hexiao.hostd.tap_usb import UsbTarget
+        except ImportError as exc:
+            raise ValueError(f"{spec!r}: USB printers need pyusb (pip install pyusb): "
+                             f"{exc}") from exc
+        return UsbTarget(int(m[1], 16), int(m[2], 16), m[3], timeout)
+    raise ValueError(f"{spec!r}: {SPECS}")

@@ -27,7 +27,11 @@ DEVICE_FILES = {
     "hexiao/protocol/replay.mpy", "hexiao/firmware/__init__.mpy",
     "hexiao/firmware/cdc_link.mpy", "hexiao/firmware/linkpeer.mpy",
     "hexiao/firmware/app.mpy", "hexiao/firmware/main.mpy", "hexiao/firmware/hal_sim.mpy",
-}  # the sim board: its own HAL only (no hal_rp2040, hal_esp32s3, hal_usb)
+    "hexiao/firmware/install_check.mpy", "hexiao/firmware/safe.mpy",
+} | {  # the application, in however many modules it is split (app.py, app_*.py)
+    f"hexiao/firmware/{p.stem}.mpy"
+    for p in (Path(__file__).resolve().parents[1] / "firmware").glob("app*.py")
+}  # the sim board: its own HAL and entry point only (no hal_rp2040, hal_usb, board_main)
 
 
 def run(cmd, *args: str):
@@ -313,7 +317,14 @@ def test_key_file_is_never_written_into_an_existing_file(tmp_path: Path) -> None
 def test_each_board_gets_its_own_hal_only() -> None:
     names = {b: {n.rsplit("/", 1)[1] for n, _ in B.device_sources(board=b)} for b in B.BOARDS}
     assert {"hal_rp2040.mpy", "hal_usb.mpy"} <= names["rp2040"]
-    assert {"hal_esp32s3.mpy", "hal_usb.mpy"} <= names["esp32s3"]
+    assert {"hal_esp32s3.mpy", "hal_rp2040.mpy", "hal_usb.mpy"} <= names["esp32s3"]
+    for board in ("rp2040", "esp32s3"):  # the board's entry point, not the sim's
+        assert "board_main.mpy" in names[board] and "main.mpy" not in names[board]
+        assert B.root_files(board) == {"main.py": (
+            f"# hexiao firmware {board}: the board runs this at boot; see "
+            f"hexiao/firmware/board_main\nfrom hexiao.firmware.board_main import main\n\n"
+            f"main({board!r})\n").encode()}
+    assert "board_main.mpy" not in names["sim"] and B.root_files("sim") == {}
     assert "hal_sim.mpy" in names["sim"] and "linkpeer.mpy" in names["sim"]
     assert not names["sim"] & {"hal_rp2040.mpy", "hal_esp32s3.mpy", "hal_usb.mpy"}
     assert not names["rp2040"] & {"hal_sim.mpy", "hal_esp32s3.mpy", "linkpeer.mpy"}

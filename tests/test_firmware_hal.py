@@ -4,17 +4,26 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+from hexiao.tools import bundle, keys, micropython
+from hexiao.tools import flash as F
 
 # HID 1.11 Appendix B.1, the boot keyboard's report descriptor, as every keyboard uses it
 REPORT_DESC = bytes.fromhex(
     "05010906a101050719e029e71500250175019508810295017508810195057501"
     "05081901290591029501750391019506750815002565050719002965" "8100c0")
 
-SCRIPT = r'''
-import sys, json
+STANDINS = r'''
+import io, sys, json
 log = []
+feed = []  # what the scanner UART reads, chunk by chunk; then None END times, then END raises
+END = [0, None]
+usbs = []
 
 class Pin:
     IN = 0; PULL_UP = 1
@@ -32,9 +41,18 @@ class Timer:
     def init(self, mode, period, callback): log.append(["timer", period]); self.cb = callback
     def deinit(self): self.cb = None
 
-class UART:
+class UART(io.IOBase):  # pollable, as the boards' UART is
     def __init__(self, i, baud, **kw): log.append(["uart", i, baud, kw["tx"].n, kw["rx"].n])
-    def readinto(self, b): return None
+    def ioctl(self, req, arg): return arg & 1 if req == 3 else 0  # always readable
+    def readinto(self, b):
+        if feed:
+            c = feed.pop(0)
+            b[:len(c)] = c
+            return len(c)
+        if END[1] is None or END[0] > 0:
+            END[0] -= 1
+            return None
+        raise END[1]
 
 class WDT:
     def __init__(self, timeout): log.append(["wdt", timeout])
@@ -46,7 +64,7 @@ class Builtin:
 
 class USBDevice:
     BUILTIN_CDC = Builtin()
-    def __init__(self): self.sent = []; self.ok = True
+    def __init__(self): self.sent = []; self.ok = True; usbs.append(self)
     def active(self, on): log.append(["active", on])
     def config(self, dev, cfg, control_xfer_cb, xfer_cb):
         self.cfg = cfg; self.ctl = control_xfer_cb; self.done = xfer_cb
@@ -58,9 +76,14 @@ class USBDevice:
 
 class M:
     pass
+CAUSE = [3]
+def reset():
+    log.append(["reset"])
+    raise SystemExit(0)  # a board's reset never returns
 m = M()
 for k, v in dict(Pin=Pin, PWM=PWM, Timer=Timer, UART=UART, WDT=WDT, USBDevice=USBDevice,
-                 PWRON_RESET=1, WDT_RESET=3, reset_cause=lambda: 3, idle=lambda: None).items():
+                 PWRON_RESET=1, HARD_RESET=2, WDT_RESET=3, SOFT_RESET=5,
+                 reset_cause=lambda: CAUSE[0], idle=lambda: None, reset=reset).items():
     setattr(m, k, v)
 sys.modules["machine"] = m
 
@@ -70,7 +93,9 @@ class NeoPixel:
     def write(self): log.append(["led", self.pin, list(self.px[0])])
 np = M(); np.NeoPixel = NeoPixel
 sys.modules["neopixel"] = np
+'''
 
+SCRIPT = STANDINS + r'''
 from hexiao.firmware import hal_rp2040, hal_esp32s3
 out = {}
 for mod in (hal_rp2040, hal_esp32s3):
@@ -141,3 +166,150 @@ def test_verdict_plays_the_pattern_and_lights_the_led(hal: dict) -> None:
                          ["duty", 0], ["timer", 100], ["duty", 32768], ["timer", 300],
                          ["duty", 0], ["duty", 0], ["led", led, [0, 0, 0]]]
         assert hal[name]["reset"] == "watchdog" and hal[name]["read"] == 0
+
+
+# -- the board entry point (board_main), installed by `hexiao flash` from a real bundle -----------
+
+BOARD_SCRIPT = STANDINS + r"""
+cfg = json.load(open("bench.json"))
+feed.extend(bytes.fromhex(c) for c in cfg["feed"])
+END[0] = 3  # a few empty reads, then the UART fails (a crash) or the run ends (SystemExit)
+END[1] = OSError(5) if cfg["end"] == "crash" else SystemExit(0)
+CAUSE[0] = cfg["cause"]
+try:
+    import main  # the root main.py the board runs at boot
+finally:
+    keys = [r[1][2] for u in usbs for r in u.sent if r[1][2] or r[1][0]]
+    json.dump({"log": log, "keys": keys, "modules": sorted(sys.modules)}, open("out.json", "w"))
+"""
+EAN = b"5901234123457"
+EAN_KEYS = [0x27 if c == "0" else 0x1D + int(c) for c in EAN.decode()] + [0x28]
+QR = b"]Q1287463512093"
+BOARD_HEAP = "160k"
+SAFE_WHY = "safe mode: 3 crashes in a row, last: OSError: [Errno 5] EIO"
+
+
+@pytest.fixture(scope="module")
+def boards(tmp_path_factory) -> dict[str, Path]:
+    """rp2040 and esp32s3 bundles, built, signed and flashed onto a board folder each."""
+    d = tmp_path_factory.mktemp("boards")
+    keys.generate(d / "sign.key")
+    key = keys.load_private_key(d / "sign.key")
+    out = {}
+    for name in ("rp2040", "esp32s3"):
+        b = bundle.build_bundle(name, "1.0.0", 1, key, d)
+        F.flash(b, keys.load_public_key(d / "sign.key.pub"), F.DirTarget.create(d / name, name))
+        out[name] = d / name
+    out["bundle"] = b  # esp32s3's
+    out["pub"] = d / "sign.key.pub"
+    return out
+
+
+def board_copy(boards: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    root = tmp_path / name
+    shutil.copytree(boards[name], root)
+    (root / "config.json").write_text(json.dumps({"id": "till-1", "key": os.urandom(32).hex(),
+                                                  "lane": "1"}))
+    (root / "board.py").write_text(BOARD_SCRIPT)
+    return root
+
+
+def power(root: Path, scans: list[bytes], end: str = "crash", cause: int = 3) -> dict:
+    """One boot of the board in `root`: `scans` arrive on its UART, then it fails or ends."""
+    (root / "bench.json").write_text(json.dumps({"feed": [s.hex() for s in scans], "end": end,
+                                                 "cause": cause}))
+    # the stand-ins and this script are compiled from source in the same heap: more than
+    # FIRMWARE_HEAP (the boards have ~190 KB and more); the heap is test_firmware_sim's business
+    argv, env = micropython.command(root / "board.py", root, heap=BOARD_HEAP)
+    r = subprocess.run(argv, env=env, cwd=root, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((root / "out.json").read_text())
+    out["stderr"] = r.stderr
+    return out
+
+
+@pytest.mark.parametrize("name, uart, led", [("rp2040", ["uart", 0, 9600, 0, 1], 16),
+                                             ("esp32s3", ["uart", 1, 9600, 17, 18], 48)])
+def test_the_flashed_root_main_runs_the_app_on_its_hal(boards, tmp_path: Path, name: str,
+                                                        uart: list, led: int) -> None:
+    root = board_copy(boards, name, tmp_path)
+    assert (root / "main.py").read_text() == bundle.ROOT_MAIN % (name, name)
+    out = power(root, [b"]E0" + EAN + b"\r"], cause=1)
+    mods = set(out["modules"])
+    assert {f"hexiao.firmware.hal_{name}", "hexiao.firmware.app"} <= mods
+    assert "hexiao.firmware.install_check" not in mods  # dropped after the boot check
+    log = out["log"]
+    assert uart in log and ["wdt", 8000] in log and ["feed"] in log
+    assert out["keys"] == EAN_KEYS  # the app typed the product through the USB keyboard
+    # the UART failing is a crash: recorded (pending: the board resets itself), then reset
+    assert log[-1] == ["reset"]
+    fw = (root / "crash").read_text().split(" ")[2]
+    assert (root / "crash").read_text() == f"1 1 {fw} OSError: [Errno 5] EIO"
+    assert "crash 1: OSError: [Errno 5] EIO" in out["stderr"]  # hal note: errors to the console
+
+
+def test_three_crashes_then_safe_mode_types_products_only(boards, tmp_path: Path) -> None:
+    root = board_copy(boards, "rp2040", tmp_path)
+    for n in (1, 2, 3):  # rp2040: machine.reset() comes back as a watchdog reset
+        out = power(root, [], cause=3 if n > 1 else 1)
+        assert out["log"][-1] == ["reset"] and "hexiao.firmware.app" in out["modules"]
+        assert (root / "crash").read_text().startswith(f"{n} 1 ")
+    out = power(root, [b"]E0" + EAN + b"\r\n", QR + b"\r\n"], end="exit", cause=3)
+    assert "hexiao.firmware.app" not in out["modules"]  # nor the link
+    assert out["keys"] == EAN_KEYS  # the EAN typed, the QR not
+    steps = [e for e in out["log"] if e[0] in ("led", "timer")]
+    blue = ["led", 16, [0, 0, 64]]
+    # error beep (80 on, 50 off...) and blue at once, then again for the refused QR
+    assert steps == 2 * [["timer", 80], blue]
+    assert SAFE_WHY in out["stderr"] and "reset" not in str(out["log"])
+    out = power(root, [], end="exit", cause=5)  # a soft reset: still safe
+    assert "hexiao.firmware.app" not in out["modules"]
+    out = power(root, [], cause=1)  # power cycled: the application again
+    assert "hexiao.firmware.app" in out["modules"] and out["log"][-1] == ["reset"]
+    assert (root / "crash").read_text().startswith("1 1 ")
+
+
+def test_an_unprovisioned_board_passes_products_in_safe_mode(boards, tmp_path: Path) -> None:
+    root = board_copy(boards, "esp32s3", tmp_path)
+    (root / "config.json").unlink()
+    out = power(root, [b"]E0" + EAN + b"\r", QR + b"\r"], end="exit", cause=1)
+    assert "safe mode: not provisioned (no config.json)" in out["stderr"]
+    assert out["keys"] == EAN_KEYS and "hexiao.firmware.app" not in out["modules"]
+    assert not (root / "crash").exists()
+
+
+def test_a_tampered_board_installation_stays_at_the_repl(boards, tmp_path: Path) -> None:
+    root = board_copy(boards, "rp2040", tmp_path)
+    (root / "main.py").write_text((root / "main.py").read_text() + "# edited\n")
+    out = power(root, [b"]E0" + EAN + b"\r"], cause=1)
+    assert "refused: changed since it was installed: main.py" in out["stderr"]
+    assert out["keys"] == [] and "reset" not in str(out["log"])
+    assert "hexiao.firmware.hal_rp2040" not in out["modules"]
+
+
+class CutBeforeBootStub(F.DirTarget):
+    """A board unplugged right after the folder commit, before /main.py.new is moved."""
+
+    def rename(self, src: str, dst: str) -> None:
+        if src == "/main.py.new":
+            raise F.TargetGone("unplugged")
+        super().rename(src, dst)
+
+
+def test_flash_installs_the_boot_stub_and_finishes_it_after_a_cut(boards, tmp_path) -> None:
+    root = tmp_path / "esp32s3"
+    shutil.copytree(boards["esp32s3"], root)
+    pub = keys.load_public_key(boards["pub"])
+    stub = (root / "main.py").read_bytes()
+    assert F.flash(boards["bundle"], pub, F.DirTarget(root)).action == "up-to-date"
+    (root / "main.py").unlink()  # not up to date without it: installed again
+    r = F.flash(boards["bundle"], pub, F.DirTarget(root))
+    assert r.action == "installed" and (root / "main.py").read_bytes() == stub
+    (root / "main.py").write_text("print('an old stub')\n")
+    with pytest.raises(F.FlashError, match="lost the device"):
+        F.flash(boards["bundle"], pub, CutBeforeBootStub(root))
+    assert (root / "main.py.new").read_bytes() == stub and (root / "hexiao.old").is_dir()
+    r = F.flash(boards["bundle"], pub, F.DirTarget(root))
+    assert r.action == "installed" and (root / "main.py").read_bytes() == stub
+    assert sorted(p.name for p in root.iterdir()) == ["board.json", "hexiao", "main.py"]

@@ -184,7 +184,7 @@ def open_writer(fifo: Path, device: relay.DeviceProcess, timeout: float = 30) ->
 @contextmanager
 def sim(stage: Path, tmp: Path, *, key: bytes | None = None, host: Host | None = None,
         heap: str = FIRMWARE_HEAP, state: Path | None = None, rto: int = 200,
-        tries: int = 8) -> Iterator[Sim]:
+        tries: int = 8, noise: float = 0.0, seed: int = 0) -> Iterator[Sim]:
     key = key or os.urandom(32)
     hid = tmp / f"hid-{time.monotonic_ns()}.txt"
     # a FIFO, not a pty: a pty the device opens would become its controlling terminal, and
@@ -196,7 +196,7 @@ def sim(stage: Path, tmp: Path, *, key: bytes | None = None, host: Host | None =
     if state is not None:
         args.append(f"state={state}")
     argv, env = micropython.command("hexiao.firmware.main", stage, heap=heap, args=args)
-    cable = relay.Cable().start()
+    cable = relay.Cable(noise=noise, seed=seed).start()  # noise: see relay.Cable
     device = relay.DeviceProcess(cable, argv, env, str(stage))
     try:
         writer = open_writer(fifo, device)
@@ -228,7 +228,8 @@ def test_us_keymap_matches_the_hid_usage_tables() -> None:
 
 
 def test_gs1_check_digit_and_rule_order() -> None:
-    from hexiao.firmware.app import DEFAULT_RULES, classify, compile_rules, gs1_ok
+    from hexiao.firmware.app import DEFAULT_RULES, classify, gs1_ok
+    from hexiao.firmware.app_service import compile_rules
 
     assert gs1_ok(b"4006381333931") and gs1_ok(b"96385074") and gs1_ok(b"036000291452")
     assert not gs1_ok(b"4006381333932") and not gs1_ok(b"7") and not gs1_ok(b"40063813A3931")

@@ -6,8 +6,10 @@ an installer copies a single file and `tar tf` can inspect it. Members, in order
                  "version" ("X.Y.Z"), "counter" (monotonic security counter, int >= 0),
                  "built" (UTC ISO 8601; SOURCE_DATE_EPOCH is honoured), "mpy_cross",
                  "files": {"hexiao/<part>/<name>.mpy": {"sha256": hex, "size": int}}}
+                 (rp2040/esp32s3 also list "main.py": the boot stub at the device's root)
   manifest.sig   64-byte raw Ed25519 signature over the exact bytes of manifest.json
   hexiao/...     the compiled modules, laid out as on the device's filesystem
+  main.py        rp2040/esp32s3 only: the stub the board runs at boot (ROOT_MAIN)
 Only regular files with plain relative names are accepted; the manifest is parsed only after
 its signature verifies. Equal counters are accepted (reinstall); lower ones are a downgrade.
 
@@ -44,13 +46,22 @@ HOST_ONLY = {
     "protocol": {"codec_fast.py", "cose_fast.py", "messages_fast.py", "link_host.py", "check.py"},
     "firmware": {"bench_device.py"},
 }
-# the board HALs each board gets (firmware/hal_*.py not listed for a board stay out of its
-# bundle); the sim board also carries linkpeer, the scripted peer its self-tests run
+# the board HALs and entry point each board gets (firmware files listed for other boards only
+# stay out of its bundle); the sim board also carries linkpeer, the scripted peer its
+# self-tests run, and its entry point is main (run as -m hexiao.firmware.main)
 BOARD_FILES = {
-    "sim": {"hal_sim.py", "linkpeer.py"},
-    "rp2040": {"hal_rp2040.py", "hal_usb.py"},
-    "esp32s3": {"hal_esp32s3.py", "hal_usb.py"},
+    "sim": {"hal_sim.py", "linkpeer.py", "main.py"},
+    "rp2040": {"hal_rp2040.py", "hal_usb.py", "board_main.py"},
+    # hal_esp32s3 is hal_rp2040's Board with other pins: it needs hal_rp2040 too
+    "esp32s3": {"hal_esp32s3.py", "hal_rp2040.py", "hal_usb.py", "board_main.py"},
 }
+# What a board runs at boot: MicroPython runs /main.py (source: it never loads a .mpy there),
+# so the bundle carries this stub at its root (member "main.py", signed like every file) and
+# `hexiao flash` installs it at /main.py; the code itself is hexiao/firmware/board_main.mpy.
+ROOT_MAIN = (
+    "# hexiao firmware %s: the board runs this at boot; see hexiao/firmware/board_main\n"
+    "from hexiao.firmware.board_main import main\n\nmain(%r)\n")
+ROOT_FILES = ("main.py",)  # bundle members installed at the device's root, not under hexiao/
 _PER_BOARD = set().union(*BOARD_FILES.values())
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 MAX_BUNDLE = 8 * 1024 * 1024  # boards have 2-16 MB of flash; a bigger bundle is not ours
@@ -122,6 +133,12 @@ def device_sources(source: Path | None = None,
     return out
 
 
+def root_files(board: str) -> dict[str, bytes]:
+    """The members a board's bundle has outside hexiao/: the sim board has none (it is run as
+    -m hexiao.firmware.main), a real board its root main.py."""
+    return {} if board == "sim" else {"main.py": (ROOT_MAIN % (board, board)).encode()}
+
+
 def _compile(files: list[tuple[str, Path]], work: Path) -> tuple[dict[str, bytes], str]:
     mpy_cross = micropython.executable("mpy-cross")
     tool = subprocess.run([mpy_cross, "--version"], capture_output=True, text=True, check=True)
@@ -129,12 +146,10 @@ def _compile(files: list[tuple[str, Path]], work: Path) -> tuple[dict[str, bytes
     for name, py in files:
         target = work / name.replace("/", "_")
         part = PurePosixPath(name).parent.name
-        r = subprocess.run(
-            [mpy_cross, "-O3", "-s", f"hexiao/{part}/{py.name}", "-o", str(target), str(py)],
-            capture_output=True, text=True,
-        )
-        if r.returncode != 0:
-            raise click.ClickException(f"mpy-cross failed on {py}: {r.stderr.strip()}")
+        try:  # the same build the tests run (terse: tools/terse.py)
+            micropython.compile_device(py, f"hexiao/{part}/{py.name}", target)
+        except (RuntimeError, SyntaxError) as exc:
+            raise click.ClickException(str(exc)) from exc
         compiled[name] = target.read_bytes()
     return compiled, tool.stdout.strip()
 
@@ -178,6 +193,7 @@ def build_bundle(board: str, version: str, counter: int, key: Ed25519PrivateKey,
         raise click.BadParameter(f"counter {counter} is not in 0..2**32-1")
     with tempfile.TemporaryDirectory(prefix="hexiao-bundle-") as work:
         files, tool = _compile(device_sources(source, board), Path(work))
+    files.update(root_files(board))
     built = _built_time()
     manifest = canonical({
         "format": FORMAT, "board": board, "version": version, "counter": counter,

@@ -6,7 +6,8 @@ interrupted earlier commit -> check the board and the installed security counter
 (/hexiao/manifest.json) -> check free space -> copy into /hexiao.new, verifying each file by a
 SHA-256 the device computes itself (a re-run skips staged files that already match) -> write
 manifest.sig then manifest.json last (the "staging complete" mark) -> commit: /hexiao ->
-/hexiao.old, /hexiao.new -> /hexiao, remove /hexiao.old -> reset. A run interrupted anywhere
+/hexiao.old, /hexiao.new -> /hexiao, then a board's boot stub /main.py.new -> /main.py (a
+bundle's root member, staged with the rest), remove /hexiao.old -> reset. A run interrupted anywhere
 leaves the previous firmware in /hexiao or /hexiao.old; the next run finishes the commit if the
 staged copy is complete and signed by the key given, else rolls back.
 
@@ -90,10 +91,25 @@ def _rel(name: str) -> str:
     return rest
 
 
+def _path(name: str, base: str) -> str:
+    """Where a member is on the device, installed (base CUR) or staged (base NEW). A root file
+    (B.ROOT_FILES: the board's boot main.py) is staged next to its place as /<name>.new and
+    moved there right after the folder commit (_commit_root)."""
+    if name in B.ROOT_FILES:
+        return f"/{name}.new" if base == NEW else f"/{name}"
+    return f"{base}/{_rel(name)}"
+
+
+def _commit_root(target: Target, files: dict[str, Any]) -> None:
+    for name in sorted(set(files) & set(B.ROOT_FILES)):
+        if f"{name}.new" in target.listdir("/"):
+            target.rename(_path(name, NEW), _path(name, CUR))
+
+
 def _matches(target: Target, base: str, files: dict[str, Any]) -> bool:
     def sha(e: Any) -> str:
         return e["sha256"] if isinstance(e, dict) else e.sha256
-    return all(target.sha256(f"{base}/{_rel(n)}") == sha(e) for n, e in files.items())
+    return all(target.sha256(_path(n, base)) == sha(e) for n, e in files.items())
 
 
 def _staged_ok(target: Target, pubkey: Ed25519PublicKey) -> bool:
@@ -118,6 +134,7 @@ def recover(target: Target, pubkey: Ed25519PublicKey) -> str | None:
     if old and not cur:
         if new and _staged_ok(target, pubkey):
             target.rename(NEW, CUR)
+            _commit_root(target, (_installed(target) or (b"", {"files": {}}))[1]["files"])
             target.remove(OLD)
             return "finished an interrupted install (the new firmware was complete)"
         target.rename(OLD, CUR)
@@ -148,7 +165,7 @@ def flash(bundle_path: Path | str, pubkey: Ed25519PublicKey, target: Target,
     """Install a bundle on target; FlashError / BundleError say why not (nothing half-active)."""
     bundle = B.read_bundle(bundle_path)
     for name in B.verify_bundle(bundle, pubkey).files:  # before anything touches the device
-        _rel(name)
+        _path(name, CUR)
     try:
         return _flash(bundle, pubkey, target, board, confirm, progress)
     except TargetGone as e:
@@ -183,21 +200,23 @@ def _flash(bundle: B.Bundle, pubkey: Ed25519PublicKey, target: Target, board: st
     # staging complete is marked by manifest.json: drop a stale one before anything else
     target.remove(f"{NEW}/manifest.json")
     staged = set(_walk(target, NEW))  # hash only what is there: a round trip per file
-    todo = [n for n, e in sorted(m.files.items()) if _rel(n) not in staged
-            or target.sha256(f"{NEW}/{_rel(n)}") != e.sha256]
+    todo = [n for n, e in sorted(m.files.items())
+            if (n not in B.ROOT_FILES and _rel(n) not in staged)
+            or target.sha256(_path(n, NEW)) != e.sha256]
     need = sum(-(-m.files[n].size // BLOCK) * BLOCK for n in todo) + 2 * BLOCK
     free = target.free_bytes()
     if need > free:
         raise FlashError("no-space", f"the device has {free} bytes free, {what} needs {need}: "
                          f"nothing was written, {_KEEP}")
-    for stale in staged - {_rel(n) for n in m.files} - {"manifest.sig", "manifest.json"}:
+    ours = {_rel(n) for n in m.files if n not in B.ROOT_FILES}
+    for stale in staged - ours - {"manifest.sig", "manifest.json"}:
         target.remove(f"{NEW}/{stale}")
     nbytes = 0
     try:
         with progress(sum(m.files[n].size for n in todo)) if progress else \
                 contextlib.nullcontext() as bar:
             for n in todo:
-                _copy(target, f"{NEW}/{_rel(n)}", bundle.files[n], m.files[n].sha256)
+                _copy(target, _path(n, NEW), bundle.files[n], m.files[n].sha256)
                 nbytes += m.files[n].size
                 if bar is not None:
                     bar.update(m.files[n].size)
@@ -214,6 +233,7 @@ def _flash(bundle: B.Bundle, pubkey: Ed25519PublicKey, target: Target, board: st
     if inst:
         target.rename(CUR, OLD)
     target.rename(NEW, CUR)
+    _commit_root(target, m.files)  # cut off before this: the next run sees it not up to date
     target.remove(OLD)
     target.reset()
     return result("installed", len(todo), len(m.files) - len(todo), nbytes)

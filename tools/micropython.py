@@ -44,9 +44,26 @@ def executable(name: str) -> str:
     return found
 
 
+def compile_device(py: Path, name: str, target: Path) -> None:
+    """Compile one device module as the boards get it: its terse build (tools/terse.py: no
+    exception texts), by mpy-cross -O3, named `name` (e.g. hexiao/protocol/link.py) as on the
+    device, not by this machine's path: the name is a qstr in the device's heap."""
+    import tempfile
+
+    from hexiao.tools.terse import terse
+
+    code, _ = terse(Path(py).read_text(encoding="utf-8"), str(py))
+    with tempfile.NamedTemporaryFile("w", suffix=".py", encoding="utf-8") as tmp:
+        tmp.write(code)
+        tmp.flush()
+        r = subprocess.run([executable("mpy-cross"), "-O3", "-s", name, "-o", str(target),
+                            tmp.name], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"mpy-cross failed on {py}: {r.stderr.strip()}")
+
+
 def stage(dest: Path, parts: tuple[str, ...] = PARTS) -> Path:
     """Compile the device-side modules into dest/hexiao/<part>/*.mpy and return dest."""
-    mpy_cross = executable("mpy-cross")
     dest = Path(dest)
     (dest / "hexiao").mkdir(parents=True, exist_ok=True)
     for part in parts:
@@ -54,13 +71,7 @@ def stage(dest: Path, parts: tuple[str, ...] = PARTS) -> Path:
         out = dest / "hexiao" / part
         out.mkdir(parents=True, exist_ok=True)
         for py in sorted(src.glob("*.py")):
-            target = out / (py.stem + ".mpy")
-            subprocess.run(
-                # -s: the name tracebacks give, as on the device (hexiao/protocol/link.py),
-                # not this machine's path: it is a qstr in the device's heap
-                [mpy_cross, "-O3", "-s", f"hexiao/{part}/{py.name}", "-o", str(target), str(py)],
-                check=True, capture_output=True, text=True,
-            )
+            compile_device(py, f"hexiao/{part}/{py.name}", out / (py.stem + ".mpy"))
     return dest
 
 

@@ -385,7 +385,7 @@ def bench(mb: float, rounds: int, as_json: bool) -> None:
                    "serial:DEVICE[@BAUD] (a serial port the POS writes to), or "
                    "pty[:LINK] (a new pseudo-terminal, optionally symlinked at LINK)")
 @click.option("--printer", "printer_spec", required=True,
-              help="the real printer: tcp:HOST:PORT, file:PATH or serial:DEVICE[@BAUD]")
+              help="the printer: tcp:HOST:PORT, file:PATH, serial:DEV[@BAUD], usb:VID:PID[:SERIAL]")
 @profile_options
 @click.option("--content", default="{token}", show_default=True,
               help="QR content template; fields: " + ", ".join(sorted(inject.FIELDS)))
