@@ -31,7 +31,7 @@ US = bytes.fromhex(
     "9f8485868788898a8b8c8d8e8f909192939495969798999a9b9c9d2f3130a3ad"
     "350405060708090a0b0c0d0e0f101112131415161718191a1b1c1dafb1b0b5")
 SUFFIX = {"enter": 0x28, "tab": 0x2B, "none": 0}
-# config name: default (the host may set them: app_service.LIMITS)
+# config name: default (the host may set them: app_settings.LIMITS)
 CONFIG = {"inter_key_ms": 0, "offline_ms": 3000, "char_ms": 50, "term": 13, "suffix": "enter"}
 # before the first rules: what hostd pushes by default (EAN/UPC product, QR/Code 128 coupon)
 DEFAULT_RULES = [0, 0, [[0, ("]E0", "]E4"), None, None, None, 0],
@@ -40,6 +40,7 @@ COUNTERS = ("scans", "products", "coupons", "verdicts", "offline", "late", "reje
             "ignored", "garbage", "overlong", "partial", "macros", "resent")
 _LEVELS = 12  # log ring entries
 SERVICE = ("rules", "health_get", "logs_get", "config_get", "config_set")
+REPORTS = ("health_get", "logs_get")
 
 
 def gs1_ok(d):
@@ -253,10 +254,11 @@ class App:
         self.q.extend(q)
 
     def serve(self, msg):
-        # a host request (None: boot's restore) by the overlay firmware/app_service, loaded for
-        # it and dropped before the answer is sent: its code is not in the heap while the till
-        # sells, nor while the answer is encoded
-        name = "hexiao.firmware.app_service"
+        # a host request (None: boot's restore) by an overlay, app_reports or app_settings,
+        # loaded for it and dropped before the answer is sent: its code is not in the heap
+        # while the till sells, nor while the answer is encoded
+        part = "app_reports" if msg is not None and msg["type"] in REPORTS else "app_settings"
+        name = "hexiao.firmware." + part
         s = __import__(name, None, None, ("serve",))
         try:
             if msg is None:
@@ -266,7 +268,7 @@ class App:
         finally:
             s = None
             del sys.modules[name]
-            delattr(sys.modules["hexiao.firmware"], "app_service")
+            delattr(sys.modules["hexiao.firmware"], part)
             gc.collect()
         if msg is not None:
             self.cdc.send(msg)

@@ -5,8 +5,10 @@
 #
 # cfg is a JSON file {"id": ..., "key": hex} (as linkpeer's). Modules are imported one at a
 # time with a collection between, so each lands in a compacted heap; boot-only modules
-# (install_check, safe) are dropped once used. On a board, board_main does the same with its
-# own HAL. reset= is the reset cause the sim board reports (hal_sim; default power_on);
+# (sim_boot, install_check, safe) are dropped once used: this module's own code stays in the
+# heap while the app runs (its body is running), so it holds only the run and the crash path.
+# On a board, board_main does the same with its own HAL. reset= is the reset cause the sim
+# board reports (hal_sim; default power_on);
 # stable= the ms of running that clear the crash record (safe.STABLE_MS on a board).
 #
 # Exit status: 0 the scanner hung up (the sim board's end); 3 the installed firmware is refused
@@ -21,82 +23,20 @@ if hasattr(gc, "threshold"):  # see linkpeer: keeps the 64 KB heap unfragmented
     gc.threshold(2048)
 import sys
 
-BOARD = "sim"  # this entry point wires the sim board's HAL
 PKG = "hexiao.firmware."
 
 
-def drop(name):
-    # forget a boot-only module: sys.modules and its package hold it
-    del sys.modules[PKG + name]
-    delattr(sys.modules[PKG[:-1]], name)
-    gc.collect()
-
-
 def main(argv):
-    a = {}
-    for arg in argv:
-        k, _, v = arg.partition("=")
-        a[k] = v
-    st = a.get("state")
-    st = st + "/" if st else None  # state file prefix; None: nothing persists
-    from hexiao.firmware.install_check import refused
+    from hexiao.firmware.sim_boot import boot
 
-    why = refused(st, BOARD)
-    refused = None
-    drop("install_check")
-    if why:
-        sys.stderr.write('{"ev": "refused", "why": "%s"}\n' % why)
-        sys.exit(3)  # nothing of this firmware runs
-    count = 0
-    if st is not None:
-        from hexiao.firmware import safe
-
-        count, why = safe.boot(st, a.get("reset", "power_on"))
-        if why:
-            from hexiao.firmware.hal_sim import Board, emit
-
-            emit({"ev": "safe", "why": why})
-            safe.run(Board(a), why)
-            sys.exit(5)
-        safe = None
-        drop("safe")
-    from json import load
-
-    with open(a["cfg"]) as f:
-        cfg = load(f)
-    from binascii import unhexlify
-
-    kid, key = cfg["id"].encode(), unhexlify(cfg["key"])
-    cfg = load = None
+    app, st, count, crash = boot(argv)
+    boot = None
+    del sys.modules[PKG + "sim_boot"]
+    delattr(sys.modules[PKG[:-1]], "sim_boot")
     gc.collect()
-    from hexiao.firmware.hal_sim import Board, emit
+    from hexiao.firmware.hal_sim import emit
 
-    board = Board(a)
-    if count:  # crashes in a row so far: a run this long, or a clean end, clears them
-        from time import ticks_diff, ticks_ms
-
-        t0, idle, left = ticks_ms(), board.idle, [st + "crash"]
-        ms = int(a.get("stable", 60000))
-
-        def stable():
-            if left and ticks_diff(ticks_ms(), t0) >= ms:
-                import os
-
-                try:  # noqa: SIM105 - no contextlib on the device
-                    os.remove(left.pop())
-                except OSError:
-                    pass
-            idle()
-
-        board.idle = stable
-    gc.collect()
-    from hexiao.firmware.app import App
-
-    gc.collect()
-    app = App(board, kid, key, {"rto_ms": int(a.get("rto", 200)),
-                                "max_tries": int(a.get("tries", 8)), "queue_max": 4})
-    crash = "crash" in a
-    a = None
+    board = app.b
     app.sample()
     emit({"ev": "boot", "board": board.name, "heap_free": gc.mem_free(), "heap_used": app.peak,
           "crashes": count})
@@ -108,7 +48,7 @@ def main(argv):
         app = board = None
         gc.collect()
         sys.print_exception(e, sys.stderr)  # stdout is the link
-        n = 0
+        n, why = 0, None
         if st is not None:
             from hexiao.firmware import safe
 

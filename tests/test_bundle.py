@@ -28,6 +28,7 @@ DEVICE_FILES = {
     "hexiao/firmware/cdc_link.mpy", "hexiao/firmware/linkpeer.mpy",
     "hexiao/firmware/app.mpy", "hexiao/firmware/main.mpy", "hexiao/firmware/hal_sim.mpy",
     "hexiao/firmware/install_check.mpy", "hexiao/firmware/safe.mpy",
+    "hexiao/firmware/sim_boot.mpy",
 } | {  # the application, in however many modules it is split (app.py, app_*.py)
     f"hexiao/firmware/{p.stem}.mpy"
     for p in (Path(__file__).resolve().parents[1] / "firmware").glob("app*.py")

@@ -22,7 +22,7 @@ from test_firmware_sim import Host, Sim, sim, typed
 
 GOOD = "4006381333931"  # EAN-13, right check digit
 WRONG = "4006381333932"  # same, wrong check digit
-# a rules file as the device writes it (app_service.compile_rules of a host's rules v7)
+# a rules file as the device writes it (app_settings.compile_rules of a host's rules v7)
 RULES_V7 = [7, 2, [[0, ["]E0"], None, None, None, 1], [1, ["]Q1"], 4, 20, b"WX", 0]]]
 
 

@@ -229,7 +229,7 @@ def test_us_keymap_matches_the_hid_usage_tables() -> None:
 
 def test_gs1_check_digit_and_rule_order() -> None:
     from hexiao.firmware.app import DEFAULT_RULES, classify, gs1_ok
-    from hexiao.firmware.app_service import compile_rules
+    from hexiao.firmware.app_settings import compile_rules
 
     assert gs1_ok(b"4006381333931") and gs1_ok(b"96385074") and gs1_ok(b"036000291452")
     assert not gs1_ok(b"4006381333932") and not gs1_ok(b"7") and not gs1_ok(b"40063813A3931")

@@ -50,7 +50,7 @@ HOST_ONLY = {
 # stay out of its bundle); the sim board also carries linkpeer, the scripted peer its
 # self-tests run, and its entry point is main (run as -m hexiao.firmware.main)
 BOARD_FILES = {
-    "sim": {"hal_sim.py", "linkpeer.py", "main.py"},
+    "sim": {"hal_sim.py", "linkpeer.py", "main.py", "sim_boot.py"},
     "rp2040": {"hal_rp2040.py", "hal_usb.py", "board_main.py"},
     # hal_esp32s3 is hal_rp2040's Board with other pins: it needs hal_rp2040 too
     "esp32s3": {"hal_esp32s3.py", "hal_rp2040.py", "hal_usb.py", "board_main.py"},

@@ -1,7 +1,7 @@
-# The application's service side (firmware/app.py): what the host asks for a few times a session
-# (health, logs, config, rules) and what boot reads back from flash. It is an overlay: App.serve
-# imports this module for one request and drops it after, so the code a till runs rarely does
-# not hold the 64 KB heap while the till sells. Pure functions of the App's state.
+# The application's settings (firmware/app.py): the rules and config a host sets a few times a
+# session, and what boot reads back from flash. An overlay, as app_reports: App.serve imports it
+# for one request and drops it after, so code a till runs rarely does not hold the 64 KB heap
+# while the till sells (one overlay per kind of request: each costs heap while it is loaded).
 #
 # Rules kept here:
 # - a host's rules or config are checked whole before any of it is used or stored; a refused one
@@ -9,10 +9,7 @@
 # - state files are read back strictly: any damage means the file is corrupt, logged, defaults
 #   kept (the board's save() writes a new file, then renames it over the old).
 
-import gc
-
 from hexiao.protocol import cbor
-from hexiao.protocol.errors import counter_number
 
 # config name: (lowest, highest) of an int; suffix is one of app.SUFFIX's names
 LIMITS = {"inter_key_ms": (0, 1000), "offline_ms": (200, 30000), "char_ms": (5, 1000),
@@ -89,27 +86,18 @@ def restore(app, suffixes):
 
 
 def serve(app, msg, firmware, suffixes):
-    """The answer to a host request (a message to send), or None (rules: nothing to say)."""
-    t = msg["type"]
-    if t == "rules":
-        r = compile_rules(msg)
-        if type(r) is str:
-            app.log(3, "rules v%d refused: %s" % (msg["version"], r))
-            return None
-        app.b.save("rules", cbor.dumps(r))
-        app.rules = r
-        app.log(6, "rules v%d" % r[0])
+    """The answer to a rules or config request (a message to send), or None."""
+    del firmware  # the same signature as app_reports.serve
+    if msg["type"] != "rules":
+        return {"type": "config", "values": config(app, msg, suffixes)}
+    r = compile_rules(msg)
+    if type(r) is str:
+        app.log(3, "rules v%d refused: %s" % (msg["version"], r))
         return None
-    if t == "health_get":
-        return health(app, firmware)
-    if t == "logs_get":
-        since, most = msg.get("since", 0), msg.get("max", len(app.ring))
-        out = []
-        for e in app.ring:
-            if e[0] >= since and len(out) < most:
-                out.append(e)
-        return {"type": "logs", "entries": out, "next": out[-1][0] + 1 if out else since}
-    return {"type": "config", "values": config(app, msg, suffixes)}
+    app.b.save("rules", cbor.dumps(r))
+    app.rules = r
+    app.log(6, "rules v%d" % r[0])
+    return None
 
 
 def config(app, msg, suffixes):
@@ -131,17 +119,3 @@ def config(app, msg, suffixes):
         if k in app.cfg:
             out[k] = app.cfg[k]
     return out
-
-
-def health(app, firmware):
-    app.sample()
-    link = {}
-    for k, v in app.cdc.link.counters.items():
-        link[counter_number(k)] = v
-    counts = {}
-    for k, v in app.n.items():
-        if v:
-            counts[k] = v
-    return {"type": "health", "uptime_ms": app.cdc.now(), "reset_cause": app.b.reset,
-            "firmware": firmware, "heap_free": gc.mem_free(), "heap_peak": app.peak,
-            "link": link, "app": counts}
