@@ -18,8 +18,8 @@
 
 import gc
 import select
-import sys
 
+from hexiao.firmware import drop
 from hexiao.firmware.cdc_link import CdcLink
 from hexiao.protocol import link as L
 
@@ -258,8 +258,7 @@ class App:
         # loaded for it and dropped before the answer is sent: its code is not in the heap
         # while the till sells, nor while the answer is encoded
         part = "app_reports" if msg is not None and msg["type"] in REPORTS else "app_settings"
-        name = "hexiao.firmware." + part
-        s = __import__(name, None, None, ("serve",))
+        s = __import__("hexiao.firmware." + part, None, None, ("serve",))
         try:
             if msg is None:
                 s.restore(self, SUFFIX)
@@ -267,9 +266,7 @@ class App:
                 msg = s.serve(self, msg, FIRMWARE, SUFFIX)
         finally:
             s = None
-            del sys.modules[name]
-            delattr(sys.modules["hexiao.firmware"], part)
-            gc.collect()
+            drop(part)
         if msg is not None:
             self.cdc.send(msg)
 

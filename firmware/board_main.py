@@ -15,16 +15,10 @@ if hasattr(gc, "threshold"):  # see main.py: keeps the heap unfragmented
 import sys
 
 import machine
+from hexiao.firmware import drop
 
 PLATFORMS = {"rp2": "rp2040", "esp32": "esp32s3"}  # sys.platform -> the boards built for it
 PKG = "hexiao.firmware."
-
-
-def drop(name):
-    # forget a boot-only module: sys.modules and its package hold it
-    del sys.modules[PKG + name]
-    delattr(sys.modules[PKG[:-1]], name)
-    gc.collect()
 
 
 def main(name):

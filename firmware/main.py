@@ -23,17 +23,14 @@ if hasattr(gc, "threshold"):  # see linkpeer: keeps the 64 KB heap unfragmented
     gc.threshold(2048)
 import sys
 
-PKG = "hexiao.firmware."
-
 
 def main(argv):
+    from hexiao.firmware import drop
     from hexiao.firmware.sim_boot import boot
 
     app, st, count, crash = boot(argv)
     boot = None
-    del sys.modules[PKG + "sim_boot"]
-    delattr(sys.modules[PKG[:-1]], "sim_boot")
-    gc.collect()
+    drop("sim_boot")
     from hexiao.firmware.hal_sim import emit
 
     board = app.b

@@ -5,15 +5,9 @@
 import gc
 import sys
 
+from hexiao.firmware import drop
+
 BOARD = "sim"  # this boot wires the sim board's HAL
-PKG = "hexiao.firmware."
-
-
-def drop(name):
-    # forget a boot-only module: sys.modules and its package hold it
-    del sys.modules[PKG + name]
-    delattr(sys.modules[PKG[:-1]], name)
-    gc.collect()
 
 
 def boot(argv):
