@@ -1,7 +1,8 @@
 # The device application (DESIGN "Firmware"; SPEC §6.7 rules, §9.6 resent scans), on any board
 # HAL (hal_sim, hal_rp2040, hal_esp32s3) that gives: name, reset, rx/tx (None: stdin/stdout),
 # scan (a pollable stream), read(buf) -> n (-1: hung up), key(mod, usage), verdict(sid, outcome,
-# beep, led, text), note(seq, level, text), load(name) -> bytes|None, save(name, data), idle().
+# beep, led, text), note(seq, level, text), load(name) -> bytes|None, save(name, data), idle(),
+# pressed() -> True once per press of the button, printer: a stream (.write) or None.
 #
 # Rules kept here:
 # - a product is typed from here, at once, whatever the link is doing (fail-open for sales);
@@ -10,11 +11,16 @@
 #   sent (the cashier turned it away); one sent but unanswered within offline_ms also gets it,
 #   and it is sent again, same scan_id and time_ms, in the next session (§9.6) - whether its
 #   message expired or was acknowledged by a host that then died - so that the host can answer
-#   it from its journal; that answer shows as a late verdict (text only, no sound);
+#   it from its journal; that answer shows as a late verdict (text only, no sound, no slip);
+# - a verdict's slip and print jobs go to the board's printer as they arrive (a job's chunks in
+#   seq order from 0; a chunk out of order drops the rest of its job); no printer: logged;
+# - the button repeats the last verdict (sound, LED, text) for a cashier who missed it;
 # - one select.poll loop, not asyncio: asyncio's modules cost ~8 KB of a 64 KB heap that the
 #   link stack already fills to ~57 KB; a loop turn is short and no call chain is deep;
 # - tables are bytes and lists, functions small (a frame over 11 words goes on the heap) but
-#   few, and no comprehensions: each function is ~100 B of heap for good (raw code, object).
+#   few, and no comprehensions: each function is ~100 B of heap for good (raw code, object);
+#   no tuples of strings either: each string in a constant tuple is a 64 B str object, where a
+#   short name used as such is a shared qstr (hence the names kept as one text, split when used).
 
 import gc
 import select
@@ -25,22 +31,22 @@ from hexiao.protocol import link as L
 
 FIRMWARE = "hexiao-fw 0.1.0"
 MAX_DATA = 512  # SPEC scan data limit; a longer read is dropped whole
-# US layout, chars 0x20..0x7e: HID usage | 0x80 when Shift is held
-US = bytes.fromhex(
-    "2c9eb4a0a1a2a434a6a7a5ae362d3738271e1f20212223242526b333b62eb7b8"
-    "9f8485868788898a8b8c8d8e8f909192939495969798999a9b9c9d2f3130a3ad"
-    "350405060708090a0b0c0d0e0f101112131415161718191a1b1c1dafb1b0b5")
+# US layout, chars 0x20..0x7e: HID usage | 0x80 when Shift is held (a bytes literal: a hex
+# text would stay in the heap beside the table)
+US = (b",\x9e\xb4\xa0\xa1\xa2\xa44\xa6\xa7\xa5\xae6-78'\x1e\x1f !\"#$%&\xb33\xb6.\xb7\xb8"
+      b"\x9f\x84\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98"
+      b"\x99\x9a\x9b\x9c\x9d/10\xa3\xad5\x04\x05\x06\x07\x08\t\n\x0b\x0c\r\x0e\x0f\x10\x11\x12"
+      b"\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\xaf\xb1\xb0\xb5")
 SUFFIX = {"enter": 0x28, "tab": 0x2B, "none": 0}
-# config name: default (the host may set them: app_settings.LIMITS)
+# config name: default (the host may set them: app_config.LIMITS)
 CONFIG = {"inter_key_ms": 0, "offline_ms": 3000, "char_ms": 50, "term": 13, "suffix": "enter"}
-# before the first rules: what hostd pushes by default (EAN/UPC product, QR/Code 128 coupon)
-DEFAULT_RULES = [0, 0, [[0, ("]E0", "]E4"), None, None, None, 0],
-                        [1, ("]Q1", "]C0", "]Q0", "]d1"), 8, 512, None, 0]]]
-COUNTERS = ("scans", "products", "coupons", "verdicts", "offline", "late", "rejected",
-            "ignored", "garbage", "overlong", "partial", "macros", "resent")
-_LEVELS = 12  # log ring entries
-SERVICE = ("rules", "health_get", "logs_get", "config_get", "config_set")
-REPORTS = ("health_get", "logs_get")
+# before the first rules: what hostd pushes by default (EAN/UPC product, QR/Code 128 coupon);
+# a rule's symbologies are one text of 3-character AIM ids, each starting with "]"
+DEFAULT_RULES = [0, 0, [[0, "]E0]E4", None, None, None, 0],
+                        [1, "]Q1]C0]Q0]d1", 8, 512, None, 0]]]
+COUNTERS = ("scans products coupons verdicts offline late rejected ignored garbage overlong"
+            " partial macros resent printed")
+_LEVELS = 8  # log ring entries
 
 
 def gs1_ok(d):
@@ -62,7 +68,8 @@ def classify(rules, sym, d):
     """0 product, 1 coupon, 2 ignore (SPEC §6.7): the first rule that matches, else the default."""
     n = len(d)
     for r in rules[2]:
-        # r = [action, symbologies|None, min_len|None, max_len|None, prefix|None, check]
+        # r = [action, symbologies|None, min_len|None, max_len|None, prefix|None, check]; a
+        # 3-character id starting with "]" is in the ids' text only where one of them starts
         if ((r[1] is None or sym in r[1]) and (r[2] is None or n >= r[2])
                 and (r[3] is None or n <= r[3]) and (r[4] is None or d.startswith(r[4]))
                 and (not r[5] or gs1_ok(d))):
@@ -77,7 +84,7 @@ def delay_code(ms):
 class App:
     def __init__(self, board, device_id, key, link_args):
         self.b = board
-        self.n = dict.fromkeys(COUNTERS, 0)
+        self.n = dict.fromkeys(COUNTERS.split(), 0)
         self.ring = []
         self.seq = 0
         self.line = bytearray(3 + MAX_DATA)
@@ -91,10 +98,13 @@ class App:
         self.wait = []  # [scan_id, offline deadline] of coupons awaiting a verdict
         self.retry = []  # expired scan messages, for the next session
         self.macros = []  # recent macro ids (typed once)
+        self.job = None  # [job_id, next seq] of the print job under way
+        self.last = None  # the last verdict's (scan_id, outcome, beep, led, text): the button
         self.peak = 0
         self.cfg = dict(CONFIG)
         self.rules = DEFAULT_RULES
-        self.serve(None)  # rules and config from flash
+        self.serve(None, "app_rules")  # rules and config from flash
+        self.serve(None, "app_config")
         link_args["hello"] = {"firmware": FIRMWARE, "board": board.name,
                               "reset_cause": board.reset}
         self.cdc = CdcLink(device_id, key, self.on_event, board.rx, board.tx, **link_args)
@@ -103,8 +113,9 @@ class App:
         self.seq += 1
         if len(self.ring) >= _LEVELS:
             self.ring.pop(0)
-        self.ring.append([self.seq, self.cdc.now() if hasattr(self, "cdc") else 0, level,
-                          text[:48]])
+        if len(text) > 48:  # (a slice is a copy even when nothing is cut: the ring keeps
+            text = text[:48]  # the log's own text, most often a constant of this module)
+        self.ring.append([self.seq, self.cdc.now() if hasattr(self, "cdc") else 0, level, text])
         self.b.note(self.seq, level, text)
 
     # -- scanner ----------------------------------------------------------------------------
@@ -115,7 +126,7 @@ class App:
         if c == self.cfg["term"]:
             self.ln = 0
             if ln > 0:
-                self.scanned(bytes(memoryview(self.line)[:ln]), now)
+                self.scanned(memoryview(self.line)[:ln], now)  # a view: d is the one copy
         elif ln < 0 or (ln == 0 and c in (10, 13)):
             pass  # dropping an over-long read; or the other half of a CR LF
         elif ln == len(self.line):
@@ -135,8 +146,8 @@ class App:
                                                     0x20 < line[2] < 0x7F):
             self.count("garbage", 4, "scan without AIM id")
             return
-        sym = line[:3].decode()
-        d = line[3:]
+        sym = bytes(line[:3]).decode()
+        d = bytes(line[3:])
         self.n["scans"] += 1
         act = classify(self.rules, sym, d)
         if act == 1:
@@ -173,7 +184,11 @@ class App:
 
     def offline(self, sid):
         self.n["offline"] += 1
-        self.b.verdict(sid, 2, 3, 3, "host offline")  # offline, warning beep, amber
+        self.show(sid, 2, 3, 3, "host offline")  # offline, warning beep, amber
+
+    def show(self, sid, outcome, beep, led, text):
+        self.last = (sid, outcome, beep, led, text)
+        self.b.verdict(sid, outcome, beep, led, text)
 
     # -- link -------------------------------------------------------------------------------
 
@@ -185,14 +200,10 @@ class App:
             t = msg["type"]
             if t == "verdict":
                 self.verdict(msg)
-            elif t == "keys":
-                self.keys(msg)
-            elif t in SERVICE:
-                self.serve(msg)
             elif t == "ping":
                 self.cdc.send({"type": "pong", "data": msg.get("data", b"")})
-            else:
-                self.log(4, "no %s on this board" % t)  # print: no printer here
+            elif t != "pong":  # (this device sends no pings) keys, print, rules, config, ...
+                self.serve(msg)
         elif kind == L.EV_OPEN:
             self.log(6, "session open")
             while self.retry:
@@ -220,7 +231,9 @@ class App:
             if w[0] == sid:
                 self.wait.remove(w)
                 self.n["verdicts"] += 1
-                self.b.verdict(sid, msg["outcome"], msg["beep"], msg["led"], msg["text"])
+                self.show(sid, msg["outcome"], msg["beep"], msg["led"], msg["text"])
+                if "slip" in msg:
+                    self.serve(msg, "app_jobs")
                 return
         # after the local offline verdict (or from an earlier session): text only, no sound
         for m in self.retry:
@@ -228,36 +241,16 @@ class App:
                 self.retry.remove(m)
                 break
         self.count("late", 5, "late verdict %d" % sid)
-        self.b.verdict(sid, msg["outcome"], 0, 0, msg["text"])
+        self.show(sid, msg["outcome"], 0, 0, msg["text"])
 
-    def keys(self, msg):
-        mid = msg["macro_id"]
-        if mid in self.macros:
-            return self.log(6, "macro %d again: not typed" % mid)
-        q = bytearray()
-        q.append(0)
-        q.append(delay_code(msg.get("delay_ms", self.cfg["inter_key_ms"])))
-        for item in msg["items"]:
-            if type(item) is str:
-                for c in item.encode():
-                    if c < 0x20 or c > 0x7E:
-                        return self.count("rejected", 4, "macro %d not ASCII: not typed" % mid)
-                    q.append(US[c - 32] & 0x7F)
-                    q.append(2 if US[c - 32] & 0x80 else 0)
-            elif item[0]:
-                q.append(item[0])
-                q.append(item[1])
-        self.macros.append(mid)
-        if len(self.macros) > 8:
-            self.macros.pop(0)
-        self.n["macros"] += 1
-        self.q.extend(q)
-
-    def serve(self, msg):
-        # a host request (None: boot's restore) by an overlay, app_reports or app_settings,
-        # loaded for it and dropped before the answer is sent: its code is not in the heap
-        # while the till sells, nor while the answer is encoded
-        part = "app_reports" if msg is not None and msg["type"] in REPORTS else "app_settings"
+    def serve(self, msg, part=None):
+        # a host request (or boot's restore from flash: msg None) by an overlay, app_jobs,
+        # app_rules, app_config or app_status, loaded for it and dropped before the answer is
+        # sent: its code is not in the heap while the till sells, nor while an answer is encoded
+        if part is None:
+            t = msg["type"]
+            part = ("app_jobs" if t == "keys" or t == "print" else "app_rules" if t == "rules"
+                    else "app_config" if t[:7] == "config_" else "app_status")  # *_get
         s = __import__("hexiao.firmware." + part, None, None, ("serve",))
         try:
             if msg is None:
@@ -332,7 +325,7 @@ class App:
             lt = cdc.link.next_timeout() if up else None
             if lt is not None:
                 t = max(0, lt - now) if t is None else min(t, max(0, lt - now))
-            p.poll(1000 if t is None else t)
+            p.poll(100 if t is None else min(t, 100))  # the button: looked at every 100 ms
             if up and not cdc.step(0):
                 up = False
                 p.unregister(cdc.rx)
@@ -340,6 +333,8 @@ class App:
             n = b.read(buf)
             if n < 0:
                 return
+            if b.pressed() and self.last:
+                self.b.verdict(*self.last)
             now = cdc.now()
             for i in range(n):
                 self.byte(buf[i], now)

@@ -5,16 +5,17 @@
 # - reads never block past the next link timeout: select.poll, then one byte at a time while
 #   the port is readable, because a FileIO read(n) waits for all n bytes on a blocking fd;
 # - time is a growing int of ms since start: ticks_ms() wraps, the Link compares plain ints;
-# - imports under CPython too (tests, tools), with time and entropy shims.
+# - imports under CPython too (tests, tools), with a time shim.
 
 import select
 import sys
+from os import urandom as entropy  # every port the firmware runs on has it
 
 from hexiao.protocol.link import DEVICE, Link
 
-try:
+if sys.implementation.name == "micropython":
     from time import ticks_diff, ticks_ms
-except ImportError:  # CPython
+else:  # CPython (left out of device builds: tools/terse.py)
     from time import monotonic
 
     def ticks_ms():
@@ -22,14 +23,6 @@ except ImportError:  # CPython
 
     def ticks_diff(a, b):
         return a - b
-
-try:
-    from os import urandom as entropy
-except ImportError:  # ports without os.urandom: the host's nonce carries the session anyway
-    from random import getrandbits
-
-    def entropy(n):
-        return bytes(getrandbits(8) for _ in range(n))
 
 _CHUNK = 128  # bytes read per step at most: poll() and writes interleave with a flood, and
 # the copies a read makes on its way through the deframer stay small in a 64 KB heap

@@ -3,6 +3,7 @@
 # sys.stdin/stdout) + HID keyboard (hal_usb). The same surface as hal_sim.Board.
 
 import sys
+import time
 
 import machine
 import micropython
@@ -54,6 +55,7 @@ class Board:
     name = "rp2040"
     rx = tx = None  # sys.stdin/stdout: the built-in CDC
     PINS = (0, 0, 1, 15, 16, 14, -1)  # uart id, tx, rx, buzzer, led, button, timer id
+    PRINTER = None  # (uart id, tx pin, baud) of a thermal printer on a second UART, if wired
     state = ""  # files at the root of the board's flash
 
     def __init__(self):
@@ -70,6 +72,11 @@ class Board:
         self.buzzer = Buzzer(pwm, machine.Timer(p[6]))
         self.led = NeoPixel(machine.Pin(p[4]), 1)
         self.button = machine.Pin(p[5], machine.Pin.IN, machine.Pin.PULL_UP)
+        self._down = 0  # ticks_ms of the last press seen; 0: the button is up
+        self.printer = None
+        if self.PRINTER:
+            u = self.PRINTER
+            self.printer = machine.UART(u[0], u[2], tx=machine.Pin(u[1]), txbuf=1024)
         self.kb = Keyboard()
         self.wdt = machine.WDT(timeout=8000)
 
@@ -90,7 +97,13 @@ class Board:
             sys.stderr.write("%d %s\n" % (seq, text))
 
     def pressed(self):
-        return not self.button.value()
+        # True once per press: the pin going low, then staying up for 50 ms (contact bounce)
+        if not self.button.value():
+            was, self._down = self._down, time.ticks_ms() or 1
+            return not was
+        if self._down and time.ticks_diff(time.ticks_ms(), self._down) >= 50:
+            self._down = 0
+        return False
 
     def load(self, name):
         try:

@@ -9,18 +9,17 @@
 # - buzzer, LED and display: one JSON object per line on stderr, like linkpeer's:
 #   {"ev": "verdict", "scan_id", "outcome", "beep", "led", "text"} (enum names of SPEC §6.6),
 #   and every log entry as {"ev": "log", "seq", "level", "text"};
-# - flash: files in state=DIR (none given: nothing persists).
+# - flash: files in state=DIR (none given: nothing persists);
+# - printer (the second UART): the file named by printer=PATH gets the ESC/POS bytes; none given:
+#   the board has no printer;
+# - button: the file named by button=PATH; every byte appended to it is one press.
 
+import os
 import select
 import sys
 from json import dumps
 
 from hexiao.protocol.messages import BEEPS, LEDS, OUTCOMES
-
-try:
-    from os import rename
-except ImportError:  # pragma: no cover
-    from os import replace as rename
 
 
 class Board:
@@ -36,6 +35,23 @@ class Board:
         self._p.register(self.scan, select.POLLIN)
         self._one = bytearray(1)
         self._gone = False
+        p = a.get("printer")
+        self.printer = open(p, "ab", 0) if p else None  # noqa: SIM115 - unbuffered, for the run
+        self.button = a.get("button")
+        self._presses = self._size(self.button)  # bytes there before boot are no presses
+
+    def _size(self, path):
+        try:
+            return os.stat(path)[6] if path else 0
+        except OSError:  # not there yet
+            return 0
+
+    def pressed(self):
+        n = self._size(self.button)
+        if n > self._presses:
+            self._presses += 1
+            return True
+        return False
 
     def read(self, buf):
         """Scanner bytes available now (never waits), up to len(buf); -1 once hung up."""
@@ -82,7 +98,7 @@ class Board:
             path = self.state + "/" + name
             with open(path + ".new", "wb") as f:
                 f.write(data)
-            rename(path + ".new", path)
+            os.rename(path + ".new", path)
 
     def idle(self):
         pass  # a real board feeds its watchdog here

@@ -115,32 +115,27 @@ def _enc(obj, out):
         for item in obj:
             _enc(item, out)
     elif isinstance(obj, dict):
-        items = []
+        enc = {}  # encoded key -> value: sorting the encoded keys gives the deterministic order
         for k, v in obj.items():
             if k is True or k is False or not isinstance(k, (int, str)):
                 raise ValueError("map keys must be int or str")
-            items.append((dumps(k), v))
-        items.sort(key=lambda kv: kv[0])
-        _put(out, 5, len(items))
-        prev = None
-        for kb, v in items:
-            if kb == prev:
-                raise ValueError("duplicate map key")
-            prev = kb
+            enc[dumps(k)] = v  # distinct int and str keys never share an encoding
+        _put(out, 5, len(enc))
+        for kb in sorted(enc):
             out.extend(kb)
-            _enc(v, out)
+            _enc(enc[kb], out)
     else:
-        raise ValueError("type not in the CBOR profile: " + type(obj).__name__)
+        raise ValueError("type not in the CBOR profile: %s" % type(obj).__name__)
 
 
 class _Decoder:
-    # `odd` remembers the first out-of-profile item, `loose` the first non-deterministic encoding;
-    # both are reported only after the whole top-level item has been read.
+    # `late` is the error reported once the whole top-level item has been read: the first
+    # out-of-profile item (`cbor`), else the first non-deterministic encoding (`non_canonical`).
+    # Its texts are ProtocolError details, which the device build leaves out.
     def __init__(self, data):
         self.data = data
         self.pos = 0
-        self.odd = None
-        self.loose = None
+        self.late = None
 
     def _take(self, n):
         end = self.pos + n
@@ -161,16 +156,13 @@ class _Decoder:
         size = 1 << (ai - 24)
         v = int.from_bytes(self._take(size), "big")
         if (ai == 24 and v < 24) or (ai > 24 and v < (1 << (4 << (ai - 24)))):
-            self._loose("integer or length not in its shortest form")
+            self._defer(ProtocolError("non_canonical",
+                                      "integer or length not in its shortest form"))
         return v, True
 
-    def _loose(self, why):
-        if self.loose is None:
-            self.loose = why
-
-    def _odd(self, why):
-        if self.odd is None:
-            self.odd = why
+    def _defer(self, err):
+        if self.late is None or (err.code == "cbor" and self.late.code != "cbor"):
+            self.late = err
 
     def item(self, depth):
         if depth > MAX_DEPTH:
@@ -181,15 +173,17 @@ class _Decoder:
         if major == 7:
             return self._simple(ai)
         v, definite = self._arg(ai)
+        if not definite and (major < 2 or major == 6):
+            raise ProtocolError("cbor", "indefinite length on an integer or tag")
         if major == 0:
-            return self._need_definite(definite, v)
+            return v
         if major == 1:
-            return -1 - self._need_definite(definite, v)
+            return -1 - v
         if major == 2 or major == 3:
             if definite:
                 raw = self._take(v)
             else:
-                self._loose("indefinite-length string")
+                self._defer(ProtocolError("non_canonical", "indefinite-length string"))
                 raw = self._chunks(major)
             if major == 2:
                 return bytes(raw)
@@ -205,22 +199,16 @@ class _Decoder:
                 for _ in range(v):
                     out.append(self.item(depth + 1))
             else:
-                self._loose("indefinite-length array")
+                self._defer(ProtocolError("non_canonical", "indefinite-length array"))
                 while not self._at_break():
                     out.append(self.item(depth + 1))
             return out
         if major == 5:
             return self._map(v, definite, depth)
         # major 6: a tag; read its content, then report it as out of profile
-        self._need_definite(definite, v)
-        self._odd("tag %d" % v)
+        self._defer(ProtocolError("cbor", "not in the profile: tag %d" % v))
         self.item(depth + 1)
         return None
-
-    def _need_definite(self, definite, v):
-        if not definite:
-            raise ProtocolError("cbor", "indefinite length on an integer or tag")
-        return v
 
     def _simple(self, ai):
         if ai == 20:
@@ -238,7 +226,7 @@ class _Decoder:
                 raise ProtocolError("cbor", "simple value in two-byte form below 32")
         elif ai > 24:
             self._take(1 << (ai - 24))
-        self._odd("float or simple value")
+        self._defer(ProtocolError("cbor", "not in the profile: float or simple value"))
         return None
 
     def _at_break(self):
@@ -270,14 +258,16 @@ class _Decoder:
             val = self.item(depth + 1)
             count += 1
             if k is True or k is False or not isinstance(k, (int, str)):
-                self._odd("map key that is not an int or a text string")
+                self._defer(ProtocolError("cbor", "not in the profile: map key that is not an int"
+                                          " or a text string"))
                 continue
             if prev is not None and kb <= prev:
-                self._loose("map keys not in deterministic order, or duplicated")
+                self._defer(ProtocolError("non_canonical",
+                                          "map keys not in deterministic order, or duplicated"))
             prev = kb
             out[k] = val
         if not definite:
-            self._loose("indefinite-length map")
+            self._defer(ProtocolError("non_canonical", "indefinite-length map"))
         return out
 
 
@@ -288,8 +278,6 @@ def loads(data):
     obj = d.item(0)
     if d.pos != len(data):
         raise ProtocolError("cbor", "trailing bytes after the item")
-    if d.odd is not None:
-        raise ProtocolError("cbor", "not in the profile: " + d.odd)
-    if d.loose is not None:
-        raise ProtocolError("non_canonical", d.loose)
+    if d.late is not None:
+        raise d.late
     return obj

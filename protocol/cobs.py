@@ -1,41 +1,42 @@
 # Consistent Overhead Byte Stuffing (Cheshire & Baker 1999), the framing's byte stuffing.
 #
 # Rules kept here:
-# - encode() output never contains 0x00; the caller appends the 0x00 delimiter;
+# - encode() output never contains 0x00 (but the tail the caller asks for: the delimiter);
 # - decode() is strict: a zero byte, or a block code that runs past the end, raises
 #   ProtocolError("cobs"); it never returns bytes for input that encode() could not produce,
 #   except that a final block may be shorter than 254 (as in every COBS implementation).
 # This pure version runs on MicroPython; on CPython, frame.py uses the `cobs` package (C) and the
-# tests check that the two agree byte for byte.
+# tests check that the two agree byte for byte. The device decodes with decode_view() only.
+
+import sys
 
 from .errors import ProtocolError
 
 
-def encode(data):
-    out = bytearray()
-    start = 0
+def encode(data, tail=b""):
+    """COBS of `data` (bytes), then `tail` (the caller's 0x00 delimiter, if it likes): one buffer
+    of the longest possible result, filled through views, and one copy out - on the device a
+    frame's blocks are not copied twice on the way."""
     n = len(data)
+    out = bytearray(n + n // 254 + 1 + len(tail))
+    src = memoryview(data)
+    start = j = 0
     while True:
-        end = data.find(b"\x00", start) if start < n else -1
-        if end < 0 or end - start >= 254:
+        end = data.find(b"\x00", start, start + 254) if start < n else -1
+        zero = end >= 0  # else a block of 254 non-zero bytes, or the last block
+        if not zero:
             end = min(n, start + 254)
-            block = data[start:end]
-            out.append(len(block) + 1)
-            out.extend(block)
-            if end >= n:
-                return bytes(out)  # a final full block needs no empty block after it
-            start = end
-            continue
-        out.append(end - start + 1)
-        out.extend(data[start:end])
-        start = end + 1
+        out[j] = end - start + 1
+        out[j + 1 : j + 1 + end - start] = src[start:end]
+        j += end - start + 1
+        start = end + 1 if zero else end
         if start >= n:
-            out.append(1)
-            return bytes(out)
-
-
-def decode(data):
-    return bytes(decode_view(data))
+            if zero:  # data ended with a zero: an empty last block stands for it
+                out[j] = 1
+                j += 1
+            break  # (a final full block needs no empty block after it)
+    out[j : j + len(tail)] = tail
+    return bytes(memoryview(out)[: j + len(tail)])
 
 
 def decode_view(data):
@@ -60,3 +61,9 @@ def decode_view(data):
         if code < 255 and i < n:
             j += 1  # the zero this block stood for (already 0 in `out`)
     return memoryview(out)[:j]
+
+
+if sys.implementation.name != "micropython":  # host tools, tests and frame.py's C fallback
+
+    def decode(data):
+        return bytes(decode_view(data))

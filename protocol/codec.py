@@ -1,4 +1,4 @@
-# CBOR for the link: cbor2 (C) on CPython when it is installed, the shared pure codec otherwise.
+# CBOR for the link: cbor2 (C) on CPython, the shared pure codec on the device.
 #
 # Rules kept here:
 # - dumps() is given maps already in deterministic key order (messages.to_wire builds them so),
@@ -7,13 +7,14 @@
 #   profile and re-encodes to the input byte for byte; otherwise the pure decoder decides, and its
 #   error code is the one reported.
 
+import sys
+
 from . import cbor
 
 pure_dumps = cbor.dumps
-pure_loads = cbor.loads
 
-try:  # CPython with cbor2: the C codec (never loaded by the firmware)
+if sys.implementation.name != "micropython":  # the C codec (never loaded by the firmware)
     from .codec_fast import dumps, loads
-except ImportError:  # MicroPython
+else:
     dumps = cbor.dumps
     loads = cbor.loads

@@ -48,20 +48,13 @@ def protected_header(alg, kid, counter):
     )
 
 
-def _mac_parts(protected, payload, aad):
-    # the MAC_structure ["MAC0", protected, external_aad, payload] in pieces (none copied)
-    return (
+def _mac(key, protected, payload, aad):
+    # HMAC of the MAC_structure ["MAC0", protected, external_aad, payload], fed in pieces (none
+    # copied); cose_fast.mac_structure builds the same bytes in one piece, for the host's tools
+    return hmac_sha256_parts(key, (
         _MAC0_PREFIX, _bhead(2, len(protected)), protected, _bhead(2, len(aad)), aad,
         _bhead(2, len(payload)), payload,
-    )
-
-
-def mac_structure(protected, payload, aad=b""):
-    return b"".join(_mac_parts(protected, payload, aad))
-
-
-def _mac(key, protected, payload, aad):
-    return hmac_sha256_parts(key, _mac_parts(protected, payload, aad))
+    ))
 
 
 def mac0(key, alg, kid, counter, payload, aad=b""):
@@ -95,20 +88,12 @@ class Mac0:
             raise ProtocolError("mac", "MAC verification failed")
 
 
-def parse(cose):
-    """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC."""
-    if _parse_fast is not None:
-        m = _parse_fast(cose)
-        if m is not None:
-            return m
-    return _parse_general(cose)
-
-
 def _piv_ok(piv):
     return 1 <= len(piv) <= 4 and (len(piv) == 1 or piv[0] != 0)
 
 
 def _parse_general(cose):
+    """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC (`parse`)."""
     if len(cose) < 2:
         raise ProtocolError("truncated", "COSE shorter than its tag")
     if cose[0] != 0xD1:
@@ -130,7 +115,7 @@ def _parse_general(cose):
     hdr = cbor.loads(prot)
     if not isinstance(hdr, dict):
         raise ProtocolError("header", "protected header must be a map")
-    if sorted(k for k in hdr if isinstance(k, int)) != [1, 4, 6] or len(hdr) != 3:
+    if len(hdr) != 3 or 1 not in hdr or 4 not in hdr or 6 not in hdr:
         raise ProtocolError("header", "protected header must hold exactly alg, kid, partial IV")
     alg, kid, piv = hdr[1], hdr[4], hdr[6]
     if not isinstance(alg, int) or alg is True or alg is False or alg not in TAG_LEN:
@@ -145,7 +130,6 @@ def _parse_general(cose):
 
 
 if sys.implementation.name != "micropython":  # same bytes and results, fewer Python steps
-    from .cose_fast import _mac, mac0  # noqa: F401 (replace the general versions above)
-    from .cose_fast import parse_fast as _parse_fast
+    from .cose_fast import _mac, mac0, mac_structure, parse  # noqa: F401 (replace/add to the above)
 else:  # the device does without: its heap is worth more than the microseconds
-    _parse_fast = None
+    parse = _parse_general

@@ -3,13 +3,14 @@
 #
 # Rules kept here:
 # - mac0() and _mac() produce exactly the bytes of the general versions in cose.py;
-# - parse_fast() accepts only what the general parser accepts, and returns None for anything else
-#   (the general parser then names the error); the tests check the two agree.
+# - parse_fast() accepts only what the general parser accepts, and returns None for anything else;
+#   parse() then asks the general parser, which names the error; the tests check the two agree;
+# - mac_structure() is the MAC_structure that cose._mac() feeds to HMAC in pieces (host tools).
 
 import hmac
 
 from .cbor import head
-from .cose import _MAC0_PREFIX, MAX_COUNTER, MAX_KID, TAG_LEN, Mac0, _piv_ok
+from .cose import _MAC0_PREFIX, MAX_COUNTER, MAX_KID, TAG_LEN, Mac0, _parse_general, _piv_ok
 
 _digest = hmac.digest
 _HEADS = tuple(bytes((0x40 | n,)) for n in range(24))  # bstr heads of lengths 0..23
@@ -24,6 +25,10 @@ def _bs(b):
     if n < 256:
         return b"\x58" + bytes((n,)) + b
     return head(2, n) + b
+
+
+def mac_structure(protected, payload, aad=b""):
+    return b"".join((_MAC0_PREFIX, _bs(protected), _bs(aad), _bs(payload)))
 
 
 def _mac(key, protected, payload, aad):
@@ -50,6 +55,12 @@ def mac0(key, alg, kid, counter, payload, aad=b""):
     bprot, bpay = _bs(prot), _bs(payload)
     tag = _digest(key, b"".join((_MAC0_PREFIX, bprot, _bs(aad), bpay)), "sha256")[: TAG_LEN[alg]]
     return b"".join((b"\xd1\x84", bprot, b"\xa0", bpay, _bs(tag)))
+
+
+def parse(cose):
+    """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC."""
+    m = parse_fast(cose)
+    return _parse_general(cose) if m is None else m
 
 
 def parse_fast(cose):

@@ -4,15 +4,15 @@
 # - CPython uses the standard library's hmac (OpenSSL, constant-time compare_digest);
 # - hmac_sha256_parts() MACs the concatenation of its parts without building it on the device;
 # - MicroPython has hashlib.sha256 but no hmac module: the pure versions below are used there;
-# - compares of MACs never short-cut on the first differing byte.
+# - compares of MACs never short-cut on the first differing byte;
+# - the device needs hmac_sha256_parts, ct_equal and session_keys only: hmac_sha256 and the
+#   general hkdf_sha256 are defined for host tools and tests (every function costs device heap).
 
 import hashlib
+import sys
 
 try:
     import hmac as _hmac
-
-    def hmac_sha256(key, msg):
-        return _hmac.digest(key, msg, "sha256")
 
     def hmac_sha256_parts(key, parts):
         return _hmac.digest(key, b"".join(parts), "sha256")
@@ -42,9 +42,6 @@ except ImportError:  # MicroPython
         h.update(inner)
         return h.digest()
 
-    def hmac_sha256(key, msg):
-        return hmac_sha256_parts(key, (msg,))
-
     def ct_equal(a, b):
         if len(a) != len(b):
             return False
@@ -52,20 +49,6 @@ except ImportError:  # MicroPython
         for x, y in zip(a, b):
             acc |= x ^ y
         return acc == 0
-
-
-def hkdf_sha256(ikm, salt, info, length):
-    if length > 255 * 32:
-        raise ValueError("HKDF output too long")
-    prk = hmac_sha256(salt if salt else bytes(32), ikm)
-    out = b""
-    block = b""
-    i = 1
-    while len(out) < length:
-        block = hmac_sha256(prk, block + info + bytes((i,)))
-        out += block
-        i += 1
-    return out[:length]
 
 
 def session_keys(device_key, host_nonce, device_nonce):
@@ -80,3 +63,23 @@ def session_keys(device_key, host_nonce, device_nonce):
         hmac_sha256_parts(prk, (b"hexiao/1 d2h\x01",)),
         hmac_sha256_parts(prk, (b"hexiao/1 h2d\x01",)),
     )
+
+
+if sys.implementation.name != "micropython":  # host tools and tests; the device needs neither
+
+    def hmac_sha256(key, msg):
+        return hmac_sha256_parts(key, (msg,))
+
+    def hkdf_sha256(ikm, salt, info, length):
+        """HKDF-SHA256 in general (RFC 5869): session_keys() is tested against it."""
+        if length > 255 * 32:
+            raise ValueError("HKDF output too long")
+        prk = hmac_sha256(salt if salt else bytes(32), ikm)
+        out = b""
+        block = b""
+        i = 1
+        while len(out) < length:
+            block = hmac_sha256(prk, block + info + bytes((i,)))
+            out += block
+            i += 1
+        return out[:length]

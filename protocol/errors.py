@@ -35,14 +35,15 @@ def counter_number(counter):
     return number(counter)
 
 
-def counter_name(num):
-    events = _EVENTS.split()
-    if 64 <= num < 64 + len(events):
-        return events[num - 64]
-    return name(num)
+if sys.implementation.name != "micropython":  # for host code and tests
 
+    def counter_name(num):
+        """The name of a link counter number (the device sends numbers only)."""
+        events = _EVENTS.split()
+        if 64 <= num < 64 + len(events):
+            return events[num - 64]
+        return name(num)
 
-if sys.implementation.name != "micropython":  # lookup tables for host code and tests
     CODES = tuple((n, i + 1) for i, n in enumerate(_NAMES.split()))
     NUMBER = dict(CODES)
     NAME = {v: k for k, v in CODES}

@@ -8,11 +8,12 @@
 #   beyond MAX_WIRE bytes.
 
 import binascii
+import sys
 
 from . import cobs as _cobs_pure
 from .errors import ProtocolError
 
-try:  # CPython: the C implementation from the `cobs` package; MicroPython: the shared pure one
+if sys.implementation.name != "micropython":  # the C implementation from the `cobs` package
     from cobs import cobs as _cobs_c
 
     def _cobs_decode(raw):
@@ -21,8 +22,10 @@ try:  # CPython: the C implementation from the `cobs` package; MicroPython: the 
         except _cobs_c.DecodeError:
             return _cobs_pure.decode(raw)  # raises the precise ProtocolError
 
-    _cobs_encode = _cobs_c.encode
-except ImportError:  # the device: decode() returns a memoryview, to spare a 1 KB frame a copy
+    def _cobs_encode(body, tail):
+        return _cobs_c.encode(body) + tail
+
+else:  # the shared pure one; decode() returns a memoryview, to spare a 1 KB frame a copy
     _cobs_decode = _cobs_pure.decode_view
     _cobs_encode = _cobs_pure.encode
 
@@ -38,7 +41,7 @@ def crc32_le(data):
 def encode(cose):
     if len(cose) + 4 > MAX_FRAME:
         raise ValueError("frame would exceed MAX_FRAME")
-    return _cobs_encode(cose + crc32_le(cose)) + b"\x00"
+    return _cobs_encode(cose + crc32_le(cose), b"\x00")
 
 
 def decode(raw):
@@ -66,21 +69,25 @@ class Deframer:
 
     def feed(self, data):
         if not self._buf and not self._discarding and data.find(b"\x00") == len(data) - 1 > 0:
-            return [_decode_or_error(data[:-1])]  # the common case: exactly one whole frame
-        # bytes.split finds every delimiter at C speed; the last piece is an unfinished frame
-        pieces = data.split(b"\x00")
+            pieces, tail = [data[:-1]], b""  # the common case, exactly one whole frame: no split
+        else:
+            # bytes.split finds every delimiter at C speed; the last piece is an unfinished frame
+            pieces = data.split(b"\x00")
+            if self._buf:
+                self._buf.extend(pieces[0])
+                pieces[0] = bytes(self._buf)
+                self._buf = bytearray()
+            tail = pieces.pop()
         out = []
-        if self._buf:
-            self._buf.extend(pieces[0])
-            pieces[0] = bytes(self._buf)
-            self._buf = bytearray()
-        tail = pieces.pop()
         for i in range(len(pieces)):
             raw = pieces[i]
             if self._discarding:  # the rest of an oversize frame: skipped, already reported
                 self._discarding = False
             elif raw:
-                out.append(_decode_or_error(raw))
+                try:
+                    out.append(decode(raw))
+                except ProtocolError as e:
+                    out.append(e)
         if self._discarding or len(tail) > MAX_WIRE:
             if not self._discarding:
                 out.append(ProtocolError("oversize", "no delimiter within MAX_WIRE"))
@@ -91,10 +98,3 @@ class Deframer:
 
     def pending(self):
         return len(self._buf)
-
-
-def _decode_or_error(raw):
-    try:
-        return decode(raw)
-    except ProtocolError as e:
-        return e

@@ -20,6 +20,8 @@
 # - every rejected frame is counted under its error code and reported as EV_REJECTED; no
 #   ProtocolError escapes receive().
 
+import sys
+
 from . import cose as _cose
 from . import messages
 from .errors import ProtocolError, number
@@ -28,7 +30,8 @@ from .frame import Deframer
 from .frame import encode as frame_encode
 from .replay import DUPLICATE, TOO_OLD, Window
 
-DEVICE, HOST = "device", "host"
+DEVICE = "device"
+HOST = "host"
 
 EV_OPEN = "open"  # (EV_OPEN, {"version", "kid", "firmware", "board", "reset_cause"})
 EV_MESSAGE = "message"  # (EV_MESSAGE, msg)
@@ -36,38 +39,39 @@ EV_ACKED = "acked"  # (EV_ACKED, msg)
 EV_NACKED = "nacked"  # (EV_NACKED, msg, code name, detail)
 EV_EXPIRED = "expired"  # (EV_EXPIRED, msg): not known to be delivered; the session is closing
 EV_REJECTED = "rejected"  # (EV_REJECTED, code name, detail)
-EV_CLOSED = "closed"  # (EV_CLOSED, reason)
+EV_CLOSED = "closed"  # (EV_CLOSED, reason): a code that the device's log keeps, one of
+# reconnect, rekey (the counter space is used up), unacked (a message expired), hs_timeout (the
+# host's welcome was not confirmed), host_lost and rewelcome (link_device), new_hello (link_host)
 
-IDLE, HANDSHAKE, OPEN = "idle", "handshake", "open"
+IDLE = "idle"
+HANDSHAKE = "handshake"
+OPEN = "open"
 
 NOISE = ("crc", "cobs", "truncated", "oversize")  # the deframer's codes: line noise, not tampering
-_INTERNAL = ("hello", "welcome", "ack", "nack")
 
-
-def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
-    """The receive path as one stateless function: see check.py (kept off the device)."""
-    from .check import verify_frame as verify
-
-    return verify(wire, key, alg, aad, seen, versions)
+if sys.implementation.name != "micropython":  # for host code and tests; not in device builds
+    from .check import verify_frame  # noqa: F401 (the receive path as one stateless function)
 
 
 class Link:
+    # the options are given by keyword; not keyword-only (`*`) because MicroPython would keep
+    # their defaults in a dict for good (~220 B more of the device's heap than a tuple)
     def __init__(
-        self, role, entropy, *, device_id=None, device_key=None, keystore=None, alg=5,
+        self, role, entropy, device_id=None, device_key=None, keystore=None, alg=5,
         algs=(5, 4), versions=messages.VERSIONS, hello=None, rto_ms=200, max_tries=8,
         give_up_ms=20000, hello_max_ms=2000, queue_max=16, aad=b"",
     ):
-        if role not in (DEVICE, HOST):
-            raise ValueError("role must be device or host")
-        if role == DEVICE and not (device_id and device_key and len(device_key) == 32):
-            raise ValueError("a device link needs its id and a 32-byte device key")
-        if role == HOST and keystore is None:
-            raise ValueError("a host link needs a keystore: kid -> 32-byte key or None")
-        self.role = role
         if role == DEVICE:
+            if not (device_id and device_key and len(device_key) == 32):
+                raise ValueError("a device link needs its id and a 32-byte device key")
             from . import link_device as role_module
-        else:
+        elif role == HOST:
+            if keystore is None:
+                raise ValueError("a host link needs a keystore: kid -> 32-byte key or None")
             from . import link_host as role_module
+        else:
+            raise ValueError("role must be device or host")
+        self.role = role
         self._role = role_module
         self.entropy = entropy
         self.keystore = keystore
@@ -81,7 +85,6 @@ class Link:
         self.hello_max = hello_max_ms
         self.queue_max = queue_max
         self.aad = aad
-        self.max_counter = _cose.MAX_COUNTER
         self.counters = {}
         self._deframer = Deframer()
         self._out = bytearray()
@@ -111,22 +114,25 @@ class Link:
         self._role.connect(self, now)
         return events
 
-    def poke(self, kid, now):
-        """Host: ask device `kid` to say hello now (an unsolicited nack(no_session) under its
-        key), for a host that opens a port the device may still hold a session on. No-op once
-        a session is under way. ValueError if the keystore has no key for kid."""
-        if self.role != HOST:
-            raise ValueError("only the host pokes")
-        self._role.poke(self, kid, now)
+    if sys.implementation.name != "micropython":  # the host's alone; not in device builds
+
+        def poke(self, kid, now):
+            """Host: ask device `kid` to say hello now (an unsolicited nack(no_session) under its
+            key), for a host that opens a port the device may still hold a session on. No-op
+            once a session is under way. ValueError if the keystore has no key for kid."""
+            if self.role != HOST:
+                raise ValueError("only the host pokes")
+            self._role.poke(self, kid, now)
 
     def send(self, msg, now):
         """Queue an application message; False if the queue is full. Raises ValueError if the
         message is invalid or one the link sends itself."""
         if not isinstance(msg, dict):
             raise ValueError("a message is a dict")
-        if msg.get("type") in _INTERNAL:
-            raise ValueError("%s is sent by the link itself" % msg["type"])
         payload = messages.encode(msg)
+        _, _, epoch, reliable = messages.info(msg["type"])
+        if epoch != messages.SESSION or not reliable:  # hello, welcome, ack, nack
+            raise ValueError("%s is sent by the link itself" % msg["type"])
         if len(payload) > _cose.MAX_PAYLOAD:
             raise ValueError("message of %d bytes does not fit one frame" % len(payload))
         if len(self._queue) >= self.queue_max:
@@ -138,15 +144,21 @@ class Link:
     def receive(self, data, now):
         events = []
         for item in self._deframer.feed(data):
-            if isinstance(item, ProtocolError):
-                self._rejected(item, events)
+            if isinstance(item, ProtocolError):  # the deframer's: line noise
+                self._count(item.code)
+                events.append((EV_REJECTED, item.code, item.detail))
                 self._on_noise(now)
                 continue
             self._count("rx_frames")
             try:
-                ack = self._on_frame(item, now, events)
+                m = _cose.parse(item)
+                if m.counter == 0:
+                    ack = self._on_handshake_frame(m, now, events)
+                else:
+                    ack = self._on_session_frame(m, now, events)
             except ProtocolError as e:
-                self._rejected(e, events)
+                self._count(e.code)
+                events.append((EV_REJECTED, e.code, e.detail))
                 continue
             # the answer is built up here, not at the bottom of the call chain that took the
             # frame apart: on the device every frame of a deep chain takes heap
@@ -157,15 +169,13 @@ class Link:
 
     def poll(self, now):
         events = []
-        if self.state == OPEN and self.tx_counter >= self.max_counter:
-            self._close("counter space used up: new handshake", events)
-            if self.role == DEVICE:
-                events.extend(self.connect(now))
+        if self.state == OPEN and self.tx_counter >= _cose.MAX_COUNTER:
+            self._close("rekey", events)
         hs = self._hs
         if hs is not None and now >= hs[1]:
             if self.role == HOST and hs[2] >= self.max_tries:
                 self._hs = None
-                self._close("handshake timed out", events)
+                self._close("hs_timeout", events)
             else:
                 self._write(hs[0])
                 self._count("retransmits")
@@ -176,14 +186,14 @@ class Link:
             if f[4] >= self.max_tries or now - f[5] >= self.give_up_ms:
                 self._count("expired")
                 self._role.give_up(self, now)
-                self._close("peer not acknowledging", events)
-                if self.role == DEVICE:
-                    events.extend(self.connect(now))
+                self._close("unacked", events)
             else:
                 self._write(f[1])
                 self._count("retransmits")
                 f[4] += 1
                 f[3] = now + min(self.rto << (f[4] - 1), 4 * self.rto)
+        if events and self.role == DEVICE:  # its session ended: the device starts the next one
+            events.extend(self.connect(now))
         return events
 
     # -- outputs ----------------------------------------------------------------------------
@@ -194,7 +204,7 @@ class Link:
         return out
 
     def next_timeout(self):
-        if self.state == OPEN and self.tx_counter >= self.max_counter:
+        if self.state == OPEN and self.tx_counter >= _cose.MAX_COUNTER:
             return 0
         ts = []
         if self._hs is not None:
@@ -211,12 +221,6 @@ class Link:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _heard(self):
-        # a verified frame from the peer: it is alive, so the message in flight keeps its
-        # retries (a noisy line costs tries without meaning the peer is gone)
-        if self._inflight is not None:
-            self._inflight[4] = 1
-
     def _reset_session(self):
         self.tx_key = self.rx_key = None
         self.window = Window()
@@ -226,48 +230,37 @@ class Link:
         self.session_alg = self.alg
         self.version = None
 
-    def _count(self, name, n=1):
-        self.counters[name] = self.counters.get(name, 0) + n
-
-    def _rejected(self, err, events):
-        self._count(err.code)
-        events.append((EV_REJECTED, err.code, err.detail))
+    def _count(self, name):
+        self.counters[name] = self.counters.get(name, 0) + 1
 
     def _write(self, wire):
         self._out.extend(wire)
         self._count("tx_frames")
 
-    def _frame(self, msg, counter, key, kid=None, alg=None):
+    def _frame(self, msg, counter, key):
         payload = messages.encode(msg)
-        return frame_encode(
-            _cose.mac0(key, alg or self.session_alg, kid or self.kid, counter, payload, self.aad)
-        )
+        return frame_encode(_cose.mac0(key, self.session_alg, self.kid, counter, payload, self.aad))
+
+    # Every session frame takes a fresh counter; once the counter space is used up nothing more
+    # is sent, and poll() ends the session (SPEC: rekey).
 
     def _send_now(self, msg):
-        # unreliable session message (ack, nack): a fresh counter, written once
-        counter = self._next_counter()
-        if counter is not None:
-            self._write(self._frame(msg, counter, self.tx_key))
-
-    def _next_counter(self):
-        # None when the counter space is used up; poll() then ends the session (SPEC: rekey)
-        if self.tx_counter >= self.max_counter:
-            return None
-        self.tx_counter += 1
-        return self.tx_counter
+        # unreliable session message (ack, nack): written once
+        if self.tx_counter < _cose.MAX_COUNTER:
+            self.tx_counter += 1
+            self._write(self._frame(msg, self.tx_counter, self.tx_key))
 
     def _pump(self, now):
-        if self.state != OPEN or self._inflight is not None or not self._queue:
+        if (self.state != OPEN or self._inflight is not None or not self._queue
+                or self.tx_counter >= _cose.MAX_COUNTER):
             return
-        counter = self._next_counter()
-        if counter is None:
-            return
+        self.tx_counter += 1
         msg, payload = self._queue.pop(0)
         wire = frame_encode(
-            _cose.mac0(self.tx_key, self.session_alg, self.kid, counter, payload, self.aad)
+            _cose.mac0(self.tx_key, self.session_alg, self.kid, self.tx_counter, payload, self.aad)
         )
         self._write(wire)
-        self._inflight = [counter, wire, msg, now + self.rto, 1, now]
+        self._inflight = [self.tx_counter, wire, msg, now + self.rto, 1, now]
 
     def _on_noise(self, now):
         if self.state != OPEN or now - self._last_fast < self.rto // 4:
@@ -293,27 +286,23 @@ class Link:
         if was != IDLE:
             events.append((EV_CLOSED, reason))
 
-    def _on_frame(self, cose, now, events):
-        # returns the counter to acknowledge, or None
-        m = _cose.parse(cose)
-        if m.counter == 0:
-            return self._on_handshake_frame(m, now, events)
-        return self._on_session_frame(m, now, events)
+    # _on_handshake_frame and _on_session_frame return the counter to acknowledge, or None
 
     def _on_handshake_frame(self, m, now, events):
         role = self._role
         role.check_alg(self, m)
         key = role.key_for(self, m.kid)
         m.verify(key, self.aad)
-        msg = messages.decode(m.payload)
-        messages.check_epoch(0, msg)
-        self._check_direction(msg)
-        return role.on_handshake(self, m, key, msg, now, events)
+        return role.on_handshake(self, m, key, self._decode(m), now, events)
 
-    def _check_direction(self, msg):
+    def _decode(self, m):
+        # the verified payload: a valid message of its counter's epoch, sent in our direction
+        msg = messages.decode(m.payload)
+        messages.check_epoch(m.counter, msg)
         d = messages.info(msg["type"])[1]
         if d != messages.BOTH and d != self._role.DIRECTION:
             raise ProtocolError("unknown_type", "%s is not sent in this direction" % msg["type"])
+        return msg
 
     def _open(self, peer, events):
         self.state = OPEN
@@ -331,9 +320,7 @@ class Link:
         m.verify(self.rx_key, self.aad)
         c = m.counter
         try:
-            msg = messages.decode(m.payload)
-            messages.check_epoch(c, msg)
-            self._check_direction(msg)
+            msg = self._decode(m)
         except ProtocolError as e:
             if c > self.last_reliable:  # verified but invalid: it takes a reliable slot
                 self.last_reliable = c
@@ -341,7 +328,8 @@ class Link:
             if self.state == OPEN:
                 self._send_now({"type": "nack", "counter": c, "code": number(e.code)})
             raise
-        self._heard()
+        if self._inflight is not None:  # the peer is alive: noise on the line costs no retries
+            self._inflight[4] = 1
         reliable = messages.info(msg["type"])[3]
         if reliable:  # stop-and-wait: each new reliable message has a higher counter than the last
             if c == self.last_reliable:
@@ -362,34 +350,23 @@ class Link:
             self._hs = None
             self._open(self.peer, events)
         t = msg["type"]
-        if t == "ack":
-            self._on_ack(msg["counter"], now, events)
-        elif t == "nack":
-            self._on_nack(msg, now, events)
-        else:
+        if t != "ack" and t != "nack":
             events.append((EV_MESSAGE, msg))
-            if reliable:
-                return c
-        return None
-
-    def _on_ack(self, counter, now, events):
-        f = self._inflight
-        if f is not None and f[0] == counter:
-            self._inflight = None
-            events.append((EV_ACKED, f[2]))
-        elif counter != 0:  # an ack of the welcome (counter 0) confirmed the session already
-            self._count("stray_acks")
-
-    def _on_nack(self, msg, now, events):
+            return c if reliable else None
+        # the peer's answer to our message in flight
         f = self._inflight
         counter = msg.get("counter")
-        if counter is None:  # the peer saw line noise: repeat what we have in flight
+        if counter is None:  # a nack for line noise: repeat what we have in flight
             if f is not None and now - self._last_fast >= self.rto // 4:
                 self._last_fast = now
                 self._write(f[1])
                 self._count("retransmits")
-            return
-        if f is not None and f[0] == counter:
+        elif f is not None and f[0] == counter:
             self._inflight = None
-            code = error_name(msg["code"])
-            events.append((EV_NACKED, f[2], code, msg.get("detail", "")))
+            if t == "ack":
+                events.append((EV_ACKED, f[2]))
+            else:
+                events.append((EV_NACKED, f[2], error_name(msg["code"]), msg.get("detail", "")))
+        elif t == "ack" and counter != 0:  # an ack of the welcome (0) confirmed the session
+            self._count("stray_acks")
+        return None

@@ -43,18 +43,15 @@ def no_session(link, m, now):
 
 def on_handshake(link, m, key, msg, now, events):
     # returns the counter to acknowledge (0: the welcome), or None
-    if msg["type"] == "welcome":
-        return _on_welcome(link, msg, now, events)
-    code = msg["code"]  # a nack in the handshake epoch
-    if link.state == OPEN and code == number("no_session"):
-        link._count("host_lost")
-        link._close("host has no session", events)
-        events.extend(link.connect(now))
-    elif code == number("version"):
-        raise ProtocolError("version", "host shares no protocol version")
-
-
-def _on_welcome(link, msg, now, events):
+    if msg["type"] != "welcome":  # a nack in the handshake epoch
+        code = msg["code"]
+        if link.state == OPEN and code == number("no_session"):
+            link._count("host_lost")
+            link._close("host_lost", events)
+            events.extend(link.connect(now))
+        elif code == number("version"):
+            raise ProtocolError("version", "host shares no protocol version")
+        return None
     if link.nonce is None or msg["device_nonce"] != link.nonce:
         raise ProtocolError("handshake", "welcome for another hello")
     if link.state == OPEN and msg["host_nonce"] == link.host_nonce:
@@ -66,7 +63,7 @@ def _on_welcome(link, msg, now, events):
         # authentic and for our current hello, but with a new host nonce: the host lost our
         # session and answered a late copy of the hello; its new keys win
         nonce = link.nonce
-        link._close("host restarted the handshake", events)
+        link._close("rewelcome", events)
         link.nonce = nonce
     link.version = msg["version"]
     link.host_nonce = msg["host_nonce"]

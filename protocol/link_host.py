@@ -10,9 +10,10 @@
 #   under the device key, so that a device talking to a restarted host says hello again; so is
 #   the end of a session the host gives up on.
 
-from . import messages
+from . import cose, messages
 from .crypto import session_keys
 from .errors import ProtocolError, number
+from .frame import encode as frame_encode
 
 IDLE, HANDSHAKE = "idle", "handshake"
 
@@ -37,8 +38,7 @@ def no_session(link, m, now):
     if key is None or len(key) != 32:
         return
     link._last_poke = now
-    nack = {"type": "nack", "code": number("no_session")}
-    link._write(link._frame(nack, 0, key, m.kid, m.alg))
+    _nack(link, "no_session", key, m.kid, m.alg)
 
 
 def poke(link, kid, now):
@@ -50,14 +50,18 @@ def poke(link, kid, now):
         raise ValueError("no 32-byte key for device %s in the keystore" % bytes(kid).hex())
     if link.state != IDLE:
         return
-    nack = {"type": "nack", "code": number("no_session")}
-    link._write(link._frame(nack, 0, key, kid, link.alg))
+    _nack(link, "no_session", key, kid, link.alg)
 
 
 def give_up(link, now):
     # the session ends here: tell the device now rather than at its next frame
-    nack = {"type": "nack", "code": number("no_session")}
-    link._write(link._frame(nack, 0, link.device_key, link.kid, link.session_alg))
+    _nack(link, "no_session", link.device_key, link.kid, link.session_alg)
+
+
+def _nack(link, code, key, kid, alg):
+    # a nack in the handshake epoch, for a kid and alg that need not be the session's
+    payload = messages.encode({"type": "nack", "code": number(code)})
+    link._write(frame_encode(cose.mac0(key, alg, kid, 0, payload, link.aad)))
 
 
 def on_handshake(link, m, key, msg, now, events):
@@ -67,8 +71,7 @@ def on_handshake(link, m, key, msg, now, events):
     try:
         version = messages.common_version(link.versions, msg["versions"])
     except ProtocolError:
-        nack = {"type": "nack", "code": number("version")}
-        link._write(link._frame(nack, 0, key, m.kid, m.alg))
+        _nack(link, "version", key, m.kid, m.alg)
         raise
     if m.kid == link.kid and msg["nonce"] == link.nonce:
         link._count("duplicate")  # a repeated hello of the current session
@@ -76,7 +79,7 @@ def on_handshake(link, m, key, msg, now, events):
             link._write(link._hs[0])
         return
     if link.state != IDLE:
-        link._close("device started a new session", events)
+        link._close("new_hello", events)
     link.kid, link.device_key, link.session_alg, link.version = m.kid, key, m.alg, version
     link.nonce = msg["nonce"]
     link.host_nonce = link.entropy(16)

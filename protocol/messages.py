@@ -11,7 +11,9 @@
 # - encode() validates too: a malformed message is a bug in the sender and raises ValueError.
 # - every valid message fits one frame (cose.MAX_PAYLOAD, 951 bytes): the limits are set so;
 # The table is text, parsed when a type is used (and cached on the host): as Python tuples it
-# would cost ~14 KB of a device's 64 KB heap.
+# would cost ~14 KB of a device's 64 KB heap. The rest of the module is written for that heap
+# too: the `_HOST` parts are left out of the device's build (tools/terse.py), and string
+# constants are qstrs (short, not in constant tuples) rather than str objects of 64 B each.
 #
 # Specs: 0..N uint range; u8 u16 u32 u64 uint of that width; int; bool; bstrN (exactly N bytes);
 # bstrA..B; tstrN (at most N bytes of UTF-8); [S]N list of at most N; (S,S) fixed array;
@@ -19,12 +21,22 @@
 
 import sys
 
-from . import codec
+from . import cbor
 from .errors import ProtocolError
 
+if sys.implementation.name != "micropython":  # cbor2 when installed (codec.py): same bytes
+    from .codec import dumps as _dumps
+    from .codec import loads as _loads
+else:  # the device: the pure codec, without a module in between
+    _dumps, _loads = cbor.dumps, cbor.loads
+
 VERSIONS = (1,)
-D2H, H2D, BOTH = "d2h", "h2d", "both"
-HANDSHAKE, SESSION, ANY = "handshake", "session", "any"
+D2H = "d2h"  # directions
+H2D = "h2d"
+BOTH = "both"
+HANDSHAKE = "handshake"  # epochs
+SESSION = "session"
+ANY = "any"
 
 _TABLE = """
 1 hello d2h handshake once
@@ -103,51 +115,42 @@ rule struct
  5 check 0..1
 """
 
-# verdict enumerations (SPEC.md, "verdict")
-OUTCOMES = ("accepted", "refused", "offline", "verify_manually", "identified", "info")
-BEEPS = ("none", "ok", "error", "warning")
-LEDS = ("off", "green", "red", "amber", "blue")
+# verdict enumerations (SPEC.md, "verdict"), indexed by the numbers on the wire. Lists: the
+# strings of a constant tuple would be str objects on the device
+OUTCOMES = ["accepted", "refused", "offline", "verify_manually", "identified", "info"]
+BEEPS = ["none", "ok", "error", "warning"]
+LEDS = ["off", "green", "red", "amber", "blue"]
 
 _HOST = sys.implementation.name != "micropython"
-_cache = {} if _HOST else None
-_last_info = [None, None]  # without a cache: the last type asked about, and its info
+_info = {}  # info()'s answers: every one asked for on the host, the last one on the device
 
 
 def _is_int(v):
     return isinstance(v, int) and v is not True and v is not False
 
 
-def _heads():
-    # offsets of the head lines (types and structs) in _TABLE; ints cost little heap
-    out = []
-    pos = 1
-    while pos < len(_TABLE):
-        if _TABLE[pos] != " ":
-            out.append(pos)
-        pos = _TABLE.find("\n", pos) + 1
-    return tuple(out)
-
-
-_HEADS = _heads()
-
-
 def _head(key):
-    # the head line of a type number or struct name: [key, name, dir, epoch, reliability] or
-    # [name, "struct"], and the offsets of its field lines; None if there is no such head.
-    # Only the matching line is split: on the device every temporary string costs heap.
+    # the head line of a type number, type name or struct name: (its words, the offset of the
+    # "\n" that ends it, the offset of the "\n" that ends its last field line); None if there is
+    # none. Heads start in column 0 with a type's number or a struct's name; a type's name is the
+    # second word; field lines start with a space. Found by str.find, and only the matching line
+    # is split: on the device every temporary string costs heap.
     k = str(key)
-    for pos in _HEADS:
-        if not (_TABLE.startswith(k, pos) or _TABLE.startswith(k, _TABLE.find(" ", pos) + 1)):
-            continue
-        end = _TABLE.find("\n", pos)
-        parts = _TABLE[pos:end].split()
-        if not (parts[0] == k or (len(parts) > 2 and parts[1] == k)):
-            continue
-        nxt = _TABLE.find("\n", end + 1)
-        while nxt > 0 and _TABLE[end + 1] == " ":
-            end, nxt = nxt, _TABLE.find("\n", nxt + 1)
-        return parts, pos, end
-    return None
+    at = _TABLE.find("\n%s " % k)
+    if at < 0 and isinstance(key, str):  # a type's name: skip field lines with that word
+        at = _TABLE.find(" %s " % k)
+        while at >= 0 and _TABLE[_TABLE.rfind("\n", 0, at) + 1] == " ":
+            at = _TABLE.find(" %s " % k, at + 1)
+    if at < 0:
+        return None
+    end = _TABLE.find("\n", at + 1)
+    parts = _TABLE[_TABLE.rfind("\n", 0, at + 1) + 1 : end].split()
+    if not (parts[0] == k or (len(parts) > 2 and parts[1] == k)):
+        return None
+    last = end
+    while _TABLE.startswith(" ", last + 1):
+        last = _TABLE.find("\n", last + 1)
+    return parts, end, last
 
 
 def _parse(s, i):
@@ -215,16 +218,15 @@ def _atom(s, i):
     return ("u", n), i
 
 
-def _field_lines(key):
+def _lines(key):
     # the offsets of a type's or struct's field lines in _TABLE: what the device's _struct walks,
-    # parsing one line at a time (a list of small ints, where a parsed table of a nested struct
-    # would be the largest object of a decode, and a generator's frame lives on the heap)
-    _, pos, end = _head(key)
+    # parsing one line at a time (small ints, where a parsed nested table would be the largest
+    # object of a decode, and a generator's frame lives on the heap)
+    _, a, end = _head(key)
     out = []
-    a = _TABLE.find("\n", pos) + 1
     while a < end:
-        out.append(a)
-        a = _TABLE.find("\n", a) + 1
+        out.append(a + 1)
+        a = _TABLE.find("\n", a + 1)
     return out
 
 
@@ -234,62 +236,21 @@ def _field(a):
     return int(k.rstrip("!")), name, _parse(spec, 0)[0], k[-1] == "!"
 
 
-def fields(key):
-    """The fields of a type number or struct name: ((key, name, spec, required), ...)."""
-    if _cache is not None and key in _cache:
-        return _cache[key]
-    out = tuple(_field(a) for a in _field_lines(key))
-    if _cache is not None:
-        _cache[key] = out
-    return out
-
-
-def _walk(key):
-    # what _struct iterates: the cached fields on the host, the field lines' offsets on the device
-    return fields(key) if _cache is not None else _field_lines(key)
-
-
 def info(name):
     """(number, direction, epoch, reliable) of a message type name; KeyError if unknown."""
     if not isinstance(name, str):
         raise KeyError(name)
-    if _cache is not None and ("info", name) in _cache:
-        return _cache[("info", name)]
-    if _last_info[0] == name:  # the device: a frame asks about its type several times
-        return _last_info[1]
-    h = _head(name)
-    if h is None or h[0][1] != name:
-        raise KeyError(name)
-    p = h[0]
-    out = (int(p[0]), p[2], p[3], p[4] == "reliable")
-    if _cache is not None:
-        _cache[("info", name)] = out
-    else:
-        _last_info[0], _last_info[1] = name, out
+    out = _info.get(name)
+    if out is None:
+        h = _head(name)
+        if h is None or h[0][1] != name:
+            raise KeyError(name)
+        p = h[0]
+        out = (int(p[0]), p[2], p[3], p[4] == "reliable")
+        if sys.implementation.name == "micropython":
+            _info.clear()  # one is enough: a frame asks about its type several times
+        _info[name] = out
     return out
-
-
-def type_info(num):
-    """(name, direction, epoch, reliable) of a type number, or None."""
-    if not _is_int(num):
-        return None
-    if _cache is not None and ("num", num) in _cache:
-        return _cache[("num", num)]
-    h = _head(num)
-    out = None if h is None else (h[0][1], h[0][2], h[0][3], h[0][4] == "reliable")
-    if _cache is not None:
-        _cache[("num", num)] = out
-    return out
-
-
-if _HOST:  # the whole table as dicts and tuples, for host code and tests
-    NUMBER = {}
-    TYPES = {}
-    for _pos in _HEADS:
-        _p = _TABLE[_pos : _TABLE.find("\n", _pos)].split()
-        if _p[1] != "struct":
-            NUMBER[_p[1]] = int(_p[0])
-            TYPES[int(_p[0])] = type_info(int(_p[0])) + (fields(int(_p[0])),)
 
 
 def check_epoch(counter, msg):
@@ -353,7 +314,7 @@ def _check(spec, v, walk):
     if kind == "s":
         if not isinstance(v, dict):
             raise ValueError("expected map")
-        return _struct(_walk(spec[1]) if isinstance(spec[1], str) else spec[1], v, 0, walk)
+        return _struct(spec[1] if _HOST else _lines(spec[1]), v, 0, walk)
     if kind == "m":
         if not isinstance(v, dict) or len(v) > spec[3]:
             raise ValueError("expected map of at most %d" % spec[3])
@@ -371,7 +332,7 @@ def _items(spec, v, walk):
 
 def _map(spec, v, walk):
     out = {}
-    for k in sorted(v, key=codec.pure_dumps) if walk[0] else v:
+    for k in sorted(v, key=cbor.dumps) if walk[0] else v:
         out[_check(spec[1], k, walk)] = _check(spec[2], v[k], walk)
     return out
 
@@ -389,10 +350,11 @@ def _choice(alts, v, walk):
 
 def _struct(flds, v, seen, walk):
     # to the wire: named dict -> int-keyed dict in ascending key order (deterministic); from the
-    # wire the reverse. `seen` starts at the number of keys the caller accounts for (the type's)
+    # wire the reverse. `flds`: the fields on the host, the offsets of their lines on the device.
+    # `seen` starts at the number of keys the caller accounts for (the type's)
     out = {}
     for fld in flds:
-        key, name, spec, required = fld if _cache is not None else _field(fld)
+        key, name, spec, required = fld if _HOST else _field(fld)
         src, dst = (name, key) if walk[0] else (key, name)
         if src in v:
             seen += 1
@@ -406,10 +368,6 @@ def _struct(flds, v, seen, walk):
     return out
 
 
-def _reason(walk, e):
-    return ": ".join(walk[1:] + [e.args[0]])
-
-
 def to_wire(msg):
     """Named message dict -> wire map (ValueError if the message is not valid)."""
     if not isinstance(msg, dict):
@@ -421,9 +379,9 @@ def to_wire(msg):
     out = {0: num}
     walk = [True]
     try:
-        out.update(_struct(_walk(num), msg, 1, walk))
+        out.update(_struct(fields(num) if _HOST else _lines(num), msg, 1, walk))
     except ValueError as e:
-        raise ValueError(_reason(walk, e)) from None
+        raise ValueError(": ".join(walk[1:] + [e.args[0]])) from None
     return out
 
 
@@ -432,47 +390,69 @@ def from_wire(w):
     if not isinstance(w, dict):
         raise ProtocolError("schema", "a message is a map")
     num = w.get(0)
-    t = type_info(num)
-    if t is None:
+    h = _head(num) if _is_int(num) else None
+    if h is None:
         raise ProtocolError("unknown_type", "message type %r" % (num,))
-    walk = [False, t[0]]
+    walk = [False, h[0][1]]
     try:
-        out = _struct(_walk(num), w, 1, walk)
+        out = _struct(fields(num) if _HOST else _lines(num), w, 1, walk)
     except ValueError as e:
-        raise ProtocolError("schema", _reason(walk, e)) from None
-    out["type"] = t[0]
+        raise ProtocolError("schema", ": ".join(walk[1:] + [e.args[0]])) from None
+    out["type"] = walk[1]
     return out
 
 
-# An ack is the link's most frequent message (one per reliable message each way), so the table
-# path skips parsing its table entry: {0: 15, 1: counter} is built and recognised directly. Same
-# bytes and results as the general path (tests compare them); anything else takes that path.
-_ACK = 15
-_ACK_HEAD = b"\xa2\x00\x0f\x01"  # map(2), 0: 15, 1:
+# encode() and decode() by the table. An ack is the link's most frequent message (one per
+# reliable message each way), so they skip parsing its table entry: {0: 15, 1: counter} is built
+# and recognised directly. Same bytes and results as the general path (tests compare them);
+# anything else takes that path. The host replaces both by faster ones, below.
 
 
-def _u32(v):
-    return _is_int(v) and 0 <= v <= 0xFFFFFFFF
+def encode(msg):
+    """Named message dict -> CBOR payload (ValueError if the message is not valid)."""
+    if isinstance(msg, dict) and len(msg) == 2 and msg.get("type") == "ack":
+        c = msg.get("counter")
+        if _is_int(c) and 0 <= c <= 0xFFFFFFFF:
+            return b"\xa2\x00\x0f\x01" + cbor.head(0, c)  # map(2), 0: 15, 1: counter
+    return _dumps(to_wire(msg))
 
 
-def encode_table(msg):
-    if isinstance(msg, dict) and msg.get("type") == "ack" and len(msg) == 2 \
-            and _u32(msg.get("counter")):
-        return _ACK_HEAD + codec.cbor.head(0, msg["counter"])
-    return codec.dumps(to_wire(msg))
-
-
-def decode_table(payload):
-    w = codec.loads(payload)
-    if isinstance(w, dict) and len(w) == 2 and w.get(0) == _ACK and _u32(w.get(1)):
-        return {"type": "ack", "counter": w[1]}
+def decode(payload):
+    """CBOR payload -> named message dict, or ProtocolError (cbor codes, unknown_type, schema)."""
+    w = _loads(payload)
+    if isinstance(w, dict) and len(w) == 2 and w.get(0) == 15:
+        c = w.get(1)
+        if _is_int(c) and 0 <= c <= 0xFFFFFFFF:
+            return {"type": "ack", "counter": c}
     return from_wire(w)
 
 
-encode = encode_table
-decode = decode_table
-if _HOST:  # compiled converters and cbor2 (messages_fast.py), same results
+if _HOST:  # the table as dicts and tuples, for host code and tests; not in the device's build
+    _fields = {}
+
+    def fields(key):
+        """The fields of a type number or struct name: ((key, name, spec, required), ...)."""
+        if key not in _fields:
+            _fields[key] = tuple(_field(a) for a in _lines(key))
+        return _fields[key]
+
+    NUMBER = {}  # name -> number
+    TYPES = {}  # number -> (name, direction, epoch, reliable, fields)
+    for _line in _TABLE.splitlines():
+        if _line[:1].isdigit():  # a type's head line
+            _name = _line.split()[1]
+            _t = info(_name)
+            NUMBER[_name] = _t[0]
+            TYPES[_t[0]] = (_name,) + _t[1:] + (fields(_t[0]),)
+
+    def type_info(num):
+        """(name, direction, epoch, reliable) of a type number, or None."""
+        return TYPES[num][:4] if _is_int(num) and num in TYPES else None
+
+    # compiled converters and cbor2 (messages_fast.py): the same results, or the table's
+    encode_table = encode
+    decode_table = decode
     try:
-        from .messages_fast import decode, encode  # noqa: F401
+        from .messages_fast import decode, encode
     except ImportError:
         pass

@@ -12,9 +12,9 @@ NEW, DUPLICATE, TOO_OLD = 0, 1, 2
 
 
 class Window:
-    def __init__(self):
-        self.highest = 0  # counter 0 is the handshake epoch; session counters start at 1
-        self.bits = 1  # bit i set: counter highest - i has been seen
+    # the state of a new window; mark() gives each instance its own (no __init__: heap)
+    highest = 0  # counter 0 is the handshake epoch; session counters start at 1
+    bits = 1  # bit i set: counter highest - i has been seen
 
     def check(self, counter):
         if counter > self.highest:

@@ -21,7 +21,7 @@ from hexiao.tools import keys, micropython
 VERSION, COUNTER = "1.4.2", 7
 DEVICE_FILES = {
     "hexiao/protocol/__init__.mpy", "hexiao/protocol/cbor.mpy", "hexiao/protocol/cobs.mpy",
-    "hexiao/protocol/codec.mpy", "hexiao/protocol/cose.mpy", "hexiao/protocol/crypto.mpy",
+    "hexiao/protocol/cose.mpy", "hexiao/protocol/crypto.mpy",
     "hexiao/protocol/errors.mpy", "hexiao/protocol/frame.mpy", "hexiao/protocol/link.mpy",
     "hexiao/protocol/link_device.mpy", "hexiao/protocol/messages.mpy",
     "hexiao/protocol/replay.mpy", "hexiao/firmware/__init__.mpy",

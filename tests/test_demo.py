@@ -51,7 +51,7 @@ def test_demo_json_shows_the_whole_lane() -> None:
     assert [e["step"] for e in of(ev, "step")] == [s[0] for s in demo.STEPS]
     assert all(e["ok"] for e in of(ev, "step")) and ev[-1] == {"event": "result", "ok": True}
     setup, session = of(ev, "setup")[0], of(ev, "session")[0]
-    assert setup["heap"] == micropython.FIRMWARE_HEAP and setup["budget"] == "64k"
+    assert setup["heap"] == micropython.HEAP == setup["budget"] == "64k"
     assert session["firmware"] == "hexiao-fw 0.1.0" and session["board"] == "sim"
 
     assert [(e["data"], e["typed"]) for e in of(ev, "product")] == [

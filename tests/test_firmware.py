@@ -1,6 +1,6 @@
 """The firmware (hexiao.firmware.main) under real MicroPython on the sim board: scans go into its
 scanner FIFO, a fake POS reads its HID output file, a host (SerialLink) talks over a relay.Cable.
-Every wait is bounded; nothing asserts a duration. Heap: FIRMWARE_HEAP (see test_firmware_sim)."""
+Every wait is bounded; nothing asserts a duration. Heap: micropython.HEAP, the device's 64 KB."""
 
 from __future__ import annotations
 
@@ -173,3 +173,54 @@ def test_keys_macro_typed_exactly_once(mpy_stage: Path, tmp_path: Path) -> None:
         assert lines == [*want, "HID 01 04", "HID 00 00"]
         assert s.hid_lines() == lines
         assert s.events("heap")[0]["app"]["macros"] == 2
+
+
+SLIP = "\x1b@\x1ba\x01核销成功 ¥10\n\x1dV\x00".encode("gb18030")  # ESC/POS: centred, then cut
+
+
+def test_slips_and_print_jobs_reach_the_printer_and_the_button_repeats_the_verdict(
+        mpy_stage: Path, tmp_path: Path) -> None:
+    def answer(scan: dict) -> dict:
+        return {**verdict_for(scan), "slip": SLIP}
+
+    host = Host(answer)
+    paper, button = tmp_path / "printer.bin", tmp_path / "button"
+    button.write_bytes(b"x")  # there before boot: not a press
+    with sim(mpy_stage, tmp_path, host=host, printer=paper, button=button) as s:
+        opened(host)
+        s.scan(b"]Q1COUPON-0001")
+        v = s.wait_ev("verdict")[0]
+        assert v["text"] == "ok COUPON-0001" and (v["beep"], v["led"]) == ("ok", "green")
+        host.send({"type": "print", "job_id": 5, "seq": 0, "last": False, "data": b"AB"})
+        host.send({"type": "print", "job_id": 5, "seq": 1, "last": True, "data": b"C\n"})
+        host.send({"type": "print", "job_id": 6, "seq": 1, "last": True, "data": b"lost"})
+        s.wait_ev("log", text="print 6: chunk 1 out of order, job dropped")
+        host.send({"type": "print", "job_id": 7, "seq": 0, "last": True, "data": b"D"})
+        with button.open("ab") as f:
+            f.write(b"xx")  # two presses: the last verdict twice more, as it was
+        again = s.wait_ev("verdict", 3)
+        assert all({k: e[k] for k in v if k != "seq"} == v for e in again)
+        deadline = time.monotonic() + 30
+        while paper.read_bytes() != SLIP + b"ABC\nD" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.shutdown() == 0, s.device.other
+    assert paper.read_bytes() == SLIP + b"ABC\nD"
+    assert s.events("heap")[0]["app"]["printed"] == 4
+
+
+def test_no_printer_no_paper_and_late_verdicts_print_nothing(mpy_stage: Path,
+                                                            tmp_path: Path) -> None:
+    host = Host(lambda scan: None)  # silent: the device gives the offline verdict
+    with sim(mpy_stage, tmp_path, host=host) as s:
+        opened(host)
+        s.scan(b"]Q1COUPON-0002")
+        s.wait_ev("verdict", outcome="offline")
+        sid = host.scans[0]["scan_id"]
+        host.send({**verdict_for(host.scans[0]), "slip": SLIP})  # late: text only, no slip
+        s.wait_ev("verdict", 2)
+        host.send({"type": "print", "job_id": 1, "seq": 0, "last": True, "data": b"x"})
+        s.wait_ev("log", text="no printer on this board")
+        assert s.shutdown() == 0
+    late = s.events("verdict")[1]
+    assert (late["scan_id"], late["beep"], late["led"]) == (sid, "none", "off")
+    assert s.logs().count("no printer on this board") == 1  # the print job, not the late slip

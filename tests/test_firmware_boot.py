@@ -37,7 +37,7 @@ def boot(board: Path, state: Path) -> subprocess.CompletedProcess[str]:
     scanner) comes up and ends; stderr has its events."""
     (board / "cfg.json").write_text(json.dumps({"id": "till-1", "key": os.urandom(32).hex()}))
     argv, env = micropython.command("hexiao.firmware.main", board,
-                                    heap=micropython.FIRMWARE_HEAP,
+                                    heap=micropython.HEAP,
                                     args=["cfg=cfg.json", "scanner=/dev/null",
                                           f"hid={board}/hid.log", f"state={state}"])
     # stdout is the link (frames: binary), stderr the events

@@ -219,7 +219,7 @@ def power(root: Path, scans: list[bytes], end: str = "crash", cause: int = 3) ->
     (root / "bench.json").write_text(json.dumps({"feed": [s.hex() for s in scans], "end": end,
                                                  "cause": cause}))
     # the stand-ins and this script are compiled from source in the same heap: more than
-    # FIRMWARE_HEAP (the boards have ~190 KB and more); the heap is test_firmware_sim's business
+    # micropython.HEAP (the boards have ~190 KB and more); the heap is test_firmware_sim's business
     argv, env = micropython.command(root / "board.py", root, heap=BOARD_HEAP)
     r = subprocess.run(argv, env=env, cwd=root, stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60)

@@ -2,7 +2,7 @@
 on a noisy cable (1% of the link's bytes each way corrupted, dropped or duplicated: relay.Cable,
 seeded), coupon scans reach the host exactly once, each gets its verdict, products are typed
 exactly and nothing else is; and a long mixed run leaves the heap as it found it. Every wait is
-bounded; nothing asserts a duration. Heap: FIRMWARE_HEAP (the sim() default), whatever it is."""
+bounded; nothing asserts a duration. Heap: the device's 64 KB (the sim() default)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_a_thousand_mixed_scans_no_heap_growth(mpy_stage: Path, tmp_path: Path) 
     """The default suite's check of issue 4's "10 000 mixed scans with no heap growth" at a tenth
     of the scale (the 10 000 run: test_fw_bench, -m soak). fw_bench's mixed run: products, coupons
     the host answers, UART garbage, over-long reads, each awaited; health every 100 scans."""
-    h = fw_bench.mixed(mpy_stage, tmp_path, micropython.FIRMWARE_HEAP, 1000, 100, seed=2)
+    h = fw_bench.mixed(mpy_stage, tmp_path, micropython.HEAP, 1000, 100, seed=2)
     assert h["exact"] == {"products_typed_exactly": True, "coupons_answered_once": True,
                           "counters": True, "exit_status_0": True}
     assert min(h["mix"].values()) > 50  # every kind, many times

@@ -19,7 +19,6 @@ from hexiao.hostd.serial_link import EventLog, SerialLink, keystore_from
 from hexiao.protocol.link import EV_MESSAGE
 from hexiao.tools import micropython, relay
 
-FIRMWARE_HEAP = micropython.FIRMWARE_HEAP  # measured figures: tools/micropython.py
 KID = b"till-1"
 
 US_SHIFTED = '~!@#$%^&*()_+{}|:"<>?ABCDEFGHIJKLMNOPQRSTUVWXYZ'
@@ -183,8 +182,9 @@ def open_writer(fifo: Path, device: relay.DeviceProcess, timeout: float = 30) ->
 
 @contextmanager
 def sim(stage: Path, tmp: Path, *, key: bytes | None = None, host: Host | None = None,
-        heap: str = FIRMWARE_HEAP, state: Path | None = None, rto: int = 200,
-        tries: int = 8, noise: float = 0.0, seed: int = 0) -> Iterator[Sim]:
+        heap: str = micropython.HEAP, state: Path | None = None, rto: int = 200,
+        tries: int = 8, noise: float = 0.0, seed: int = 0, printer: Path | None = None,
+        button: Path | None = None) -> Iterator[Sim]:
     key = key or os.urandom(32)
     hid = tmp / f"hid-{time.monotonic_ns()}.txt"
     # a FIFO, not a pty: a pty the device opens would become its controlling terminal, and
@@ -195,6 +195,10 @@ def sim(stage: Path, tmp: Path, *, key: bytes | None = None, host: Host | None =
             f"rto={rto}", f"tries={tries}"]
     if state is not None:
         args.append(f"state={state}")
+    if printer is not None:
+        args.append(f"printer={printer}")
+    if button is not None:
+        args.append(f"button={button}")
     argv, env = micropython.command("hexiao.firmware.main", stage, heap=heap, args=args)
     cable = relay.Cable(noise=noise, seed=seed).start()  # noise: see relay.Cable
     device = relay.DeviceProcess(cable, argv, env, str(stage))
@@ -213,7 +217,8 @@ def sim(stage: Path, tmp: Path, *, key: bytes | None = None, host: Host | None =
             s.link.start()
         yield s
     finally:
-        s.shutdown()
+        if s.shutdown() != 0:  # shown with a failing test's captured output
+            print("device exit", s.done[0], "stderr:", *s.device.other[-12:], sep="\n  ")
 
 
 # -- the application's pure logic, under CPython (the same module the device runs) -----------
@@ -229,7 +234,7 @@ def test_us_keymap_matches_the_hid_usage_tables() -> None:
 
 def test_gs1_check_digit_and_rule_order() -> None:
     from hexiao.firmware.app import DEFAULT_RULES, classify, gs1_ok
-    from hexiao.firmware.app_settings import compile_rules
+    from hexiao.firmware.app_rules import compile_rules
 
     assert gs1_ok(b"4006381333931") and gs1_ok(b"96385074") and gs1_ok(b"036000291452")
     assert not gs1_ok(b"4006381333932") and not gs1_ok(b"7") and not gs1_ok(b"40063813A3931")
@@ -242,3 +247,24 @@ def test_gs1_check_digit_and_rule_order() -> None:
     assert classify(r, "]E0", b"6901234567892") == 0 and classify(r, "]E0", b"6901234567891") == 2
     assert compile_rules({"version": 4, "default": 0, "rules": [
         {"action": 0, "symbologies": ["E0"]}]}) == "bad symbology"
+    # ids are stored as one text; an id with a second "]" could match across two of them
+    assert compile_rules({"version": 5, "default": 0, "rules": [
+        {"action": 0, "symbologies": ["]A]"]}]}) == "bad symbology"
+    r = compile_rules({"version": 6, "default": 2, "rules": [
+        {"action": 0, "symbologies": ["]E0", "]E4"]}, {"action": 1, "symbologies": ["]Q1"]}]})
+    assert r[2][0][1] == "]E0]E4"
+    # (App.scanned passes 3-character ids that start with "]", as the scanner sends them)
+    assert [classify(r, s, b"1") for s in ("]E0", "]E4", "]Q1", "]E1", "]0]", "]]E")] == [
+        0, 0, 1, 2, 2, 2]
+
+
+def test_stored_rules_are_checked_field_by_field() -> None:
+    from hexiao.firmware.app_rules import stored_rule_ok
+
+    assert stored_rule_ok([1, "]Q1]C0", 8, 512, b"WX", 0])
+    assert stored_rule_ok([0, None, None, None, None, 1])
+    for bad in ([1, "]Q1]C", None, None, None, 0], [1, "]Q]]C0", None, None, None, 0],
+                [1, ["]Q1"], None, None, None, 0], [1, "]Q1", -1, None, None, 0],
+                [3, "]Q1", None, None, None, 0], [1, "]Q1", None, None, "WX", 0],
+                [1, "]Q1", None, None, None, 2], [1, "]Q1", None, None, None]):
+        assert not stored_rule_ok(bad), bad

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import random
 import struct
+import types
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hexiao.protocol import cbor, codec, cose, frame, messages
 from hexiao.protocol.errors import ProtocolError
+from hexiao.tools.terse import terse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import NO_SHRINK, TYPE_NAMES, Mutator, any_message, message, profile_values, same
@@ -117,6 +120,31 @@ def test_table() -> None:
     assert messages.info("scan")[1:] == ("d2h", "session", True)
     with pytest.raises(KeyError):
         messages.info("nope")
+
+
+# words of the table that are not type names: directions, epochs, a struct, field names, specs
+_NOT_TYPES = ["d2h", "both", "session", "once", "reliable", "rule", "struct", "scan_id", "data",
+              "u32", "1", "1!", "", " ", "scan ", " scan", "3 scan", "scan d2h", "scan\n"]
+
+
+@pytest.mark.parametrize("word", _NOT_TYPES)
+def test_only_type_names_have_info(word: str) -> None:
+    with pytest.raises(KeyError):
+        messages.info(word)
+    with pytest.raises(ValueError):
+        messages.encode({"type": word})
+
+
+def test_a_type_named_like_a_field_is_found_by_its_head() -> None:
+    # "rules" and "keys" are also field names (rules.rules, config_get.keys)
+    assert messages.info("rules")[0] == 7 and messages.info("keys")[0] == 5
+    assert messages.TYPES[7][4][2][1] == "rules" and messages.TYPES[12][4][0][1] == "keys"
+
+
+@pytest.mark.parametrize("num", [0, 19, 20, 100, -1, -3, (1 << 64) - 1])
+def test_numbers_that_are_not_types(num: int) -> None:
+    assert num not in messages.TYPES
+    assert decode_outcome(cbor.dumps({0: num})) == ("err", "unknown_type")
 
 
 def test_known_encoding() -> None:
@@ -573,3 +601,67 @@ def test_the_table_paths_ack_shortcut_matches_the_general_path(counter: object) 
         assert _same_outcome(_table_outcome(p), general), p.hex()
     with pytest.raises(ValueError):  # an extra field: refused as by the general path
         messages.encode_table({"type": "ack", "counter": 5, "x": 1})
+
+
+# -- the device's build of this module, on CPython ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def device() -> types.ModuleType:
+    """messages.py as the device gets it (tools/terse.py: the `_HOST` parts out, exception texts
+    out): its own code paths (fields parsed from the table line by line, structs by name, one
+    info() answer kept), which must give the host's results and error codes."""
+    code, _ = terse(Path(messages.__file__).read_text(encoding="utf-8"))
+    mod = types.ModuleType("hexiao.protocol.messages_device")
+    mod.__package__ = "hexiao.protocol"
+    exec(compile(code, "messages.py (device build)", "exec"), mod.__dict__)
+    assert mod._HOST is False and not hasattr(mod, "fields") and not hasattr(mod, "TYPES")
+    return mod
+
+
+def _device_outcome(device: types.ModuleType, payload: bytes) -> tuple:
+    try:
+        return ("ok", device.decode(payload))
+    except ProtocolError as e:
+        return ("err", e.code)
+
+
+def test_device_build_info(device: types.ModuleType) -> None:
+    for num, (name, direction, epoch, reliable, _) in messages.TYPES.items():
+        assert device.info(name) == messages.info(name) == (num, direction, epoch, reliable)
+        assert len(device._info) == 1  # the device keeps the last answer only
+    for word in _NOT_TYPES:
+        with pytest.raises(KeyError):
+            device.info(word)
+    assert device.OUTCOMES == messages.OUTCOMES and device.LEDS == messages.LEDS
+    assert device.BEEPS == messages.BEEPS
+
+
+@settings(max_examples=300, phases=NO_SHRINK)
+@given(any_message(), st.randoms(use_true_random=False))
+def test_device_build_agrees_with_the_host(
+    device: types.ModuleType, msg: dict, rnd: random.Random
+) -> None:
+    payload = messages.encode(msg)
+    assert device.encode(msg) == payload
+    assert same(device.decode(payload), msg)
+    w = messages.to_wire(msg)
+    for p in (cbor.dumps(_mutate(w, rnd)), Mutator(rnd, 0.05).encode(w)):
+        assert _same_outcome(_device_outcome(device, p), decode_outcome(p)), p.hex()
+    bad = _mutate_named(msg, rnd)
+    try:
+        want = messages.encode_table(bad)
+    except ValueError:
+        with pytest.raises(ValueError):
+            device.encode(bad)
+    else:
+        assert device.encode(bad) == want
+    for counter in (0, 1):
+        try:
+            messages.check_epoch(counter, msg)
+        except ProtocolError as e:
+            with pytest.raises(ProtocolError) as got:
+                device.check_epoch(counter, msg)
+            assert got.value.code == e.code
+        else:
+            device.check_epoch(counter, msg)

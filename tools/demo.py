@@ -505,8 +505,7 @@ def run(say: Narrator, timeout: float, steps: list[Step] = STEPS,
         backend_url: str | None = None) -> int:
     backend = f"the backend at {backend_url}" if backend_url else "the WeChat simulator"
     say.title(f"hexiao demo: a scan-mode lane — firmware on the sim board (MicroPython, "
-              f"{micropython.FIRMWARE_HEAP} heap: it does not fit the {micropython.HEAP} "
-              f"budget yet), hostd, {backend}, a POS")
+              f"{micropython.HEAP} heap), hostd, {backend}, a POS")
     with tempfile.TemporaryDirectory(prefix="hexiao-demo-") as tmp:
         lane = Lane(Path(tmp), timeout, backend_url)
         try:

@@ -77,7 +77,7 @@ class SetupError(Exception):
 
 class Lane:
     def __init__(self, workdir: Path, timeout: float, backend_url: str | None = None,
-                 heap: str = micropython.FIRMWARE_HEAP) -> None:
+                 heap: str = micropython.HEAP) -> None:
         self.dir, self.timeout, self.heap = workdir, timeout, heap
         self.backend_url = backend_url
         self.sim: Any = None

@@ -318,7 +318,7 @@ def default_dir() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
-def run(scans: int, every: int, seed: int = 1, heap: str = micropython.FIRMWARE_HEAP,
+def run(scans: int, every: int, seed: int = 1, heap: str = micropython.HEAP,
         stage: Path | None = None, where: Path | None = None) -> dict[str, Any]:
     """Both parts; `stage`: device modules already compiled (micropython.stage), else done here;
     `where`: the folder for the FIFO and HID file (default: tmpfs, see default_dir)."""
@@ -371,7 +371,7 @@ def render(r: dict[str, Any]) -> str:
 @click.option("--every", type=click.IntRange(1), default=500, show_default=True,
               help="Sample the device's health every this many scans.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed for the scan mix.")
-@click.option("--heap", default=micropython.FIRMWARE_HEAP, show_default=True,
+@click.option("--heap", default=micropython.HEAP, show_default=True,
               help="MicroPython heap size for the firmware (e.g. 64k to try the goal).")
 @click.option("--dir", "where", type=click.Path(file_okay=False, exists=True, path_type=Path),
               default=None, help="Folder for the scanner FIFO and HID file (default /dev/shm).")

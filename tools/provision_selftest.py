@@ -4,8 +4,8 @@ with the new key (handshake, ping, health, the default rules pushed and acknowle
 Rules this module keeps:
 - Every check lands in the Report as pass/fail/n-a/skipped with a detail line; nothing raises
   for a failed check, and checks after a failed handshake are reported as skipped, not dropped.
-- The sim board runs its real firmware (SIM_MODULE under MicroPython, at FIRMWARE_HEAP: it does
-  not fit the 64 KB budget yet) on a pty cable, its scanner a FIFO the test scan is written to;
+- The sim board runs its real firmware (SIM_MODULE under MicroPython, in its 64 KB heap) on a
+  pty cable, its scanner a FIFO the test scan is written to;
   a USB board is reset so that it reads its new /config.json, and its test scan is the
   installer scanning the printed test code (n/a, not a failure, when none comes).
 - Nothing is written here: provision.py writes, this module only looks.
@@ -39,7 +39,7 @@ def _running_sim(root: Path) -> Iterator[tuple[str, Any, int]]:
         os.mkfifo(fifo, 0o600)
         scanner = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # held: no end of input for it
         argv, env = micropython.command(
-            SIM_MODULE, root, heap=micropython.FIRMWARE_HEAP,
+            SIM_MODULE, root, heap=micropython.HEAP,
             args=["cfg=config.json", f"scanner={fifo}", f"hid={tmp}/hid.log"])
         cable = relay.Cable().start()
         device = None

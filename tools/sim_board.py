@@ -41,7 +41,7 @@ def _fifo(path: Path) -> int:
 @click.option("--dir", "board_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="the sim board's filesystem (flashed and provisioned)")
-@click.option("--heap", default=micropython.FIRMWARE_HEAP, show_default=True,
+@click.option("--heap", default=micropython.HEAP, show_default=True,
               help="MicroPython heap (the firmware does not fit 64k yet: see README)")
 @click.option("--json", "as_json", is_flag=True, help="print the board's paths as JSON")
 def board(board_dir: Path, heap: str, as_json: bool) -> None:

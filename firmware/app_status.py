@@ -1,5 +1,5 @@
-# The application's reports (firmware/app.py): health and the log ring, as a host asks for them.
-# An overlay, as app_settings: loaded by App.serve for one request and dropped after.
+# The application's status (firmware/app.py): health and the log ring, as a host asks for them.
+# An overlay, as app_rules and app_config: loaded by App.serve for one request, dropped after.
 
 import gc
 
@@ -8,7 +8,7 @@ from hexiao.protocol.errors import counter_number
 
 def serve(app, msg, firmware, suffixes):
     """The health or logs message answering a health_get or logs_get."""
-    del suffixes  # the same signature as app_settings.serve
+    del suffixes  # the same signature as app_rules.serve
     if msg["type"] == "health_get":
         return health(app, firmware)
     since, most = msg.get("since", 0), msg.get("max", len(app.ring))
