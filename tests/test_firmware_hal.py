@@ -112,8 +112,18 @@ for mod in (hal_rp2040, hal_esp32s3):
         cb = t.cb; t.cb = None; cb(t)
     b.verdict(2, 0, 9, 9, "reserved")  # reserved beep / led: silent, off
     b.idle()
+    class Btn:  # the button's pin, level by level (0: pressed, to ground)
+        def __init__(self, seq): self.seq = list(seq)
+        def value(self): return self.seq.pop(0)
+    b.button = Btn([1, 0, 0, 1, 0, 1])
+    presses = [b.pressed() for _ in range(5)]  # up, press, held, a bounce up and down
+    import time
+    time.sleep_ms(60)
+    presses.append(b.pressed())  # up for 60 ms: released
+    b.button = Btn([0])
+    presses.append(b.pressed())  # a new press
     ctl = kb._control
-    out[b.name] = {
+    out[b.name] = {"presses": presses, "printer": b.printer,
         "log": log[:], "sent": kb.usb.sent, "busy_after_drop": busy_after_drop,
         "reset": b.reset, "read": b.read(bytearray(8)), "itf": kb.itf, "ep": kb.ep,
         "cfg": list(kb.usb.cfg),
@@ -146,6 +156,12 @@ def test_usb_descriptor_adds_a_boot_keyboard_after_the_builtin_cdc(hal: dict) ->
         assert (h["itf"], h["ep"]) == (2, 0x83)
         assert bytes(h["report_desc"]) == REPORT_DESC and len(REPORT_DESC) == 63
         assert h["set_idle"] is True and h["other_itf"] is True and h["stall"] is False
+
+
+def test_the_button_is_one_press_per_push_bounce_or_not(hal: dict) -> None:
+    for name in ("rp2040", "esp32s3"):
+        assert hal[name]["presses"] == [False, True, False, False, False, False, True]
+        assert hal[name]["printer"] is None  # PRINTER not wired on the reference boards
 
 
 def test_keys_become_boot_reports_and_a_dropped_one_does_not_wedge(hal: dict) -> None:

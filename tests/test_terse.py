@@ -48,3 +48,39 @@ def test_the_device_modules_build_terse_and_still_raise_their_codes(tmp_path) ->
     argv, env = micropython.command(script, staged)
     r = subprocess.run(argv, env=env, cwd=staged, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "cbor ''", r.stderr
+
+
+HOST_ONLY = '''
+import sys
+_HOST = sys.implementation.name != "micropython"
+_cache = {} if _HOST else None
+if sys.implementation.name != "micropython":
+    def host_table():
+        return {"big": "table"}
+else:
+    DEVICE = 1
+if sys.implementation.name == "micropython":
+    ON_DEVICE = True
+class Mac:
+    __slots__ = ("alg", "kid")
+    def f(self):
+        if _HOST:
+            return "host"
+        return "device"
+'''
+
+
+def test_host_only_code_and_slots_are_left_out_of_device_builds() -> None:
+    out, _ = terse(HOST_ONLY)
+    ns: dict = {}
+    exec(compile(out, "<device>", "exec"), ns)  # what the device runs, run here
+    assert "host_table" not in out and "__slots__" not in out and '"host"' not in out
+    assert ns["_cache"] is None and ns["DEVICE"] == 1 and ns["ON_DEVICE"] is True
+    assert ns["Mac"]().f() == "device" and not hasattr(ns["Mac"], "__slots__")
+    # the host's own run of the same source keeps all of it
+    host: dict = {}
+    exec(compile(HOST_ONLY, "<host>", "exec"), host)
+    assert host["_cache"] == {} and host["host_table"]() and host["Mac"]().f() == "host"
+    # a flag bound twice is not a constant; only the literal test is evaluated
+    twice = HOST_ONLY + "_HOST = True\n"
+    assert "if _HOST:" in terse(twice)[0]

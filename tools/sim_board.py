@@ -42,7 +42,7 @@ def _fifo(path: Path) -> int:
               type=click.Path(file_okay=False, path_type=Path),
               help="the sim board's filesystem (flashed and provisioned)")
 @click.option("--heap", default=micropython.HEAP, show_default=True,
-              help="MicroPython heap (the firmware does not fit 64k yet: see README)")
+              help="MicroPython heap (the device budget)")
 @click.option("--json", "as_json", is_flag=True, help="print the board's paths as JSON")
 def board(board_dir: Path, heap: str, as_json: bool) -> None:
     """Run the sim board in DIR until Ctrl-C: link at DIR/tty, scanner FIFO DIR/scanner."""
