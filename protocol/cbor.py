@@ -11,7 +11,7 @@
 #   invalid UTF-8) stop the decoder at once; an item outside the profile is `cbor` once the whole
 #   item has been read; otherwise any non-deterministic encoding is `non_canonical`.
 # The host decodes with cbor2 for speed and asks this decoder for the error code when cbor2's result
-# does not pass (codec.py); the tests check that both paths agree.
+# does not pass (codec_fast.py); the tests check that both paths agree.
 
 import sys
 

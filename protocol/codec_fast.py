@@ -1,4 +1,5 @@
-# The host's CBOR fast path (see codec.py): cbor2's C codec, checked against the profile.
+# The host's CBOR fast path (messages.py encodes and decodes with it on CPython): cbor2's C
+# codec, checked against the profile.
 #
 # Rules kept here:
 # - dumps() is given maps already in deterministic key order, so cbor2's plain encoder emits the

@@ -24,9 +24,9 @@ import sys
 from . import cbor
 from .errors import ProtocolError
 
-if sys.implementation.name != "micropython":  # cbor2 when installed (codec.py): same bytes
-    from .codec import dumps as _dumps
-    from .codec import loads as _loads
+if sys.implementation.name != "micropython":  # cbor2 (codec_fast.py): the same bytes
+    from .codec_fast import dumps as _dumps
+    from .codec_fast import loads as _loads
 else:  # the device: the pure codec, without a module in between
     _dumps, _loads = cbor.dumps, cbor.loads
 

@@ -43,7 +43,7 @@ BOARDS = ("sim", "rp2040", "esp32s3")
 PARTS = ("protocol", "firmware")
 # host-only modules that never go to a device
 HOST_ONLY = {
-    "protocol": {"codec.py", "codec_fast.py", "cose_fast.py", "messages_fast.py", "link_host.py",
+    "protocol": {"codec_fast.py", "cose_fast.py", "messages_fast.py", "link_host.py",
                  "check.py"},
     "firmware": {"bench_device.py"},
 }

@@ -8,7 +8,7 @@ gc.threshold(4096)  # collect often: in a 64 KB heap, garbage left lying fragmen
 
 # boot as firmware does: one module at a time, collecting in between, so that loading bytecode
 # leaves no small holes all over the heap (a 1 KB frame needs a contiguous block)
-for _m in ("errors", "cbor", "codec", "crypto", "cobs", "frame", "messages", "cose", "replay"):
+for _m in ("errors", "cbor", "crypto", "cobs", "frame", "messages", "cose", "replay"):
     __import__("hexiao.protocol." + _m)
     gc.collect()
 
