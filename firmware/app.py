@@ -113,8 +113,10 @@ class App:
         self.seq += 1
         if len(self.ring) >= _LEVELS:
             self.ring.pop(0)
-        if len(text) > 48:  # (a slice is a copy even when nothing is cut: the ring keeps
-            text = text[:48]  # the log's own text, most often a constant of this module)
+        # sliced only when too long: a slice is a copy even when nothing is cut, and the ring
+        # should keep the log's own text, most often a constant of this module
+        if len(text) > 48:
+            text = text[:48]
         self.ring.append([self.seq, self.cdc.now() if hasattr(self, "cdc") else 0, level, text])
         self.b.note(self.seq, level, text)
 
@@ -334,7 +336,7 @@ class App:
             if n < 0:
                 return
             if b.pressed() and self.last:
-                self.b.verdict(*self.last)
+                b.verdict(*self.last)
             now = cdc.now()
             for i in range(n):
                 self.byte(buf[i], now)

@@ -46,7 +46,8 @@ def keys(app, msg):
 
 def paper(app, msg):
     # a verdict's slip, or one chunk of a print job
-    if msg["type"] == "print":
+    chunk = msg["type"] == "print"
+    if chunk:
         job, seq = msg["job_id"], msg["seq"]
         if seq != (app.job[1] if app.job and app.job[0] == job else 0):
             app.job = None
@@ -54,5 +55,5 @@ def paper(app, msg):
         app.job = None if msg["last"] else [job, seq + 1]
     if app.b.printer is None:
         return app.log(4, "no printer on this board")
-    app.b.printer.write(msg["data"] if msg["type"] == "print" else msg["slip"])
+    app.b.printer.write(msg["data"] if chunk else msg["slip"])
     app.n["printed"] += 1

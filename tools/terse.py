@@ -27,6 +27,7 @@ Rules kept here:
 from __future__ import annotations
 
 import ast
+from collections import Counter
 
 # class name -> index of the argument that is the explaining text
 TEXT_ARG = {"ProtocolError": 1, "ValueError": 0}
@@ -108,20 +109,14 @@ def _is_slots(stmt: ast.stmt) -> bool:
 
 def _flag_names(tree: ast.Module) -> dict[str, bool]:
     # module-level names bound once, to the implementation test: their value on the device
-    bound: dict[str, list[ast.stmt]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for t in targets:
-                for name in ast.walk(t):
-                    if isinstance(name, ast.Name):
-                        bound.setdefault(name.id, []).append(node)
+    bound = Counter(node.id for node in ast.walk(tree) if isinstance(node, ast.Name)
+                    and isinstance(node.ctx, ast.Store))
     out = {}
     for stmt in tree.body:
         if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
                 and isinstance(stmt.targets[0], ast.Name)):
             value = _device_value(stmt.value)
-            if value is not None and len(bound[stmt.targets[0].id]) == 1:
+            if value is not None and bound[stmt.targets[0].id] == 1:
                 out[stmt.targets[0].id] = value
     return out
 
