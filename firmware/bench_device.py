@@ -1,6 +1,6 @@
 # The link codec benchmarked on MicroPython: `micropython -m hexiao.firmware.bench_device MODE
-# FRAMES BUDGET_MS ROUNDS`, run by `hexiao bench` (tools/bench.py), which reads the one JSON line
-# this prints.
+# FRAMES BUDGET_MS ROUNDS`, run by `hexiao bench` (tools/bench/codec.py), which reads the one JSON
+# line this prints.
 #
 # Rules kept here:
 # - the measured paths are the device's real ones: build = messages.encode + cose.mac0 +
@@ -31,7 +31,7 @@ COUNTER = 4242
 SCAN = {"type": "scan", "scan_id": 1234, "symbology": "]Q1", "data": b"287463512093",
         "time_ms": 86400123}
 VERDICT = {"type": "verdict", "scan_id": 1234, "outcome": 0, "beep": 1, "led": 1,
-           "text": "核销成功：满100减20代金券 ¥20.00"}  # the same messages as tools/bench.py
+           "text": "核销成功：满100减20代金券 ¥20.00"}  # the same messages as tools/bench/codec.py
 
 
 def build(msg):

@@ -8,7 +8,7 @@ Rules this module keeps:
   httpx clients are not shared between threads);
 - unfinished journal entries are reconciled at start and then every `RECONCILE_EVERY_S`:
   queried, never consumed again (redeem.Engine.reconcile);
-- the control socket's commands are the methods below (hostd/control.py's Handlers); they
+- the control socket's commands are the methods below (hostd/control/server.py's Handlers); they
   return plain JSON-able data, with coupon codes only as the journal keeps them (last 4 shown);
 - the watchdog is petted only while every lane's threads and the reconcile loop are alive.
 """
@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from hexiao.hostd import journal as jr
+from hexiao.hostd.backends.wechat_card import WeChatCardClient, WeChatError
 from hexiao.hostd.config import Config, ConfigError
-from hexiao.hostd.discovery import finder
 from hexiao.hostd.keystore import Keystore
-from hexiao.hostd.lane import DeviceLane
-from hexiao.hostd.metrics import Metrics
-from hexiao.hostd.notify import Notifier, Watchdog
+from hexiao.hostd.lanes.discovery import finder
+from hexiao.hostd.lanes.lane import DeviceLane
+from hexiao.hostd.observability.metrics import Metrics
+from hexiao.hostd.observability.notify import Notifier, Watchdog
 from hexiao.hostd.redeem import Engine, Verdict, tail
-from hexiao.hostd.wechat_card import WeChatCardClient, WeChatError
 
 log = logging.getLogger("hexiao.hostd")
 RECONCILE_EVERY_S = 60.0
@@ -135,8 +135,8 @@ class Daemon:
         if self._backend_url:
             args["base_url"] = self._backend_url
         elif b.kind == "sim" and not b.base_url:
-            from hexiao.tools.wechat_sim import WeChatSim
-            from hexiao.tools.wechat_sim_seed import EXAMPLE, read
+            from hexiao.hostd.backends.sim.seed import EXAMPLE, read
+            from hexiao.hostd.backends.sim.server import WeChatSim
 
             self._sim = WeChatSim(read(EXAMPLE)).start()
             app = next(iter(self._sim.state.seed.apps.values()))
@@ -148,7 +148,7 @@ class Daemon:
         return args
 
     def _busifavor(self) -> dict[str, Any]:
-        from hexiao.hostd.busifavor import BusifavorBackend, BusifavorClient
+        from hexiao.hostd.backends.busifavor import BusifavorBackend, BusifavorClient
 
         b = self.cfg.backend
         try:
@@ -213,13 +213,13 @@ class Daemon:
     # -- control socket -----------------------------------------------------------------------
 
     def _start_control(self) -> None:
-        from hexiao.hostd.control import ControlServer
+        from hexiao.hostd.control.server import ControlServer
 
         self._control = ControlServer(str(self.cfg.hostd.control_socket), self)
         self._control.start()
 
     def _lane(self, device: str) -> DeviceLane:
-        from hexiao.hostd.control import ControlError
+        from hexiao.hostd.control.server import ControlError
 
         lane = self.lanes.get(device)
         if lane is None:
@@ -228,7 +228,7 @@ class Daemon:
         return lane
 
     def _ask(self, device: str, msg: dict[str, Any], answer: str) -> dict[str, Any]:
-        from hexiao.hostd.control import ControlError
+        from hexiao.hostd.control.server import ControlError
 
         try:
             reply = self._lane(device).request(msg, answer)
@@ -270,7 +270,7 @@ class Daemon:
         return self._ask(device, msg, "logs")
 
     def capture_start(self, device: str, path: str) -> dict[str, Any]:
-        from hexiao.hostd.control import ControlError
+        from hexiao.hostd.control.server import ControlError
 
         if not os.path.isabs(path):
             raise ControlError("bad_request", f"give an absolute path (hostd's cwd is not "
@@ -285,7 +285,7 @@ class Daemon:
                                               f"(hostd writes it as its own user)") from e
 
     def capture_stop(self, device: str) -> dict[str, Any]:
-        from hexiao.hostd.control import ControlError
+        from hexiao.hostd.control.server import ControlError
 
         try:
             return self._lane(device).capture(None)
@@ -298,7 +298,7 @@ class Daemon:
         return [_entry(e) for e in entries]
 
     def journal_show(self, entry_id: int) -> dict[str, Any]:
-        from hexiao.hostd.control import ControlError
+        from hexiao.hostd.control.server import ControlError
 
         with jr.Journal(self.journal_path) as journal:
             try:

@@ -41,8 +41,8 @@ def main(config_path: Path, check_config: bool, backend_url: str | None,
         click.echo(f"{config_path}: ok ({len(cfg.devices)} device(s), {len(cfg.lanes)} "
                    f"lane(s), backend {cfg.backend.kind})")
         return
-    from hexiao.hostd import logs
     from hexiao.hostd.daemon import Daemon, DaemonError
+    from hexiao.hostd.observability import logs
 
     logs.configure(log_level or cfg.hostd.log_level)
     stop = threading.Event()

@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 
 import httpx
 from hexiao.hostd import journal as jr
-from hexiao.hostd.wechat_card import (
+from hexiao.hostd.backends.wechat_card import (
     AlreadyConsumed,
     ApiError,
     Busy,

@@ -15,9 +15,9 @@ import json
 import os
 import signal
 
+from hexiao.hostd.backends.wechat_card import WeChatCardClient
 from hexiao.hostd.journal import Journal
 from hexiao.hostd.redeem import Engine, LaneConfig
-from hexiao.hostd.wechat_card import WeChatCardClient
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hexiao.tools import bench
+from hexiao.tools.bench import codec as bench
 from hexiao.tools.micropython import executable
 
 

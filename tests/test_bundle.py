@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
-from hexiao.tools import bundle as B
-from hexiao.tools import keys, micropython
+from hexiao.tools import micropython
+from hexiao.tools.install import bundle as B
+from hexiao.tools.install import keys
 
 VERSION, COUNTER = "1.4.2", 7
 DEVICE_FILES = {

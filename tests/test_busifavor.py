@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from hexiao.hostd.busifavor import BusifavorBackend, BusifavorClient
-from hexiao.hostd.wechat_card import (
+from hexiao.hostd.backends.busifavor import BusifavorBackend, BusifavorClient
+from hexiao.hostd.backends.wechat_card import (
     AlreadyConsumed,
     ApiError,
     BackendError,
@@ -20,7 +20,7 @@ from hexiao.hostd.wechat_card import (
     OutcomeUnknown,
     QuotaExceeded,
 )
-from hexiao.tools.busifavor_fake import (
+from hexiao.tools.sim.busifavor_fake import (
     BusifavorFake,
     Coupon,
     Stock,

@@ -1,4 +1,4 @@
-"""Link captures (tools/capture.py): recorded from real link traffic, decoded, checked.
+"""Link captures (hostd/lanes/capture.py): recorded from real link traffic, decoded, checked.
 
 A device Link and a host Link talk in-process with simulated time; every byte that crosses the
 "wire" (after the noise we inject) goes through record_pair's taps into a CaptureWriter, exactly
@@ -20,10 +20,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from hexiao.hostd.keystore import Keystore
-from hexiao.protocol import cose, crypto, frame, messages
-from hexiao.protocol.link import DEVICE, EV_MESSAGE, HOST, Link
-from hexiao.tools import capture, decode
-from hexiao.tools.capture import (
+from hexiao.hostd.lanes import capture
+from hexiao.hostd.lanes.capture import (
     D2H,
     H2D,
     CaptureError,
@@ -31,8 +29,11 @@ from hexiao.tools.capture import (
     read_capture,
     record_pair,
 )
-from hexiao.tools.decode import NOISE, decode_capture
-from hexiao.tools.relay import corrupt_copy
+from hexiao.protocol import cose, crypto, frame, messages
+from hexiao.protocol.link import DEVICE, EV_MESSAGE, HOST, Link
+from hexiao.tools.sim.relay import corrupt_copy
+from hexiao.tools.support import decode
+from hexiao.tools.support.decode import NOISE, decode_capture
 
 KID = b"lane-01"
 DKEY = bytes(range(100, 132))

@@ -1,4 +1,4 @@
-"""hostd's control socket (hostd/control.py) and the CLI on it (tools/ctl.py).
+"""hostd's control socket (hostd/control/server.py) and the CLI on it (tools/support/ctl.py).
 
 A real server on a Unix socket in tmp_path with a fake Handlers object (this tests the socket
 layer, not the daemon), the real SO_PEERCRED path, a real second uid when run as root, and the
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hexiao.hostd.control import (
+from hexiao.hostd.control.server import (
     MAX_LINE,
     ControlClient,
     ControlError,
@@ -28,7 +28,9 @@ from hexiao.hostd.control import (
     default_socket,
 )
 from hexiao.hostd.keystore import Keystore
-from hexiao.tools import ctl, micropython, relay
+from hexiao.tools import micropython
+from hexiao.tools.sim import relay
+from hexiao.tools.support import ctl
 
 KNOWN = "lane-1"
 ENTRY = {"id": 7, "state": "consumed", "code": "********9012", "lane": KNOWN}

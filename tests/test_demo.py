@@ -14,10 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hexiao.hostd.inject import PROFILES, Content, Injector, QRStyle, remove_blocks, verify_token
-from hexiao.hostd.tap_proxy import ConnRecord
-from hexiao.tools import demo, micropython
-from hexiao.tools.demo_lane import (
+from hexiao.hostd.tap.inject import (
+    PROFILES,
+    Content,
+    Injector,
+    QRStyle,
+    remove_blocks,
+    verify_token,
+)
+from hexiao.hostd.tap.proxy import ConnRecord
+from hexiao.tools import micropython
+from hexiao.tools.demo import run as demo
+from hexiao.tools.demo.lane import (
     DLE_EOT_1,
     TAP_CONTENT,
     Lane,
@@ -280,8 +288,8 @@ def test_the_pos_decodes_us_keystrokes_independently_of_the_firmware() -> None:
 
 def test_backend_url_points_hostd_elsewhere_and_skips_the_fault_steps(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from hexiao.tools.wechat_sim import WeChatSim
-    from hexiao.tools.wechat_sim_seed import EXAMPLE, read
+    from hexiao.hostd.backends.sim.seed import EXAMPLE, read
+    from hexiao.hostd.backends.sim.server import WeChatSim
 
     with WeChatSim(read(EXAMPLE)) as other:  # "any compatible server": not the demo's own
         rc = demo.run(demo.Narrator(True), 30.0, backend_url=other.url)

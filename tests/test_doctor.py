@@ -6,6 +6,7 @@ duration."""
 from __future__ import annotations
 
 import email.utils
+import importlib.resources
 import json
 import os
 import shutil
@@ -20,12 +21,15 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from hexiao.hostd.backends.sim.seed import EXAMPLE, read
+from hexiao.hostd.backends.sim.server import WeChatSim
 from hexiao.hostd.config import load
 from hexiao.hostd.daemon import Daemon
 from hexiao.hostd.keystore import Keystore
-from hexiao.tools import doctor, micropython, provision, relay
-from hexiao.tools.wechat_sim import WeChatSim
-from hexiao.tools.wechat_sim_seed import EXAMPLE, read
+from hexiao.tools import micropython
+from hexiao.tools.install import provision
+from hexiao.tools.sim import relay
+from hexiao.tools.support import doctor
 
 KID = "hx-0001"
 LONG = 60.0  # a guard against hangs, never a performance claim
@@ -271,7 +275,7 @@ def test_modemmanager_without_the_udev_rule(tmp_path: Path, sim: WeChatSim, prin
     assert mm["status"] == "fail" and mm["fix"].startswith("sudo hexiao udev install")
     rules = tmp_path / "rules.d"
     rules.mkdir()
-    shutil.copy(Path(doctor.__file__).parent.parent / "udev" / "99-hexiao.rules", rules)
+    shutil.copy(str(importlib.resources.files("hexiao.udev") / "99-hexiao.rules"), rules)
     _, checks = doc(cfg)
     assert checks["modemmanager"]["status"] == "ok"
     assert checks["modemmanager"]["detail"].startswith(f"ModemManager is running; {rules}")

@@ -1,4 +1,4 @@
-"""The streaming ESC/POS parser (hostd/escpos.py) and receipt assembly (hostd/receipt.py).
+"""The streaming ESC/POS parser (hostd/tap/escpos.py) and receipt assembly (hostd/tap/receipt.py).
 
 Framing is checked three ways: against python-escpos (an independent POS-side encoder) for what
 it can send, against a table of hand-written commands each followed by a sentinel byte (a length
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from escpos.printer import Dummy
-from hexiao.hostd import escpos_commands as k
-from hexiao.hostd.escpos import (
+from hexiao.hostd.tap import escpos_commands as k
+from hexiao.hostd.tap.escpos import (
     PIECE,
     TEXT_MAX,
     Command,
@@ -31,7 +31,7 @@ from hexiao.hostd.escpos import (
     Unknown,
     parse,
 )
-from hexiao.hostd.receipt import Assembler, find_totals, parse_amount
+from hexiao.hostd.tap.receipt import Assembler, find_totals, parse_amount
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

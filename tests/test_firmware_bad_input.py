@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hexiao.hostd.serial_link import SerialLink
+from hexiao.hostd.lanes.serial_link import SerialLink
 from hexiao.protocol import cbor
 from hexiao.protocol.errors import counter_name
 from hexiao.protocol.link import EV_ACKED, EV_NACKED, EV_OPEN

@@ -11,8 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hexiao.tools import bundle, keys, micropython
-from hexiao.tools import flash as F
+from hexiao.tools import micropython
+from hexiao.tools.install import bundle, keys
+from hexiao.tools.install import flash as F
 from test_firmware_sim import sim
 
 

@@ -10,8 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hexiao.tools import bundle, keys, micropython
-from hexiao.tools import flash as F
+from hexiao.tools import micropython
+from hexiao.tools.install import bundle, keys
+from hexiao.tools.install import flash as F
 
 # HID 1.11 Appendix B.1, the boot keyboard's report descriptor, as every keyboard uses it
 REPORT_DESC = bytes.fromhex(

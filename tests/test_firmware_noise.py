@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from hexiao.protocol.errors import counter_name
 from hexiao.protocol.link import EV_OPEN, NOISE
-from hexiao.tools import fw_bench, micropython, relay
+from hexiao.tools import micropython
+from hexiao.tools.bench import firmware as fw_bench
+from hexiao.tools.sim import relay
 from test_firmware_sim import Host, Sim, sim, typed
 
 SCANS = 100

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 from hexiao.firmware import app, safe
-from hexiao.tools import bundle, keys, micropython
-from hexiao.tools import flash as F
+from hexiao.tools import micropython
+from hexiao.tools.install import bundle, keys
+from hexiao.tools.install import flash as F
 from hypothesis import given
 from hypothesis import strategies as st
 

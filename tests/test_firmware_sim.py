@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hexiao.hostd.serial_link import EventLog, SerialLink, keystore_from
+from hexiao.hostd.lanes.serial_link import EventLog, SerialLink, keystore_from
 from hexiao.protocol.link import EV_MESSAGE
-from hexiao.tools import micropython, relay
+from hexiao.tools import micropython
+from hexiao.tools.sim import relay
 
 KID = b"till-1"
 

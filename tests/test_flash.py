@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hexiao.tools import bundle as B
-from hexiao.tools import flash as F
-from hexiao.tools import keys, micropython
+from hexiao.tools import micropython
+from hexiao.tools.install import bundle as B
+from hexiao.tools.install import flash as F
+from hexiao.tools.install import keys
 
 NFILES = len(B.device_sources(board="sim"))  # the modules a sim bundle carries
 

@@ -1,4 +1,4 @@
-"""`hexiao bench-firmware` (tools/fw_bench.py): the firmware under real MicroPython on the sim
+"""`hexiao bench-firmware` (tools/bench/firmware.py): the firmware under real MicroPython on the sim
 board. The figures are not checked (benchmarks do not fail on slow numbers); the report's shape
 and the run's exactness are, and that a wrong result fails the command."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hexiao.tools import fw_bench
-from hexiao.tools.fw_bench import main, run
+from hexiao.tools.bench import firmware as fw_bench
+from hexiao.tools.bench.firmware import main, run
 
 
 def _check_summary(s: dict, n: int) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import zxingcpp
-from hexiao.hostd.escpos_render import render
-from hexiao.hostd.inject import PROFILES, Content, Injector, PrinterProfile, remove_blocks
+from hexiao.hostd.tap.inject import PROFILES, Content, Injector, PrinterProfile, remove_blocks
+from hexiao.hostd.tap.render import render
 
 HERE = Path(__file__).resolve().parent
 HELDOUT = HERE / "receipts" / "heldout"

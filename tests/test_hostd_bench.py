@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-from hexiao.tools import hostd_bench
+from hexiao.tools.bench import hostd as hostd_bench
 
 
 def test_a_tiny_run_reports_every_figure_and_consumes_each_code_once() -> None:
@@ -57,7 +57,7 @@ def test_the_printed_report_names_the_target_and_the_verdict_on_it() -> None:
 
 def test_percentiles_are_nearest_rank_in_ms() -> None:
     xs = [i / 1000 for i in range(1, 101)]  # 1..100 ms
-    from hexiao.tools.bench_stats import pct, summary
+    from hexiao.tools.bench.stats import pct, summary
 
     assert summary(xs) == {"n": 100, "p50_ms": 50.0, "p99_ms": 99.0, "max_ms": 100.0}
     assert pct([0.002], 99) == 2.0

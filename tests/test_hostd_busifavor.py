@@ -11,7 +11,7 @@ from hexiao.hostd import journal as jr
 from hexiao.hostd.config import from_dict
 from hexiao.hostd.daemon import Daemon, DaemonError
 from hexiao.hostd.redeem import Engine, LaneConfig
-from hexiao.tools.busifavor_fake import BusifavorFake, Coupon, Stock, merchant_identity
+from hexiao.tools.sim.busifavor_fake import BusifavorFake, Coupon, Stock, merchant_identity
 
 MCHID, APPID, APIV3 = "1900000001", "wx1234567890abcdef", "0123456789abcdef0123456789abcdef"
 MERCHANT = merchant_identity()  # key generation is slow: once per module

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import structlog
-from hexiao.hostd import config, logs
+from hexiao.hostd import config
 from hexiao.hostd.keystore import Keystore, KeystoreError
+from hexiao.hostd.observability import logs
 from hexiao.hostd.redeem import LaneConfig
 
 EXAMPLE = Path(config.__file__).with_name("hostd.example.toml")

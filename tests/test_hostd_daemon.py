@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 from hexiao.hostd import journal as jr
+from hexiao.hostd.backends.sim.seed import EXAMPLE, read
+from hexiao.hostd.backends.sim.server import WeChatSim
 from hexiao.hostd.config import from_dict
 from hexiao.hostd.daemon import Daemon, DaemonError
 from hexiao.hostd.keystore import Keystore
 from hexiao.protocol import messages
-from hexiao.tools import micropython, relay
-from hexiao.tools.wechat_sim import WeChatSim
-from hexiao.tools.wechat_sim_seed import EXAMPLE, read
+from hexiao.tools import micropython
+from hexiao.tools.sim import relay
 
 KID = "lane-1"
 CASH, CASH_USED, EXPIRED, MEMBER = "287463512093", "287463512094", "110293847566", "829304756182"
@@ -259,8 +260,8 @@ def test_capture_through_the_control_socket_then_decode(mpy_stage: Path, tmp_pat
     """`hexiao capture` asks hostd to record the device's traffic; `hexiao decode` with the
     keystore reads the session: the scan and its verdict, every frame verified."""
     from click.testing import CliRunner
-    from hexiao.tools.ctl import capture_main
-    from hexiao.tools.decode import decode_capture
+    from hexiao.tools.support.ctl import capture_main
+    from hexiao.tools.support.decode import decode_capture
 
     out = tmp_path / "lane.hxcap"
     sock = str(tmp_path / "run" / "hostd.sock")

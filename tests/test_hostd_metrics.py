@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 from fakeclock import Clock
-from hexiao.hostd import metrics as hm
-from hexiao.hostd.metrics import MAX_DEVICES, VERDICT_BUCKETS, Metrics, serve
-from hexiao.hostd.notify import Liveness, Notifier, Watchdog
+from hexiao.hostd.observability import metrics as hm
+from hexiao.hostd.observability.metrics import MAX_DEVICES, VERDICT_BUCKETS, Metrics, serve
+from hexiao.hostd.observability.notify import Liveness, Notifier, Watchdog
 from prometheus_client.parser import text_string_to_metric_families
 
 CODE = "123456789012"  # a coupon code shaped like WeChat's 12-digit ones

@@ -1,4 +1,5 @@
-"""QR injection (hostd/inject.py): byte-exact preservation, placement, decoding, fail-open, tokens.
+"""QR injection (hostd/tap/inject.py): byte-exact preservation, placement, decoding, fail-open,
+tokens.
 
 The injected QR is checked with real pieces: the output is drawn by the renderer and decoded with
 zxing-cpp. The renderer's own raster decoding is first checked against python-escpos images (an
@@ -20,9 +21,9 @@ import pytest
 import segno
 import zxingcpp
 from escpos.printer import Dummy
-from hexiao.hostd import escpos_commands as k
-from hexiao.hostd import inject
-from hexiao.hostd.escpos import (
+from hexiao.hostd.tap import escpos_commands as k
+from hexiao.hostd.tap import inject
+from hexiao.hostd.tap.escpos import (
     PIECE,
     Command,
     Control,
@@ -33,8 +34,7 @@ from hexiao.hostd.escpos import (
     Unknown,
     parse,
 )
-from hexiao.hostd.escpos_render import render
-from hexiao.hostd.inject import (
+from hexiao.hostd.tap.inject import (
     PROFILES,
     Content,
     Injector,
@@ -45,7 +45,8 @@ from hexiao.hostd.inject import (
     remove_blocks,
     verify_token,
 )
-from hexiao.hostd.receipt import Assembler, PrinterState
+from hexiao.hostd.tap.receipt import Assembler, PrinterState
+from hexiao.hostd.tap.render import render
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from hexiao.hostd.keystore import Keystore
-from hexiao.tools.ctl_direct import DirectDevice
-from hexiao.tools.provision import main
-from hexiao.tools.provision_selftest import _running_sim
+from hexiao.tools.install.provision import main
+from hexiao.tools.install.selftest import _running_sim
+from hexiao.tools.support.ctl_direct import DirectDevice
 
 KID = "hx-0001"
 

@@ -1,5 +1,5 @@
 """The link for real: host (CPython, pyserial) and device (MicroPython in the device heap, running
-hexiao.firmware.linkpeer from staged .mpy) over two ptys joined by the relay of tools/relay.py.
+hexiao.firmware.linkpeer from staged .mpy) over two ptys joined by the relay of tools/sim/relay.py.
 
 Every wait is bounded: a hang fails the test with the device's stderr, it never blocks the run.
 Nothing here asserts a duration."""
@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 import serial
-from hexiao.hostd.serial_link import EV_PORT_CLOSED, EventLog, SerialLink, keystore_from
+from hexiao.hostd.lanes.serial_link import EV_PORT_CLOSED, EventLog, SerialLink, keystore_from
 from hexiao.protocol import cose, errors, frame, link
 from hexiao.protocol.link import EV_ACKED, EV_MESSAGE, EV_OPEN, EV_REJECTED, HOST, Link
-from hexiao.tools import micropython, relay
+from hexiao.tools import micropython
+from hexiao.tools.sim import relay
 
 HEAP = micropython.HEAP  # the device's budget: 64 KB
 KID = b"lane-1"
@@ -357,7 +358,7 @@ def test_device_out_of_heap_is_reported(mpy_stage: Path, tmp_path: Path) -> None
 
 
 def _rules_decoded(stage: Path, tmp_path: Path, heap: str) -> None:
-    from hexiao.hostd.lane import DEFAULT_RULES  # what hostd pushes at every session
+    from hexiao.hostd.lanes.lane import DEFAULT_RULES  # what hostd pushes at every session
 
     with lane(stage, tmp_path, scans=0, heap=heap) as ln:
         ln.app.wait_for(lambda: ln.app.of(EV_OPEN), 30, "the session")

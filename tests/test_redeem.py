@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 from fakeclock import T0, Clock
-from hexiao.hostd.journal import Journal, JournalCorrupt
-from hexiao.hostd.redeem import Engine, LaneConfig, Verdict, looks_encrypted
-from hexiao.hostd.wechat_card import (
+from hexiao.hostd.backends.sim.seed import EXAMPLE
+from hexiao.hostd.backends.sim.server import WeChatSim
+from hexiao.hostd.backends.wechat_card import (
     ApiError,
     BackendError,
     Busy,
@@ -35,8 +35,8 @@ from hexiao.hostd.wechat_card import (
     TokenError,
     WeChatCardClient,
 )
-from hexiao.tools.wechat_sim import WeChatSim
-from hexiao.tools.wechat_sim_seed import EXAMPLE
+from hexiao.hostd.journal import Journal, JournalCorrupt
+from hexiao.hostd.redeem import Engine, LaneConfig, Verdict, looks_encrypted
 
 DAY = 86_400
 SEED: dict[str, Any] = json.loads(Path(EXAMPLE).read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zxingcpp
 from click.testing import CliRunner
-from hexiao.hostd.inject import remove_blocks, verify_token
+from hexiao.hostd.tap.inject import remove_blocks, verify_token
 from hexiao.tools.tap import main
 from PIL import Image
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import zxingcpp
 from escpos.printer import Dummy, Network
-from hexiao.hostd.escpos_render import render
-from hexiao.hostd.inject import Content, Injector, remove_blocks, verify_token
-from hexiao.hostd.tap_printer import FileTarget, SerialTarget, TcpTarget, parse_target
-from hexiao.hostd.tap_proxy import TapProxy
+from hexiao.hostd.tap.inject import Content, Injector, remove_blocks, verify_token
+from hexiao.hostd.tap.printer import FileTarget, SerialTarget, TcpTarget, parse_target
+from hexiao.hostd.tap.proxy import TapProxy
+from hexiao.hostd.tap.render import render
 
 KEY = bytes(range(32))
 URL = "https://hexiao.example/r/{token}"

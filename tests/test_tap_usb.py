@@ -20,10 +20,10 @@ import pytest
 import usb.backend.libusb0
 import usb.backend.libusb1
 import usb.backend.openusb
-from hexiao.hostd.inject import remove_blocks, verify_token
-from hexiao.hostd.tap_printer import SPECS, FileTarget, parse_target
-from hexiao.hostd.tap_proxy import TapProxy
-from hexiao.hostd.tap_usb import CHUNK, UsbTarget
+from hexiao.hostd.tap.inject import remove_blocks, verify_token
+from hexiao.hostd.tap.printer import SPECS, FileTarget, parse_target
+from hexiao.hostd.tap.printer_usb import CHUNK, UsbTarget
+from hexiao.hostd.tap.proxy import TapProxy
 from test_tap_proxy import (
     DLE_EOT_1,
     KEY,
@@ -99,7 +99,7 @@ def test_bad_usb_specs_say_what_to_use(spec: str) -> None:
 
 
 def test_without_pyusb_only_usb_specs_fail(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "hexiao.hostd.tap_usb")
+    monkeypatch.delitem(sys.modules, "hexiao.hostd.tap.printer_usb")
     for name in ("usb", "usb.core", "usb.util"):
         monkeypatch.setitem(sys.modules, name, None)  # import usb -> ImportError
     assert parse_target("file:/tmp/x") == FileTarget("/tmp/x")
@@ -110,7 +110,7 @@ def test_without_pyusb_only_usb_specs_fail(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_libusb_is_not_loaded_by_import_or_by_a_fake_backend_job() -> None:
     code = ("import sys; sys.path.insert(0, 'tests'); from usb_fake import *\n"
-            "from hexiao.hostd.tap_printer import parse_target\n"
+            "from hexiao.hostd.tap.printer import parse_target\n"
             "import dataclasses\n"
             "t = dataclasses.replace(parse_target('usb:0416:5011'), "
             "backend=FakeBackend(FakeUsbPrinter()))\n"

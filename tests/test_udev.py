@@ -1,4 +1,5 @@
-"""udev rules and systemd unit (udev/), and `hexiao udev|service install|show` (tools/install.py).
+"""udev rules and systemd unit (udev/), and `hexiao udev|service install|show`
+(tools/install/system.py).
 
 The rules are checked by a parser (every assignment well-formed, real keys, operators valid for
 the key) and by a small evaluator that runs them against modelled devices, so the promises
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hexiao.tools import install as inst
+from hexiao.tools.install import system as inst
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "udev" / "99-hexiao.rules"

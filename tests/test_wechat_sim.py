@@ -23,10 +23,10 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from fakeclock import T0, Clock
-from hexiao.tools import sim as sim_cli
-from hexiao.tools.wechat_sim import WeChatSim
-from hexiao.tools.wechat_sim_seed import EXAMPLE, STATES, SeedError, parse
-from hexiao.tools.wechat_sim_state import ERRMSG, encrypt_code
+from hexiao.hostd.backends.sim.seed import EXAMPLE, STATES, SeedError, parse
+from hexiao.hostd.backends.sim.server import WeChatSim
+from hexiao.hostd.backends.sim.state import ERRMSG, encrypt_code
+from hexiao.tools.sim import cli as sim_cli
 from wechatpy import WeChatClient
 from wechatpy.exceptions import WeChatClientException
 

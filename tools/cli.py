@@ -23,32 +23,36 @@ def _lazy(name: str, module: str, help: str, attr: str = "main") -> None:
         command.main(args=list(args), prog_name=f"hexiao {name}")
 
 
-_lazy("demo", "hexiao.tools.demo", "Run a lane on this machine and show it working.")
-_lazy("bench", "hexiao.tools.bench", "Measure the protocol codec and the firmware link.")
-_lazy("sim", "hexiao.tools.sim", "Run simulators of the backends (WeChat card API) on loopback.")
+_lazy("demo", "hexiao.tools.demo.run", "Run a lane on this machine and show it working.")
+_lazy("bench", "hexiao.tools.bench.codec", "Measure the protocol codec and the firmware link.")
+_lazy("sim", "hexiao.tools.sim.cli",
+      "Run simulators of the backends (WeChat card API) on loopback.")
 _lazy("tap", "hexiao.tools.tap", "Receipt tap: serve, replay, render, verify, bench.")
 _lazy("receipt", "hexiao.tools.tap", "Receipt tokens: verify a QR's token.", "receipt_main")
-_lazy("status", "hexiao.tools.ctl", "Show hostd's state: devices, journal, backend.", "status_main")
-_lazy("device", "hexiao.tools.ctl",
+_lazy("status", "hexiao.tools.support.ctl", "Show hostd's state: devices, journal, backend.",
+      "status_main")
+_lazy("device", "hexiao.tools.support.ctl",
       "Devices: list, info, ping, health, logs (via hostd or --port).", "device_main")
-_lazy("journal", "hexiao.tools.ctl", "Redemption journal: list, show, reconcile.", "journal_main")
-_lazy("capture", "hexiao.tools.ctl", "Record a device's raw link traffic through hostd.",
+_lazy("journal", "hexiao.tools.support.ctl", "Redemption journal: list, show, reconcile.",
+      "journal_main")
+_lazy("capture", "hexiao.tools.support.ctl", "Record a device's raw link traffic through hostd.",
       "capture_main")
-_lazy("decode", "hexiao.tools.decode",
+_lazy("decode", "hexiao.tools.support.decode",
       "Decode a link capture: frames, messages, counters, noise vs MAC failures.")
-_lazy("flash", "hexiao.tools.flash",
+_lazy("flash", "hexiao.tools.install.flash",
       "Install a signed firmware bundle on a board (USB) or the sim board.")
-_lazy("provision", "hexiao.tools.provision",
+_lazy("provision", "hexiao.tools.install.provision",
       "Give a device its key and lane, record the key, self-test it.")
-_lazy("doctor", "hexiao.tools.doctor",
+_lazy("doctor", "hexiao.tools.support.doctor",
       "Check a lane end to end and say what is wrong and what to do.")
-_lazy("bench-hostd", "hexiao.tools.hostd_bench",
+_lazy("bench-hostd", "hexiao.tools.bench.hostd",
       "Measure hostd's own latency per redemption and its throughput with many lanes.")
-_lazy("bench-firmware", "hexiao.tools.fw_bench",
+_lazy("bench-firmware", "hexiao.tools.bench.firmware",
       "Measure the firmware's scan-to-HID latency and heap high-water on the sim board.")
-_lazy("keys", "hexiao.tools.keys", "Firmware signing keys: generate, show.")
-_lazy("bundle", "hexiao.tools.bundle", "Build and verify signed firmware bundles.")
-_lazy("udev", "hexiao.tools.install", "Install or show the udev rules for hexiao devices.",
+_lazy("keys", "hexiao.tools.install.keys", "Firmware signing keys: generate, show.")
+_lazy("bundle", "hexiao.tools.install.bundle", "Build and verify signed firmware bundles.")
+_lazy("udev", "hexiao.tools.install.system", "Install or show the udev rules for hexiao devices.",
       "udev_main")
-_lazy("service", "hexiao.tools.install", "Install or show the systemd unit for hexiao-hostd.",
+_lazy("service", "hexiao.tools.install.system",
+      "Install or show the systemd unit for hexiao-hostd.",
       "service_main")

@@ -1,5 +1,6 @@
 """`hexiao tap`: the receipt tap's offline tools (replay, render, verify, bench), and the live
-proxy (`serve`, hostd/tap_proxy.py) with its latency benchmark (`proxybench`, hostd/tap_bench.py).
+proxy (`serve`, hostd/tap/proxy.py) with its latency benchmark (`proxybench`,
+tools/bench/tap_proxy.py).
 
 `replay` runs a capture through the same streaming injector the proxy uses, fed in chunks; `render`
 draws what a stream prints; `verify` checks a signed per-receipt token. Verification lives here
@@ -25,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from hexiao.hostd import inject
-from hexiao.hostd.escpos import Parser
-from hexiao.hostd.inject import Content, Injector, PrinterProfile, QRStyle
-from hexiao.hostd.receipt import DEFAULT_TOTALS
+from hexiao.hostd.tap import inject
+from hexiao.hostd.tap.escpos import Parser
+from hexiao.hostd.tap.inject import Content, Injector, PrinterProfile, QRStyle
+from hexiao.hostd.tap.receipt import DEFAULT_TOTALS
 
 BENCH_TARGET_MBPS = 20.0  # DESIGN.md "Quality bars": the parser on receipts with images
 
@@ -198,7 +199,7 @@ def replay(capture: str, out_path: str, profile_spec: str, qr: str | None, raste
 def render(capture: str, png: str, profile_spec: str, qr: str | None, raster: str | None,
            width: int | None, cutter: bool | None, font: str | None, as_json: bool) -> None:
     """Draw what CAPTURE would print (text, images, barcodes, QR) into a PNG."""
-    from hexiao.hostd import escpos_render
+    from hexiao.hostd.tap import render as escpos_render
 
     profile = _profile(profile_spec, _overrides(qr, raster, width, cutter))
     data = sys.stdin.buffer.read() if capture == "-" else Path(capture).read_bytes()
@@ -327,7 +328,7 @@ def _inject_all(data: bytes, chunk: int = 65536) -> None:
 
 def _block_ms(profile: PrinterProfile, rounds: int) -> float:
     # one QR block for a typical signed URL: what injection adds per receipt
-    from hexiao.hostd.receipt import PrinterState
+    from hexiao.hostd.tap.receipt import PrinterState
 
     content = "https://hexiao.example/r/" + "A" * 62
     best = float("inf")
@@ -351,7 +352,7 @@ def bench(mb: float, rounds: int, as_json: bool) -> None:
     text_only = ("商品 可口可乐 330ml x2      ¥3.00\n".encode("gb18030") * 40 + b"\x1dV\x00")
     text_data = text_only * max(1, int(mb * 1e6 / len(text_only) / 8))
     # the figure only counts if the parse is right: lossless, one real cut per receipt
-    from hexiao.hostd.escpos import parse
+    from hexiao.hostd.tap.escpos import parse
 
     events = parse(data)
     if b"".join(e.raw for e in events) != data or sum(
@@ -410,8 +411,8 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
     import signal
     import threading
 
-    from hexiao.hostd.tap_printer import parse_target
-    from hexiao.hostd.tap_proxy import ConnRecord, TapProxy
+    from hexiao.hostd.tap.printer import parse_target
+    from hexiao.hostd.tap.proxy import ConnRecord, TapProxy
 
     serial_pos = listen if listen == "pty" or listen.startswith(("pty:", "serial:")) else None
     host, _, port = ("127.0.0.1:0" if serial_pos else listen).rpartition(":")
@@ -444,7 +445,7 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
     bridge = None
     where = f"{addr[0]}:{addr[1]}"
     if serial_pos is not None:
-        from hexiao.hostd.tap_serial import SerialBridge
+        from hexiao.hostd.tap.pos_serial import SerialBridge
 
         kind, _, rest = serial_pos.partition(":")
         dev, _, baud = rest.rpartition("@") if "@" in rest else (rest, "", "")
@@ -491,7 +492,7 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
 @click.option("--json", "as_json", is_flag=True)
 def proxybench(jobs: int, profile_spec: str, logo_rows: int, as_json: bool) -> None:
     """The proxy's added latency per job on loopback (p50/p99), POS connect to printer cut."""
-    from hexiao.hostd import tap_bench
+    from hexiao.tools.bench import tap_proxy as tap_bench
 
     result = tap_bench.proxy_latency(jobs, profile_spec,
                                      tap_bench.typical_receipt(logo_rows=logo_rows))

@@ -6,8 +6,8 @@ python-escpos (its `Dummy` printer gives the bytes), as a real POS driver would 
 hand-built bytes cover what it cannot send (GS 8 L, FS p, ESC i, Chinese mode, status requests).
 Expectations are written here from what each job was built with, never from our parser.
 
-Boundary rule for printers without a cutter (documented in hostd/receipt.py): ESC @ after printed
-content, or the end of the job, ends a receipt.
+Boundary rule for printers without a cutter (documented in hostd/tap/receipt.py): ESC @ after
+printed content, or the end of the job, ends a receipt.
 """
 
 from __future__ import annotations

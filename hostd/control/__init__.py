@@ -1,0 +1,1 @@
+"""hexiao-hostd's control socket: the server, its client, the command table and the handlers."""

@@ -1,0 +1,326 @@
+"""hostd's control socket: line-delimited JSON over a Unix stream socket (the server side).
+
+Request  {"id": N, "cmd": "device.health", "args": {"device": "lane-1"}}
+Response {"id": N, "ok": true, "result": ...}
+      or {"id": N, "ok": false, "error": {"kind": KIND, "message": TEXT}}
+
+One connection may carry many requests, answered in order. Kinds: bad_request (not JSON, a line
+over MAX_LINE, bad args), unknown_command, forbidden (peer not allowed), and from the handlers
+not_found, unavailable, timeout, internal. A handler crash is logged with its traceback and
+reaches the client as "internal" with no detail of the code.
+
+Who may connect (SO_PEERCRED, per connection): root, the daemon's own uid, and members of the
+socket's group. The socket file's mode (0660) already keeps others out; the credential check
+also covers a socket reached some other way (a bind mount, a loosened mode).
+
+One daemon per socket: a flock on "<path>.lock" is held while serving, and an existing socket is
+removed only if nothing answers on it, so a second hostd refuses instead of stealing the path.
+
+The commands and their argument checks live in control_commands.py; the client (ControlClient),
+the errors and the shared limits in control_client.py; both are re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import grp
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hexiao.hostd.control.client import (
+    DEFAULT_SOCKET,
+    MAX_LINE,
+    START_HINT,
+    ControlClient,
+    ControlError,
+    HostdNotRunning,
+    default_socket,
+)
+from hexiao.hostd.control.commands import COMMANDS, HANDLER_KINDS, Handlers, check_args
+
+log = logging.getLogger("hexiao.control")
+
+MAX_CONNECTIONS = 32
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", raw))
+
+
+def _gid_of(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ControlError("bad_request", f"control socket group {name!r} does not exist; "
+                                          f"create it (groupadd {name}) or set another") from None
+
+
+def _groups_of(peer: Peer) -> set[int]:
+    """The peer process's groups (primary and supplementary), from /proc on Linux."""
+    groups = {peer.gid}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{peer.pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                groups.update(int(g) for g in line.split()[1:])
+    return groups
+
+
+class ControlServer:
+    """Serves `handlers` on a Unix socket at `path`, one thread per connection."""
+
+    def __init__(self, path: str | Path, handlers: Handlers, *, group: str | int | None = None,
+                 mode: int = 0o660, peer_check: Callable[[Peer], bool] | None = None) -> None:
+        self.path = Path(path)
+        self.handlers = handlers
+        self.group = group
+        self.mode = mode
+        self.peer_check = peer_check or self._allowed
+        self._gid = -1
+        self._sock: socket.socket | None = None
+        self._lock_fd = -1
+        self._wake_r = self._wake_w = -1
+        self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._mu = threading.Lock()
+
+    def start(self) -> ControlServer:
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, mode=0o750)
+        self._take_lock()
+        try:
+            self._clear_stale()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except BaseException:
+            self._release_lock()
+            raise
+        try:
+            sock.bind(str(self.path))
+            sock.listen(16)
+            if self.group is not None:
+                self._gid = (self.group if isinstance(self.group, int)
+                             else _gid_of(self.group))
+                os.chown(self.path, -1, self._gid)
+            else:
+                self._gid = os.stat(self.path).st_gid
+            os.chmod(self.path, self.mode)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # ours: we hold the lock and cleared the path before bind
+            self._release_lock()
+            raise
+        self._sock = sock
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._accept_loop, args=(sock,),
+                                        name="hexiao-control", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop accepting, hang up on clients, remove the socket. Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(5)
+        sock.close()
+        with self._mu:
+            for c in self._conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._release_lock()
+
+    def __enter__(self) -> ControlServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one daemon per path ------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ControlError("in_use", f"another hostd is already serving {self.path}") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # never unlink the lock file: that would race a new owner
+            self._lock_fd = -1
+
+    def _clear_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError("in_use", f"{self.path} exists and is not a socket; remove it or "
+                                         f"set another control_socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+            self.path.unlink(missing_ok=True)  # stale: left by a daemon that died
+            return
+        finally:
+            probe.close()
+        raise ControlError("in_use", f"another hostd is already serving {self.path}")
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def _allowed(self, peer: Peer) -> bool:
+        return peer.uid in (0, os.geteuid()) or self._gid in _groups_of(peer)
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            ready, _, _ = select.select([sock, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with self._mu:
+                if len(self._conns) >= MAX_CONNECTIONS:
+                    _send(conn, _error(None, "unavailable", "hostd is serving too many control "
+                                                            "connections; try again"))
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="hexiao-control-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            peer = peer_of(conn)
+            if not self.peer_check(peer):
+                log.warning("control: refused uid %d (pid %d)", peer.uid, peer.pid)
+                _send(conn, _error(None, "forbidden", (
+                    f"uid {peer.uid} may not use {self.path}: run as root or as hostd's user, "
+                    f"or join the socket's group (gid {self._gid})")))
+                _hang_up(conn)
+                return
+            for line in _lines(conn):
+                if line is None:
+                    _send(conn, _error(None, "bad_request",
+                                       f"request line longer than {MAX_LINE} bytes"))
+                    _hang_up(conn)
+                    return
+                if line.strip():
+                    _send(conn, self.answer(line))
+        except OSError:
+            pass  # the client went away
+        finally:
+            with self._mu:
+                self._conns.discard(conn)
+            conn.close()
+
+    def answer(self, line: bytes) -> bytes:
+        """One request line -> one response line (without the newline)."""
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return _error(None, "bad_request", "request is not JSON")
+        rid = req.get("id") if isinstance(req, dict) else None
+        try:
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise ControlError("bad_request", 'request must be {"id", "cmd", "args"}')
+            cmd = req["cmd"]
+            args = check_args(cmd, req.get("args", {}))
+            result = getattr(self.handlers, cmd.replace(".", "_"))(**args)
+            return _encode({"id": rid, "ok": True, "result": result})
+        except ControlError as e:
+            kind = e.kind if e.kind in HANDLER_KINDS | {"unknown_command"} else "internal"
+            return _error(rid, kind, e.message)
+        except Exception:
+            log.exception("control: %s failed", req.get("cmd"))
+            return _error(rid, "internal", f"hostd failed on {req.get('cmd')}; see its log")
+
+
+def _encode(obj: Any) -> bytes:
+    try:
+        out = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError):
+        log.exception("control: result is not JSON")
+        return _error(obj.get("id"), "internal", "hostd produced a result it cannot send")
+    if len(out) > MAX_LINE:
+        return _error(obj.get("id"), "internal", f"result larger than {MAX_LINE} bytes")
+    return out
+
+
+def _error(rid: Any, kind: str, message: str) -> bytes:
+    return json.dumps({"id": rid, "ok": False, "error": {"kind": kind, "message": message}},
+                      ensure_ascii=False).encode()
+
+
+def _send(conn: socket.socket, line: bytes) -> None:
+    conn.sendall(line + b"\n")
+
+
+def _hang_up(conn: socket.socket) -> None:
+    """Close after an error answer without losing it: closing with unread input would reset
+    the connection and the client could lose the answer, so read (bounded) to its EOF first."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(1.0)
+    with contextlib.suppress(OSError):
+        for _ in range(64):
+            if not conn.recv(65536):
+                break
+
+
+def _lines(conn: socket.socket) -> Any:
+    """Yield each line (no newline); None once a line passes MAX_LINE; stop at EOF."""
+    buf = b""
+    while True:
+        nl = buf.find(b"\n")
+        if nl >= 0:
+            if nl > MAX_LINE:
+                yield None
+                return
+            line, buf = buf[:nl], buf[nl + 1:]
+            yield line
+            continue
+        if len(buf) > MAX_LINE:
+            yield None
+            return
+        data = conn.recv(65536)
+        if not data:
+            return
+        buf += data
+
+
+__all__ = ["COMMANDS", "DEFAULT_SOCKET", "HANDLER_KINDS", "MAX_CONNECTIONS", "MAX_LINE",
+           "START_HINT", "ControlClient", "ControlError", "ControlServer", "Handlers",
+           "HostdNotRunning", "Peer", "check_args", "default_socket", "peer_of"]

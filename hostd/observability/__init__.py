@@ -1,0 +1,3 @@
+"""What hostd tells the outside: structured logs (with redaction), Prometheus metrics, systemd
+notify and watchdog.
+"""

@@ -1,0 +1,1 @@
+"""`hexiao demo`: the whole lane on this machine, told step by step."""

@@ -1,0 +1,305 @@
+"""`hexiao provision`: give a device its key and lane, record the key on the host, self-test.
+
+    hexiao provision (--sim-dir DIR | --port PORT) --id DEVICE_ID --lane LANE --keystore FILE
+                     [--config hostd.toml] [--force] [--check] [--json]
+
+Steps: generate a 32-byte key -> write `/config.json` ({"id", "key", "lane"}, the file the
+firmware's cfg= reads) to the device as `/config.json.new` -> record the key in the host
+keystore (0600) -> rename it to `/config.json` -> self-test -> checklist. The key is never
+printed. A device that already has /config.json (or an id that already has a key) is refused
+unless --force, which replaces the key on both sides. --check runs only the self-test of a
+provisioned device (nothing written). hostd's config is not edited: the `[[device]]` entry to
+add is printed (a TOML file edited without a TOML writer would lose its comments).
+
+The sim board (--sim-dir, the folder `hexiao flash --sim-dir` installs into) runs its firmware
+(hexiao.firmware.main) under MicroPython on a pty for the self-test, with a test scan written to
+its scanner and the host's answer shown by its buzzer and LED. The self-test lives in
+provision_selftest.py.
+
+Exit codes:
+  0  provisioned (or --check), every required check passed
+  1  a required self-test check failed (what was written stays written: fix and run --check)
+  2  usage error
+  3  already provisioned: nothing written (re-run with --force to replace the key)
+  4  cannot provision: nothing written (no board, no firmware, bad keystore/config/id/lane)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from hexiao.hostd.config import ConfigError, kid_bytes
+from hexiao.hostd.config import load as load_config
+from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError, write_private
+from hexiao.tools.install.selftest import SIM_MODULE, TEST_CODE, self_test
+
+CONFIG_PATH = "/config.json"
+EXIT_FAILED, EXIT_PROVISIONED, EXIT_REFUSED = 1, 3, 4
+
+
+class Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | fail | n/a | skipped
+    detail: str = ""
+    required: bool = True
+
+
+@dataclass
+class Report:
+    device: str
+    lane: str
+    target: str
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hostd_config: str = ""
+
+    def add(self, name: str, status: str, detail: str = "", required: bool = True) -> bool:
+        self.checks.append(Check(name, status, detail, required))
+        return status == "pass"
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status == "pass" for c in self.checks if c.required)
+
+
+# -- writing the device's config ----------------------------------------------------------------
+
+
+def _sim_firmware(root: Path) -> Path | None:
+    base = root / "hexiao" / "firmware"
+    return next((p for p in (base / "main.mpy", base / "main.py") if p.is_file()), None)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create `path` 0600 from the first byte (a key must never be readable, even briefly)."""
+    path.unlink(missing_ok=True)
+    write_private(path, data)
+
+
+class Board:
+    """The device's filesystem: the sim board's folder, or a USB board through mpremote."""
+
+    def __init__(self, sim_dir: Path | None, port: str | None) -> None:
+        from hexiao.tools.install.flash_targets import DirTarget, FlashError, MpremoteTarget
+
+        self.sim_dir, self.port = sim_dir, port
+        try:
+            self.target: Any = DirTarget(sim_dir) if sim_dir else MpremoteTarget(str(port))
+        except FlashError as e:
+            raise Refused(EXIT_REFUSED, e.message) from None
+
+    def read_config(self) -> dict[str, Any] | None:
+        raw = self.target.read_file(CONFIG_PATH)
+        if raw is None:
+            return None
+        try:
+            cfg = json.loads(raw)
+        except ValueError:
+            return {}  # unreadable, but present: still provisioned, as far as we can tell
+        return cfg if isinstance(cfg, dict) else {}
+
+    def stage(self, data: bytes) -> None:
+        if self.sim_dir:
+            _write_private(self.sim_dir / "config.json.new", data)
+        else:
+            self.target.write_file(CONFIG_PATH + ".new", data)
+
+    def commit(self) -> None:
+        self.target.rename(CONFIG_PATH + ".new", CONFIG_PATH)
+        if self.sim_dir:
+            fd = os.open(self.sim_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self.target.remove(CONFIG_PATH + ".new")
+
+
+def _check_id(device_id: str, lane: str) -> bytes:
+    kid = kid_bytes(device_id)
+    if device_id.startswith("hex:") or not kid or len(kid) > KID_MAX:
+        raise Refused(EXIT_REFUSED, f"--id {device_id!r}: a device id is 1..{KID_MAX} bytes of "
+                                    f'text, e.g. "hx-0001" (the firmware sends it as text)')
+    if not re.fullmatch(r"[\w.-]{1,32}", lane):
+        raise Refused(EXIT_REFUSED, f"--lane {lane!r}: a lane name is 1..32 letters, digits, "
+                                    f"_ . or -")
+    return kid
+
+
+def provision(board: Board, device_id: str, lane: str, keystore: Path, force: bool) -> str:
+    """Write a new key to the device and the keystore; returns what was done (no key in it)."""
+    kid = _check_id(device_id, lane)
+    try:
+        ks = Keystore(keystore, create=True)
+    except KeystoreError as e:
+        raise Refused(EXIT_REFUSED, str(e)) from None
+    old = board.read_config()
+    how = ("re-run with --force to re-provision: a new key replaces the old one on the device "
+           "and in the keystore (restart hostd afterwards)")
+    if old is not None and not force:
+        what = (f"id {old.get('id')!r}, lane {old.get('lane')!r}" if old
+                else "its config.json is unreadable")
+        raise Refused(EXIT_PROVISIONED, f"the device is already provisioned ({what}); {how}")
+    if kid in ks and old is None and not force:
+        raise Refused(EXIT_PROVISIONED, f"device id {device_id!r} already has a key in "
+                                        f"{keystore} (another device with this id?); {how}")
+    key = os.urandom(KEY_LEN)
+    board.stage(json.dumps({"id": device_id, "key": key.hex(), "lane": lane}).encode())
+    try:
+        ks.add(kid, key, replace=True)
+    except (KeystoreError, ValueError, OSError) as e:
+        board.discard()
+        raise Refused(EXIT_REFUSED, f"cannot record the key in {keystore}: {e}") from None
+    board.commit()
+    return "re-provisioned (new key)" if old is not None or force else "provisioned"
+
+
+# -- the self-test ------------------------------------------------------------------------------
+# -- hostd's config -----------------------------------------------------------------------------
+
+
+def _snippet(device_id: str, lane: str, board: Board) -> str:
+    if board.sim_dir:
+        where = (f"port = {json.dumps(str(board.sim_dir / 'tty'))}  # while `hexiao sim board "
+                 f"--dir {board.sim_dir}` runs it")
+    else:
+        where = f"port = {json.dumps(board.port)}"
+        with contextlib.suppress(Exception):
+            from serial.tools import list_ports
+            serial = next((p.serial_number for p in list_ports.comports()
+                           if p.device == board.port and p.serial_number), None)
+            if serial:  # survives replug and re-enumeration
+                where = f"match = {{ serial = {json.dumps(serial)} }}"
+    return f'[[device]]\nid = {json.dumps(device_id)}\n{where}\nlane = {json.dumps(lane)}\n'
+
+
+def _hostd(config: Path | None, device_id: str, lane: str, keystore: Path | None,
+           report: Report) -> tuple[Path, bool]:
+    """The keystore to write, and whether hostd's config already lists the device."""
+    if config is None:
+        if keystore is None:
+            raise click.UsageError("give --keystore FILE (or --config with hostd's keystore)")
+        return keystore, False
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        raise Refused(EXIT_REFUSED, "\n".join(e.errors)) from None
+    if cfg.lane(lane) is None:
+        raise Refused(EXIT_REFUSED, f"lane {lane!r} is not a [[lane]] in {config} (lanes: "
+                                    f"{', '.join(la.name for la in cfg.lanes)})")
+    hostd_ks = Path(cfg.keystore.path or "")
+    if keystore is not None and keystore.resolve() != hostd_ks.resolve():
+        report.notes.append(f"warning: hostd reads its keys from {hostd_ks}, not {keystore}")
+    listed = next((d for d in cfg.devices if d.id == device_id), None)
+    if listed is not None:
+        report.notes.append(f"hostd's config already lists device {device_id!r} "
+                            f"(lane {listed.lane!r})")
+    return keystore or hostd_ks, listed is not None
+
+
+# -- the command --------------------------------------------------------------------------------
+
+_MARK = {"pass": "pass", "fail": "FAIL", "n/a": "n/a ", "skipped": "skip"}
+
+
+def _print(report: Report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"device": report.device, "lane": report.lane,
+                               "target": report.target, "ok": report.ok,
+                               "checks": [asdict(c) for c in report.checks],
+                               "notes": report.notes, "hostd_config": report.hostd_config},
+                              ensure_ascii=False, indent=2))
+        return
+    click.echo(f"device {report.device} on lane {report.lane} ({report.target}):")
+    for c in report.checks:
+        click.echo(f"  [{_MARK[c.status]}] {c.name}" + (f": {c.detail}" if c.detail else ""))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if report.hostd_config:
+        click.echo("add this device to hostd's config (hostd.toml), then restart hostd:")
+        click.echo(report.hostd_config.rstrip("\n"))
+    need = [c for c in report.checks if c.required]
+    passed = sum(c.status == "pass" for c in need)
+    click.echo(f"{'PASS' if report.ok else 'FAIL'}: {passed} of {len(need)} required checks "
+               f"passed" + ("" if report.ok else "; fix the failures and re-run with --check"))
+
+
+@click.command("provision", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--sim-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The sim board's folder (where `hexiao flash --sim-dir` installed it).")
+@click.option("--port", help="Serial port of a USB board (e.g. /dev/ttyACM0).")
+@click.option("--id", "device_id", required=True, help='The device id, e.g. "hx-0001".')
+@click.option("--lane", required=True, help="The lane the device serves (a [[lane]] name).")
+@click.option("--keystore", type=click.Path(dir_okay=False, path_type=Path),
+              help="The host keystore [default with --config: hostd's].")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              help="hostd's config: checks the lane, uses its keystore, says what to add.")
+@click.option("--force", is_flag=True, help="Re-provision: replace the key on both sides.")
+@click.option("--check", is_flag=True, help="Only self-test a provisioned device.")
+@click.option("--timeout", type=click.FloatRange(0.5, 600), default=10.0, show_default=True,
+              help="Seconds to wait for each answer from the device.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
+         keystore: Path | None, config: Path | None, force: bool, check: bool, timeout: float,
+         as_json: bool) -> None:
+    """Give a device its key and lane, record the key on this host, and self-test it."""
+    if (sim_dir is None) == (port is None):
+        raise click.UsageError("give exactly one of --sim-dir DIR or --port PORT")
+    report = Report(device_id, lane, f"sim board {sim_dir}" if sim_dir else f"port {port}")
+    try:
+        ks_path, listed = _hostd(config, device_id, lane, keystore, report)
+        if sim_dir is not None and _sim_firmware(sim_dir) is None and sim_dir.is_dir():
+            raise Refused(EXIT_REFUSED, f"no firmware on the sim board ({sim_dir}/hexiao/"
+                                        f"firmware/main.mpy is missing): install it first "
+                                        f"with `hexiao flash BUNDLE --sim-dir {sim_dir}`")
+        board = Board(sim_dir, port)
+        if check:
+            cfg = board.read_config()
+            if not cfg or cfg.get("id") != device_id:
+                raise Refused(EXIT_REFUSED, f"the device is not provisioned as {device_id!r} "
+                              f"(its id: {(cfg or {}).get('id')!r}); provision it first")
+            report.add("device config", "pass", f"{CONFIG_PATH}: id {device_id!r}, "
+                       f"lane {cfg.get('lane')!r}")
+        else:
+            done = provision(board, device_id, lane, ks_path, force)
+            report.add("device key written", "pass", f"{done}: {CONFIG_PATH} with id and lane"
+                       + (" (0600)" if sim_dir else ""))
+            report.add("key recorded", "pass", f"{ks_path} (0600)")
+    except Refused as e:
+        if as_json:
+            click.echo(json.dumps({"device": device_id, "ok": False, "refused": e.message,
+                                   "exit_code": e.code}, ensure_ascii=False))
+        click.echo(f"refused: {e.message}", err=True)
+        raise SystemExit(e.code) from None
+    if not listed:
+        report.hostd_config = _snippet(device_id, lane, board)
+    self_test(board, device_id, ks_path, report, timeout)
+    _print(report, as_json)
+    raise SystemExit(0 if report.ok else EXIT_FAILED)
+
+
+
+__all__ = ["CONFIG_PATH", "EXIT_FAILED", "EXIT_PROVISIONED", "EXIT_REFUSED",
+           "SIM_MODULE", "TEST_CODE", "Board", "Check", "Refused", "Report", "main", "provision",
+           "self_test"]
+
+
+if __name__ == "__main__":
+    main()
