@@ -40,5 +40,9 @@ def test_every_hexiao_subcommand_imports_and_has_help() -> None:
 
     assert len(main.commands) >= 17
     for name in sorted(main.commands):
-        r = CliRunner().invoke(main, [name, "--help"])
-        assert r.exit_code == 0 and "Usage: hexiao " + name in r.output, (name, r.output)
+        for flag in ("--help", "-h"):
+            r = CliRunner().invoke(main, [name, flag])
+            assert r.exit_code == 0 and "Usage: hexiao " + name in r.output, (name, r.output)
+    for group, sub in (("device", "list"), ("journal", "show"), ("tap", "serve")):
+        r = CliRunner().invoke(main, [group, sub, "-h"])
+        assert r.exit_code == 0 and f"Usage: hexiao {group} {sub}" in r.output, r.output

@@ -20,7 +20,9 @@ def _lazy(name: str, module: str, help: str, attr: str = "main") -> None:
         import importlib
 
         command = getattr(importlib.import_module(module), attr)
-        command.main(args=list(args), prog_name=f"hexiao {name}")
+        # -h as well as --help on every subcommand and its own subcommands (contexts inherit it)
+        command.main(args=list(args), prog_name=f"hexiao {name}",
+                     help_option_names=["-h", "--help"])
 
 
 _lazy("demo", "hexiao.tools.demo.run", "Run a lane on this machine and show it working.")

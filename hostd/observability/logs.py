@@ -1,7 +1,9 @@
-"""hostd logging: structlog, one JSON object per line, with secrets and coupon codes redacted.
+"""hostd logging: structlog, with secrets and coupon codes redacted; one JSON object per line,
+or readable lines for a person at a terminal (format "console"; "auto" picks it for a TTY).
 
 The chain is small processors: contextvars -> level -> UTC timestamp -> exception text ->
-redact -> JSON. Redaction runs after the exception is formatted, so a traceback is redacted too.
+redact -> JSON (or the console renderer, coloured unless NO_COLOR is set). Redaction runs
+after the exception is formatted, so a traceback is redacted too.
 What redact() does, anywhere in the event (nested dicts, lists and tuples included):
 - a value under a secret-looking key (access_token, secret, key, device_key, token, password,
   authorization, or any key ending in _token/_secret/_key) becomes "[redacted]";
@@ -17,6 +19,7 @@ carry the Authorization header).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -101,16 +104,30 @@ def _chain() -> list[Processor]:
             structlog.processors.format_exc_info, redact]
 
 
+FORMATS = ("auto", "console", "json")
+
+
+def _renderer(fmt: str, out: IO[str]) -> Processor:
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    tty = hasattr(out, "isatty") and out.isatty()
+    if fmt == "json" or (fmt == "auto" and not tty):
+        return structlog.processors.JSONRenderer(ensure_ascii=False)
+    return structlog.dev.ConsoleRenderer(colors=tty and "NO_COLOR" not in os.environ,
+                                         exception_formatter=structlog.dev.plain_traceback)
+
+
 def configure(level: str = "info", stream: IO[str] | None = None, *,
-              stdlib: bool = True) -> None:
-    """JSON logs at `level` (debug|info|warning|error) to `stream` (default stderr).
+              stdlib: bool = True, format: str = "json") -> None:
+    """Logs at `level` (debug|info|warning|error) to `stream` (default stderr), as JSON lines
+    or (format "console", or "auto" on a terminal) readable lines.
 
     stdlib=True also routes the standard `logging` root through the same chain.
     """
     if level not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
     out = stream or sys.stderr
-    render = structlog.processors.JSONRenderer(ensure_ascii=False)
+    render = _renderer(format, out)
     structlog.configure(
         processors=[*_chain(), render],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

@@ -8,8 +8,13 @@ pty whose host end is linked at `<dir>/tty` (the `port` to give hostd), its scan
 product), its HID keyboard output in `<dir>/hid.log` (`HID <modifiers> <keycode>` lines, what the
 POS would receive), and its buzzer/LED/verdict events as JSON lines in `<dir>/events.log`.
 
+One board runs per folder (a lock in `<dir>/.board.lock`): a second one would share the scanner
+FIFO and swallow scans. Ctrl-C stops it within a few seconds (the firmware sees its scanner and
+link hang up, and is killed if it does not end by itself).
+
 Exit status: 0 stopped (Ctrl-C / SIGTERM); 1 the firmware exited by itself (its last lines are
-printed); 3 the board cannot be run (not flashed, not provisioned, MicroPython missing).
+printed); 3 the board cannot be run (not flashed, not provisioned, MicroPython missing, another
+board running from the same folder).
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ from pathlib import Path
 from types import FrameType
 
 import click
+from hexiao.hostd.instance import InstanceError, PidLock
 from hexiao.tools import micropython
 from hexiao.tools.sim import relay
 
 FIRMWARE = "hexiao.firmware.main"
+STOP_GRACE_S = 3.0  # then the firmware is killed: a board that ignores the hang-up is stuck
+
+
+class Unrunnable(click.ClickException):
+    exit_code = 3
 
 
 def _fifo(path: Path) -> int:
@@ -49,15 +60,21 @@ def board(board_dir: Path, heap: str, as_json: bool) -> None:
     """Run the sim board in DIR until Ctrl-C: link at DIR/tty, scanner FIFO DIR/scanner."""
     board_dir = board_dir.resolve()
     if not (board_dir / "hexiao" / "firmware" / "main.mpy").exists():
-        raise click.ClickException(f"{board_dir} has no firmware: run `hexiao flash BUNDLE "
+        raise Unrunnable(f"{board_dir} has no firmware: run `hexiao flash BUNDLE "
                                    f"--pubkey KEY.pub --sim-dir {board_dir}` first")
     if not (board_dir / "config.json").exists():
-        raise click.ClickException(f"{board_dir} is not provisioned: run `hexiao provision "
+        raise Unrunnable(f"{board_dir} is not provisioned: run `hexiao provision "
                                    f"--sim-dir {board_dir} --id ID --lane LANE` first")
     try:
         mpy = micropython.executable("micropython")
     except FileNotFoundError as e:
-        raise click.ClickException(str(e)) from e
+        raise Unrunnable(str(e)) from e
+    lock = PidLock(board_dir / ".board.lock", f"a sim board{{who}} is already running from "
+                   f"{board_dir}; stop it first (Ctrl-C in its terminal)")
+    try:
+        lock.acquire()
+    except InstanceError as e:
+        raise Unrunnable(str(e)) from e
     scanner, hid, tty = board_dir / "scanner", board_dir / "hid.log", board_dir / "tty"
     state = board_dir / "state"
     state.mkdir(mode=0o700, exist_ok=True)
@@ -101,8 +118,11 @@ def board(board_dir: Path, heap: str, as_json: bool) -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
         cable.close()
-        device.stop()
-        os.close(hold)
+        os.close(hold)  # the scanner's end of input: the firmware's loop ends with it
+        device.stop(STOP_GRACE_S)
         if tty.is_symlink():
             tty.unlink()
+        lock.release()
+    if rc == 0:
+        click.echo("sim board stopped", err=True)
     raise SystemExit(rc)
