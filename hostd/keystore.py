@@ -28,16 +28,18 @@ class KeystoreError(Exception):
     """The keystore file is unsafe, unreadable or malformed."""
 
 
-def check_private(path: Path, st: os.stat_result | None = None) -> None:
-    """Raise KeystoreError unless `path` is owned by us and not readable by group or others."""
+def check_private(path: Path, st: os.stat_result | None = None, holds: str = "keys") -> None:
+    """Raise KeystoreError unless `path` is owned by us and not readable by group or others
+    (the rule for every file holding secrets or coupon codes: hostd/config/private.py)."""
     st = st or os.stat(path)
     if os.name != "posix":  # Windows: ACLs, not mode bits; nothing meaningful to check here
         return
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        what = "a key file must be private" if holds == "keys" else f"it holds {holds}"
+        redo = "replace the keys" if holds == "keys" else "treat them as seen"
         raise KeystoreError(
             f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets other users read it; "
-            f"a key file must be private: chmod 600 {path} (and replace the keys if others "
-            f"may have read them)")
+            f"{what}: chmod 600 {path} (and {redo} if others may have read them)")
     if st.st_uid != os.geteuid():
         raise KeystoreError(
             f"{path}: owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}); "

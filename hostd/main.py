@@ -44,6 +44,13 @@ def main(config_path: Path, check_config: bool, backend_url: str | None,
         for line in e.errors:
             click.echo(line, err=True)
         sys.exit(2)
+    from hexiao.hostd.config import private
+
+    unsafe = private.problems(cfg)  # the same rule start-up and `hexiao doctor` apply
+    if unsafe:
+        for line in unsafe:
+            click.echo(f"config {config_path}: {line}", err=True)
+        sys.exit(2)
     if check_config:
         click.echo(f"{config_path}: ok ({len(cfg.devices)} device(s), {len(cfg.lanes)} "
                    f"lane(s), backend {cfg.backend.kind})")

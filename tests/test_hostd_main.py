@@ -122,3 +122,31 @@ def test_logs_are_readable_on_a_terminal_and_json_otherwise(monkeypatch: pytest.
         tty.close()
         os.close(main)
         logs.configure("info")
+
+
+@pytest.mark.parametrize("what", ["secret", "keystore", "journal", "state_dir"])
+def test_one_rule_for_private_files_at_check_config_and_start(tmp_path: Path, what: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    secret = tmp_path / "s"
+    secret.write_text("not-a-real-secret")
+    secret.chmod(0o600)
+    cfg = tmp_path / "hostd.toml"
+    cfg.write_text(f'[hostd]\nstate_dir = "{state}"\ncontrol_socket = "{tmp_path / "h.sock"}"\n'
+                   '[backend]\nkind = "sim"\nsecret_file = "s"\n')
+    loose = {"secret": secret, "keystore": state / "keystore.jsonl",
+             "journal": state / "journal.sqlite3", "state_dir": state}[what]
+    if not loose.exists():
+        loose.write_text("")
+    loose.chmod(0o755 if what == "state_dir" else 0o644)
+    exe = micropython.executable("hexiao-hostd")
+    for args in (["--check-config"], []):
+        r = subprocess.run([exe, "--config", str(cfg), *args], capture_output=True, text=True,
+                           timeout=LONG, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        fix = f"chmod 700 {state}" if what == "state_dir" else f"chmod 600 {loose}"
+        (line,) = r.stderr.strip().splitlines()
+        assert fix in line and "lets other users" in line
+        if what == "journal":
+            assert "it holds full coupon codes" in line
