@@ -1,4 +1,4 @@
-# The device application (DESIGN "Firmware"; SPEC §6.7 rules, §9.6 resent scans), on any board
+# The device application (docs/architecture.md; SPEC §6.7 rules, §9.6 resent scans), on any board
 # HAL (hal_sim, hal_rp2040, hal_esp32s3) that gives: name, reset, rx/tx (None: stdin/stdout),
 # scan (a pollable stream), read(buf) -> n (-1: hung up), key(mod, usage), verdict(sid, outcome,
 # beep, led, text), note(seq, level, text), load(name) -> bytes|None, save(name, data), idle(),
@@ -11,10 +11,17 @@
 #   sent (the cashier turned it away); one sent but unanswered within offline_ms also gets it,
 #   and it is sent again, same scan_id and time_ms, in the next session (§9.6) - whether its
 #   message expired or was acknowledged by a host that then died - so that the host can answer
-#   it from its journal; that answer shows as a late verdict (text only, no sound, no slip);
+#   it from its journal; that answer shows as a late verdict: its own signal (the warning beep
+#   with the verdict's LED: green+warning is only ever a late accept), no slip;
+# - nothing is typed unprompted after a late verdict (it could land in the next sale): a macro
+#   that follows one is dropped; the cashier's one action is to rescan, which hostd answers
+#   "redeemed here" with the same macro_id (typed then, once); nothing is held: a held
+#   message is heap a flooded link does not have;
 # - a verdict's slip and print jobs go to the board's printer as they arrive (a job's chunks in
 #   seq order from 0; a chunk out of order drops the rest of its job); no printer: logged;
 # - the button repeats the last verdict (sound, LED, text) for a cashier who missed it;
+# - rejected frames are logged as runs, one ring entry per kind with its count (App.rejected):
+#   a flood of forged frames or of line noise cannot push everything else out of the ring;
 # - one select.poll loop, not asyncio: asyncio's modules cost ~8 KB of a 64 KB heap that the
 #   link stack already fills to ~57 KB; a loop turn is short and no call chain is deep;
 # - tables are bytes and lists, functions small (a frame over 11 words goes on the heap) but
@@ -100,6 +107,7 @@ class App:
         self.macros = []  # recent macro ids (typed once)
         self.job = None  # [job_id, next seq] of the print job under way
         self.last = None  # the last verdict's (scan_id, outcome, beep, led, text): the button
+        self.rj = {}  # runs of rejections in the log ring (App.rejected)
         self.peak = 0
         self.cfg = dict(CONFIG)
         self.rules = DEFAULT_RULES
@@ -204,6 +212,8 @@ class App:
                 self.verdict(msg)
             elif t == "ping":
                 self.cdc.send({"type": "pong", "data": msg.get("data", b"")})
+            elif t == "keys" and self.last and self.last[2] == 3 and self.last[3] != 3:
+                self.log(5, "late macro: rescan")  # warning, not amber: a late verdict's
             elif t != "pong":  # (this device sends no pings) keys, print, rules, config, ...
                 self.serve(msg)
         elif kind == L.EV_OPEN:
@@ -220,12 +230,31 @@ class App:
                 self.retry.append(msg)
             self.log(4, "expired %s" % msg["type"])
         elif kind == L.EV_REJECTED:
-            if ev[1] not in L.NOISE:
-                self.log(4, "rejected %s" % ev[1])
+            self.rejected(ev[1], ev[3])
         elif kind == L.EV_CLOSED:
             self.log(5, "closed: %s" % ev[1])
         elif kind == L.EV_NACKED:
             self.log(4, "nacked %s %s" % (ev[1]["type"], ev[2]))
+
+    def rejected(self, code, frames):
+        # one log entry per kind of rejection, with its count: line noise (its four codes
+        # together; health tells them apart) or one code of tampering. Twenty forged frames
+        # would flush the ring otherwise. The entry is renumbered as the newest when it grows,
+        # so a host reading logs "since" sees it again; the board hears at 1, 2, 4, 8... frames
+        key = "noise" if code in L.NOISE else code
+        run = self.rj.get(key)  # [its entry, frames]
+        n = 0
+        if run is not None and run[0] in self.ring:
+            n = run[1]
+            self.ring.remove(run[0])
+        m = n + frames
+        text = "rejected " + key if m == 1 else "rejected %s x%d" % (key, m)
+        if m ^ n > n:  # a higher top bit: a power of two was reached
+            self.log(4, text)
+        else:
+            self.seq += 1
+            self.ring.append([self.seq, self.cdc.now(), 4, text])
+        self.rj[key] = [self.ring[-1], m]
 
     def verdict(self, msg):
         sid = msg["scan_id"]
@@ -237,13 +266,13 @@ class App:
                 if "slip" in msg:
                     self.serve(msg, "app_jobs")
                 return
-        # after the local offline verdict (or from an earlier session): text only, no sound
+        # after the local offline verdict (or from an earlier session): its own signal
         for m in self.retry:
             if m["scan_id"] == sid:  # answered: not to be sent again
                 self.retry.remove(m)
                 break
         self.count("late", 5, "late verdict %d" % sid)
-        self.show(sid, msg["outcome"], 0, 0, msg["text"])
+        self.show(sid, msg["outcome"], 3, msg["led"], msg["text"])
 
     def serve(self, msg, part=None):
         # a host request (or boot's restore from flash: msg None) by an overlay, app_jobs,
@@ -252,7 +281,8 @@ class App:
         if part is None:
             t = msg["type"]
             part = ("app_jobs" if t == "keys" or t == "print" else "app_rules" if t == "rules"
-                    else "app_config" if t[:7] == "config_" else "app_status")  # *_get
+                    else "app_config" if t[:7] == "config_" else "app_update" if t[:3] == "fw_"
+                    else "app_status")  # *_get
         s = __import__("hexiao.firmware." + part, None, None, ("serve",))
         try:
             if msg is None:

@@ -1,15 +1,19 @@
 # Boot-only: the device's own check of what `hexiao flash` installed, before any of it runs.
 # The entry points (main.py, board_main.py) import it, call refused(), then drop the module
 # (del sys.modules[...], gc.collect()) so none of this stays in the device's heap.
+# Updates over the link are checked before they switch (fw_update, with the device's own
+# Ed25519 verifier); this check then holds every boot to the manifest installed.
 
 
 def refused(state, board):
     # Built for this board, signed (a signature present), every file the manifest lists there
     # with its size and SHA-256 (a tampered or half-written file), and a security counter not
-    # below the highest this device has run (a downgrade). The installer checked the Ed25519
-    # signature; the device has no Ed25519, so it holds the firmware to the manifest it was
-    # installed with. Returns why the firmware must not run, or None. No manifest: a
-    # development build. state: the folder prefix of the device's state files ("" on a board).
+    # below the highest this device has run (a downgrade). `hexiao flash` checked the Ed25519
+    # signature (an update over the link was checked by fw_update, with the device's own
+    # verifier); here, at every boot, the firmware is held to the manifest it was installed
+    # with: verifying Ed25519 at every boot would cost seconds on a board. Returns why the
+    # firmware must not run, or None. No manifest: a development build. state: the folder
+    # prefix of the device's state files ("" on a board).
     from json import load
 
     try:
@@ -54,7 +58,7 @@ def refused(state, board):
             top = 0
         if m["counter"] < top:
             return "downgraded: security counter %d is below %d" % (m["counter"], top)
-        if m["counter"] > top:
+        if m["counter"] > top and not _on_trial(state):
             with open(state + "fw_counter.new", "w") as f:
                 f.write(str(m["counter"]))
             import os
@@ -65,3 +69,13 @@ def refused(state, board):
                 os.remove(state + "fw_counter")
                 os.rename(state + "fw_counter.new", state + "fw_counter")
     return None
+
+
+def _on_trial(state):
+    # an update over the link on trial (fw_update): its counter becomes the floor only when it
+    # is confirmed, so that a rollback to the previous firmware is no downgrade
+    try:
+        open(state + "fw_trial").close()
+        return True
+    except OSError:
+        return False

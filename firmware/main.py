@@ -5,15 +5,16 @@
 #
 # cfg is a JSON file {"id": ..., "key": hex} (as linkpeer's). Modules are imported one at a
 # time with a collection between, so each lands in a compacted heap; boot-only modules
-# (sim_boot, install_check, safe) are dropped once used: this module's own code stays in the
+# (boot, install_check, safe) are dropped once used: this module's own code stays in the
 # heap while the app runs (its body is running), so it holds only the run and the crash path.
-# On a board, board_main does the same with its own HAL. reset= is the reset cause the sim
+# On a board, board_main does the same with the same boot.py. reset= is the reset cause the sim
 # board reports (hal_sim; default power_on);
 # stable= the ms of running that clear the crash record (safe.STABLE_MS on a board).
 #
 # Exit status: 0 the scanner hung up (the sim board's end); 3 the installed firmware is refused
 # (install_check); 4 an exception escaped the application: recorded in state=DIR (safe.py), as
-# a board records it before it resets; 5 ran in safe mode (safe.py) until the scanner hung up.
+# a board records it before it resets; 5 ran in safe mode (safe.py; or no cfg file: not
+# provisioned, as a board without /config.json) until the scanner hung up.
 # crash= raises in place of running the application, after boot: the sim board's way for tests
 # to crash it (boards have no such argument).
 
@@ -26,11 +27,11 @@ import sys
 
 def main(argv):
     from hexiao.firmware import drop
-    from hexiao.firmware.sim_boot import boot
+    from hexiao.firmware.boot import sim
 
-    app, st, count, crash = boot(argv)
-    boot = None
-    drop("sim_boot")
+    app, st, count, crash = sim(argv)
+    sim = None
+    drop("boot")
     from hexiao.firmware.hal_sim import emit
 
     board = app.b

@@ -1,4 +1,4 @@
-# Safe mode after repeated crashes (DESIGN "Firmware": watchdog, safe mode on repeated crashes).
+# Safe mode after repeated crashes (docs/architecture.md, "The firmware's modules": boot-only).
 #
 # Policy:
 # - a crash is an exception escaping the application (the entry point records it, then resets
@@ -39,11 +39,17 @@ def fw_id():
     import hashlib
     from binascii import hexlify
 
+    h = hashlib.sha256()
+    b = bytearray(128)  # read in pieces: a crash is recorded in whatever heap is left
     try:
         with open("hexiao/manifest.json", "rb") as f:
-            return hexlify(hashlib.sha256(f.read()).digest()[:8]).decode()
+            n = f.readinto(b)
+            while n:
+                h.update(memoryview(b)[:n])
+                n = f.readinto(b)
     except OSError:
         return "dev"
+    return hexlify(h.digest()[:8]).decode()
 
 
 def read(state):

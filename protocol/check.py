@@ -1,8 +1,7 @@
 # The receive path of a Link as one stateless function, for the golden vectors (SPEC.md,
 # "Golden vectors"). Loaded by vector runners and tools, never by the firmware.
 
-from . import cose as _cose
-from . import messages
+from . import codecs, messages
 from .errors import ProtocolError
 from .frame import Deframer
 from .replay import NEW, Window
@@ -13,14 +12,16 @@ def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
     counters already `seen` in the session. Returns (Mac0, message) or raises ProtocolError.
     Errors come in the order of the spec: deframe, COSE structure, alg, MAC, replay, payload,
     epoch, version."""
-    items = Deframer().feed(wire)
-    if not items or not wire.endswith(b"\x00"):
+    d = Deframer()
+    d.push(wire)
+    item = d.take()
+    if item is None or not wire.endswith(b"\x00"):
         raise ProtocolError("truncated", "no complete frame")
-    if len(items) != 1:
+    if d.take() is not None:
         raise ProtocolError("cobs", "more than one frame")
-    if isinstance(items[0], ProtocolError):
-        raise items[0]
-    m = _cose.parse(items[0])
+    if isinstance(item, ProtocolError):
+        raise item
+    m = codecs.parse(item)
     if m.alg != alg:
         raise ProtocolError("alg", "alg %d, expected %d" % (m.alg, alg))
     m.verify(key, aad)
@@ -30,7 +31,7 @@ def verify_frame(wire, key, alg, aad=b"", seen=(), versions=messages.VERSIONS):
             w.mark(c)
         if w.check(m.counter) != NEW:
             raise ProtocolError("replay", "counter %d already seen or too old" % m.counter)
-    msg = messages.decode(m.payload)
+    msg = codecs.decode(m.payload)
     messages.check_epoch(m.counter, msg)
     if msg["type"] == "hello":
         messages.common_version(versions, msg["versions"])

@@ -8,8 +8,9 @@
 #   at most 4 bytes;
 # - the MAC is HMAC-SHA256(key, MAC_structure ["MAC0", protected, external_aad, payload]);
 # - parse() only reads structure; nothing in the payload is looked at before verify() succeeds.
-# On the host, cose_fast parses the common, well-formed frame with a few slices; anything it does
-# not recognise goes through the general path here, which names the exact error.
+# This is the general code, and all of it the device loads. The host's fast paths are in
+# cose_fast.py, which asks parse() here about anything it does not recognise; codecs.py is the one
+# place that chooses between the two (this module never imports cose_fast).
 
 import sys
 
@@ -50,7 +51,7 @@ def protected_header(alg, kid, counter):
 
 def _mac(key, protected, payload, aad):
     # HMAC of the MAC_structure ["MAC0", protected, external_aad, payload], fed in pieces (none
-    # copied); cose_fast.mac_structure builds the same bytes in one piece, for the host's tools
+    # copied); mac_structure() builds the same bytes in one piece, for the host's tools
     return hmac_sha256_parts(key, (
         _MAC0_PREFIX, _bhead(2, len(protected)), protected, _bhead(2, len(aad)), aad,
         _bhead(2, len(payload)), payload,
@@ -92,8 +93,8 @@ def _piv_ok(piv):
     return 1 <= len(piv) <= 4 and (len(piv) == 1 or piv[0] != 0)
 
 
-def _parse_general(cose):
-    """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC (`parse`)."""
+def parse(cose):
+    """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC."""
     if len(cose) < 2:
         raise ProtocolError("truncated", "COSE shorter than its tag")
     if cose[0] != 0xD1:
@@ -129,7 +130,9 @@ def _parse_general(cose):
     return Mac0(alg, kid, int.from_bytes(piv, "big"), prot, payload, tag)
 
 
-if sys.implementation.name != "micropython":  # same bytes and results, fewer Python steps
-    from .cose_fast import _mac, mac0, mac_structure, parse  # noqa: F401 (replace/add to the above)
-else:  # the device does without: its heap is worth more than the microseconds
-    parse = _parse_general
+if sys.implementation.name != "micropython":  # host tools and tests; not in device builds
+
+    def mac_structure(protected, payload, aad=b""):
+        """The MAC_structure that _mac() feeds to HMAC in pieces, as one CBOR item."""
+        return b"".join((_MAC0_PREFIX, _bhead(2, len(protected)), protected,
+                         _bhead(2, len(aad)), aad, _bhead(2, len(payload)), payload))

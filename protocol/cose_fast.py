@@ -1,16 +1,16 @@
 # The host's fast paths for cose.py: building and MACing a frame with one join each, and reading
-# the common, well-formed frame with a few slices.
+# the common, well-formed frame with a few slices. Chosen in codecs.py; never loaded by a device.
 #
 # Rules kept here:
-# - mac0() and _mac() produce exactly the bytes of the general versions in cose.py;
-# - parse_fast() accepts only what the general parser accepts, and returns None for anything else;
-#   parse() then asks the general parser, which names the error; the tests check the two agree;
-# - mac_structure() is the MAC_structure that cose._mac() feeds to HMAC in pieces (host tools).
+# - mac0() produces exactly the bytes of cose.mac0();
+# - parse_fast() accepts only what cose.parse() accepts, and returns None for anything else;
+#   parse() then asks cose.parse(), which names the error; the tests check the two agree.
 
 import hmac
 
+from . import cose as _cose
 from .cbor import head
-from .cose import _MAC0_PREFIX, MAX_COUNTER, MAX_KID, TAG_LEN, Mac0, _parse_general, _piv_ok
+from .cose import _MAC0_PREFIX, MAX_COUNTER, MAX_KID, TAG_LEN, Mac0, _piv_ok
 
 _digest = hmac.digest
 _HEADS = tuple(bytes((0x40 | n,)) for n in range(24))  # bstr heads of lengths 0..23
@@ -25,14 +25,6 @@ def _bs(b):
     if n < 256:
         return b"\x58" + bytes((n,)) + b
     return head(2, n) + b
-
-
-def mac_structure(protected, payload, aad=b""):
-    return b"".join((_MAC0_PREFIX, _bs(protected), _bs(aad), _bs(payload)))
-
-
-def _mac(key, protected, payload, aad):
-    return _digest(key, b"".join((_MAC0_PREFIX, _bs(protected), _bs(aad), _bs(payload))), "sha256")
 
 
 def mac0(key, alg, kid, counter, payload, aad=b""):
@@ -60,7 +52,7 @@ def mac0(key, alg, kid, counter, payload, aad=b""):
 def parse(cose):
     """Structure of a frame's COSE bytes, or ProtocolError; does not verify the MAC."""
     m = parse_fast(cose)
-    return _parse_general(cose) if m is None else m
+    return _cose.parse(cose) if m is None else m
 
 
 def parse_fast(cose):

@@ -5,7 +5,11 @@
 #   a lone 0x00 to flush a receiver's partial frame, e.g. after boot);
 # - checks run in a fixed order, each with its own code: oversize, cobs, truncated, crc;
 # - after any bad frame the deframer is back in sync at the next delimiter; nothing is buffered
-#   beyond MAX_WIRE bytes.
+#   beyond MAX_WIRE bytes: the bytes of a longer frame are dropped as they come, never kept;
+# - its memory is bounded whatever arrives: push() keeps a reference to the bytes given, take()
+#   returns one item at a time (a frame or its error), so a chunk holding a hundred bad frames
+#   never has a hundred errors alive at once (issue 17: a zero-heavy flood exhausted the device's
+#   heap when every bad frame of a chunk was decoded into one list first).
 
 import binascii
 import sys
@@ -61,40 +65,66 @@ def decode(raw):
 
 
 class Deframer:
-    """Bytes in, frames out: feed() returns a list of COSE bytes or ProtocolError instances."""
+    """Bytes in, frames out: push(data), then take() until it returns None; each item is a
+    frame's COSE bytes or the ProtocolError that rejected it. feed(data) does both, as a list."""
 
     def __init__(self):
-        self._buf = bytearray()
-        self._discarding = False
+        self._buf = bytearray()  # the unfinished frame, at most MAX_WIRE bytes
+        self._discarding = False  # dropping the rest of an oversize frame, already reported
+        self._data = b""  # what push() gave, read from _pos on
+        self._pos = 0
 
-    def feed(self, data):
-        if not self._buf and not self._discarding and data.find(b"\x00") == len(data) - 1 > 0:
-            pieces, tail = [data[:-1]], b""  # the common case, exactly one whole frame: no split
-        else:
-            # bytes.split finds every delimiter at C speed; the last piece is an unfinished frame
-            pieces = data.split(b"\x00")
-            if self._buf:
-                self._buf.extend(pieces[0])
-                pieces[0] = bytes(self._buf)
+    def push(self, data):
+        """Bytes received; take() returns what they end. Push again only once take() said None."""
+        self._data = data
+        self._pos = 0
+
+    def take(self):
+        """The next frame (COSE bytes) or ProtocolError of what push() gave; None when done."""
+        data = self._data
+        n = len(data)
+        while self._pos < n:
+            pos = self._pos
+            end = data.find(b"\x00", pos)
+            if end < 0:  # no delimiter: the frame goes on in the next push
+                end = n
+            self._pos = end + 1
+            held = len(self._buf) + end - pos
+            if self._discarding:
+                if end < n:
+                    self._discarding = False  # in step again from here
+            elif held > MAX_WIRE:  # dropped now, not buffered (SPEC §2.5: reported once)
                 self._buf = bytearray()
-            tail = pieces.pop()
-        out = []
-        for i in range(len(pieces)):
-            raw = pieces[i]
-            if self._discarding:  # the rest of an oversize frame: skipped, already reported
-                self._discarding = False
-            elif raw:
+                if end < n:
+                    return ProtocolError("oversize", "frame longer than %d bytes" % MAX_WIRE)
+                self._discarding = True
+                return ProtocolError("oversize", "no delimiter within MAX_WIRE")
+            elif end == n:
+                self._buf.extend(data[pos:])
+            elif self._buf or end > pos:  # (an empty frame is ignored)
+                raw = data[pos:end]
+                if self._buf:  # the end of a frame begun in an earlier push
+                    self._buf.extend(raw)
+                    raw = self._buf
+                    self._buf = bytearray()
                 try:
-                    out.append(decode(raw))
+                    return decode(raw)
                 except ProtocolError as e:
-                    out.append(e)
-        if self._discarding or len(tail) > MAX_WIRE:
-            if not self._discarding:
-                out.append(ProtocolError("oversize", "no delimiter within MAX_WIRE"))
-            self._discarding = True
-        elif tail:
-            self._buf.extend(tail)
-        return out
+                    return e
+        self._data = b""
+        return None
 
-    def pending(self):
-        return len(self._buf)
+    if sys.implementation.name != "micropython":  # host code and tests; the device takes items
+
+        def feed(self, data):
+            """push(data) and every item take() returns, as a list."""
+            self.push(data)
+            out = []
+            item = self.take()
+            while item is not None:
+                out.append(item)
+                item = self.take()
+            return out
+
+        def pending(self):
+            return len(self._buf)

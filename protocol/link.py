@@ -17,8 +17,10 @@
 #   is above the last reliable one's; acks and nacks are judged by the replay window;
 # - a damaged frame (line noise) triggers an early retransmission and a counter-less nack that asks
 #   the peer for the same, both at most once per rto/4;
-# - every rejected frame is counted under its error code and reported as EV_REJECTED; no
-#   ProtocolError escapes receive().
+# - every rejected frame is counted under its error code and reported as EV_REJECTED (line noise
+#   once per call, with its number of frames: a flood's events stay few); no
+#   ProtocolError escapes receive(); the work and memory of a call are bounded by its bytes, and
+#   what it holds at once by the largest frame (the deframer hands frames over one at a time).
 
 import sys
 
@@ -38,7 +40,9 @@ EV_MESSAGE = "message"  # (EV_MESSAGE, msg)
 EV_ACKED = "acked"  # (EV_ACKED, msg)
 EV_NACKED = "nacked"  # (EV_NACKED, msg, code name, detail)
 EV_EXPIRED = "expired"  # (EV_EXPIRED, msg): not known to be delivered; the session is closing
-EV_REJECTED = "rejected"  # (EV_REJECTED, code name, detail)
+EV_REJECTED = "rejected"  # (EV_REJECTED, code name, detail, frames): line noise is one per
+# receive() call (the code and detail of its first frame, the number of noise frames of every
+# NOISE code); anything else one per frame
 EV_CLOSED = "closed"  # (EV_CLOSED, reason): a code that the device's log keeps, one of
 # reconnect, rekey (the counter space is used up), unacked (a message expired), hs_timeout (the
 # host's welcome was not confirmed), host_lost and rewelcome (link_device), new_hello (link_host)
@@ -48,9 +52,14 @@ HANDSHAKE = "handshake"
 OPEN = "open"
 
 NOISE = ("crc", "cobs", "truncated", "oversize")  # the deframer's codes: line noise, not tampering
+_HOST = sys.implementation.name != "micropython"  # (tools/terse.py: False in device builds)
 
-if sys.implementation.name != "micropython":  # for host code and tests; not in device builds
+if sys.implementation.name != "micropython":  # the host: the fast paths codecs.py chooses
     from .check import verify_frame  # noqa: F401 (the receive path as one stateless function)
+    from .codecs import decode, encode, mac0, parse
+else:  # the device: the general code itself (codecs.py would be one more module in its heap)
+    from .cose import mac0, parse
+    from .messages import decode, encode
 
 
 class Link:
@@ -93,6 +102,9 @@ class Link:
         self._hs = None  # handshake frame being repeated: [wire, deadline, tries]
         self._last_fast = -(1 << 30)
         self._last_poke = -(1 << 30)
+        if _HOST:  # link_host: hellos waiting to replace the session; nonces of ended sessions
+            self._cands = []
+            self._used_nonces = {}
         self.state = IDLE
         self.kid = device_id
         self.device_key = device_key
@@ -129,7 +141,7 @@ class Link:
         message is invalid or one the link sends itself."""
         if not isinstance(msg, dict):
             raise ValueError("a message is a dict")
-        payload = messages.encode(msg)
+        payload = encode(msg)
         _, _, epoch, reliable = messages.info(msg["type"])
         if epoch != messages.SESSION or not reliable:  # hello, welcome, ack, nack
             raise ValueError("%s is sent by the link itself" % msg["type"])
@@ -143,22 +155,33 @@ class Link:
 
     def receive(self, data, now):
         events = []
-        for item in self._deframer.feed(data):
+        noise = -1  # the index in events of this call's one EV_REJECTED for line noise
+        d = self._deframer
+        d.push(data)
+        while True:
+            item = d.take()  # one at a time: a flood of bad frames is never held all at once
+            if item is None:
+                break
             if isinstance(item, ProtocolError):  # the deframer's: line noise
                 self._count(item.code)
-                events.append((EV_REJECTED, item.code, item.detail))
                 self._on_noise(now)
+                if noise < 0:
+                    noise = len(events)
+                    events.append((EV_REJECTED, item.code, item.detail, 1))
+                else:  # counted above under its own code; reported once, with the frames
+                    e = events[noise]
+                    events[noise] = (EV_REJECTED, e[1], e[2], e[3] + 1)
                 continue
             self._count("rx_frames")
             try:
-                m = _cose.parse(item)
+                m = parse(item)
                 if m.counter == 0:
                     ack = self._on_handshake_frame(m, now, events)
                 else:
                     ack = self._on_session_frame(m, now, events)
             except ProtocolError as e:
                 self._count(e.code)
-                events.append((EV_REJECTED, e.code, e.detail))
+                events.append((EV_REJECTED, e.code, e.detail, 1))
                 continue
             # the answer is built up here, not at the bottom of the call chain that took the
             # frame apart: on the device every frame of a deep chain takes heap
@@ -238,8 +261,8 @@ class Link:
         self._count("tx_frames")
 
     def _frame(self, msg, counter, key):
-        payload = messages.encode(msg)
-        return frame_encode(_cose.mac0(key, self.session_alg, self.kid, counter, payload, self.aad))
+        payload = encode(msg)
+        return frame_encode(mac0(key, self.session_alg, self.kid, counter, payload, self.aad))
 
     # Every session frame takes a fresh counter; once the counter space is used up nothing more
     # is sent, and poll() ends the session (SPEC: rekey).
@@ -257,7 +280,7 @@ class Link:
         self.tx_counter += 1
         msg, payload = self._queue.pop(0)
         wire = frame_encode(
-            _cose.mac0(self.tx_key, self.session_alg, self.kid, self.tx_counter, payload, self.aad)
+            mac0(self.tx_key, self.session_alg, self.kid, self.tx_counter, payload, self.aad)
         )
         self._write(wire)
         self._inflight = [self.tx_counter, wire, msg, now + self.rto, 1, now]
@@ -297,7 +320,7 @@ class Link:
 
     def _decode(self, m):
         # the verified payload: a valid message of its counter's epoch, sent in our direction
-        msg = messages.decode(m.payload)
+        msg = decode(m.payload)
         messages.check_epoch(m.counter, msg)
         d = messages.info(msg["type"])[1]
         if d != messages.BOTH and d != self._role.DIRECTION:
@@ -311,6 +334,9 @@ class Link:
         events.append((EV_OPEN, peer))
 
     def _on_session_frame(self, m, now, events):
+        if _HOST:  # noqa: SIM102 (a constant: device builds drop the block, tools/terse.py)
+            if self._cands:  # a hello waits to replace the session: this frame may confirm it
+                self._role.confirm(self, m, now, events)
         if self.tx_key is None:
             self._role.no_session(self, m, now)
             raise ProtocolError("no_session", "session frame with no session")

@@ -2,7 +2,8 @@
 #
 # Rules kept here:
 # - one table, _TABLE, defines every message: number, name, direction, epoch, reliability, and
-#   its fields (key, required "!", name, spec);
+#   its fields (key, required "!", name, spec); the firmware-update messages (SPEC 6.8) are its
+#   continuation in messages_fw.TABLE, loaded when first asked for (see _head);
 # - on the wire a message is a CBOR map with small integer keys (key 0 is the type), encoded
 #   deterministically; in code it is a dict with names: {"type": "scan", "scan_id": 7, ...};
 # - decode() rejects unknown types (`unknown_type`) and unknown, missing or mistyped fields
@@ -24,11 +25,7 @@ import sys
 from . import cbor
 from .errors import ProtocolError
 
-if sys.implementation.name != "micropython":  # cbor2 (codec_fast.py): the same bytes
-    from .codec_fast import dumps as _dumps
-    from .codec_fast import loads as _loads
-else:  # the device: the pure codec, without a module in between
-    _dumps, _loads = cbor.dumps, cbor.loads
+_dumps, _loads = cbor.dumps, cbor.loads  # the pure codec (the host's cbor2: messages_fast)
 
 VERSIONS = (1,)
 D2H = "d2h"  # directions
@@ -122,6 +119,7 @@ BEEPS = ["none", "ok", "error", "warning"]
 LEDS = ["off", "green", "red", "amber", "blue"]
 
 _HOST = sys.implementation.name != "micropython"
+_T = _TABLE  # the text _head last found a head in (see _head)
 _info = {}  # info()'s answers: every one asked for on the host, the last one on the device
 
 
@@ -134,22 +132,33 @@ def _head(key):
     # "\n" that ends it, the offset of the "\n" that ends its last field line); None if there is
     # none. Heads start in column 0 with a type's number or a struct's name; a type's name is the
     # second word; field lines start with a space. Found by str.find, and only the matching line
-    # is split: on the device every temporary string costs heap.
+    # is split: on the device every temporary string costs heap. The firmware-update messages
+    # (SPEC 6.8) have their own text (messages_fw), looked in when _TABLE has no such head: on
+    # the device it costs heap only from an update's first message on. _T is the text the
+    # offsets are in: the one the last _head found (one function: each costs heap for good).
+    global _T
     k = str(key)
-    at = _TABLE.find("\n%s " % k)
-    if at < 0 and isinstance(key, str):  # a type's name: skip field lines with that word
-        at = _TABLE.find(" %s " % k)
-        while at >= 0 and _TABLE[_TABLE.rfind("\n", 0, at) + 1] == " ":
-            at = _TABLE.find(" %s " % k, at + 1)
-    if at < 0:
-        return None
-    end = _TABLE.find("\n", at + 1)
-    parts = _TABLE[_TABLE.rfind("\n", 0, at + 1) + 1 : end].split()
-    if not (parts[0] == k or (len(parts) > 2 and parts[1] == k)):
-        return None
+    t = _TABLE
+    while True:
+        at = t.find("\n%s " % k)
+        if at < 0 and isinstance(key, str):  # a type's name: skip field lines with that word
+            at = t.find(" %s " % k)
+            while at >= 0 and t[t.rfind("\n", 0, at) + 1] == " ":
+                at = t.find(" %s " % k, at + 1)
+        if at >= 0:
+            end = t.find("\n", at + 1)
+            parts = t[t.rfind("\n", 0, at + 1) + 1 : end].split()
+            if parts[0] == k or (len(parts) > 2 and parts[1] == k):
+                break
+        if t is not _TABLE:
+            return None
+        from . import messages_fw
+
+        t = messages_fw.TABLE
+    _T = t
     last = end
-    while _TABLE.startswith(" ", last + 1):
-        last = _TABLE.find("\n", last + 1)
+    while t.startswith(" ", last + 1):
+        last = t.find("\n", last + 1)
     return parts, end, last
 
 
@@ -226,13 +235,13 @@ def _lines(key):
     out = []
     while a < end:
         out.append(a + 1)
-        a = _TABLE.find("\n", a + 1)
+        a = _T.find("\n", a + 1)
     return out
 
 
 def _field(a):
     # the field line at offset a: (key, name, spec, required)
-    k, name, spec = _TABLE[a : _TABLE.find("\n", a)].split()
+    k, name, spec = _T[a : _T.find("\n", a)].split()
     return int(k.rstrip("!")), name, _parse(spec, 0)[0], k[-1] == "!"
 
 
@@ -405,7 +414,8 @@ def from_wire(w):
 # encode() and decode() by the table. An ack is the link's most frequent message (one per
 # reliable message each way), so they skip parsing its table entry: {0: 15, 1: counter} is built
 # and recognised directly. Same bytes and results as the general path (tests compare them);
-# anything else takes that path. The host replaces both by faster ones, below.
+# anything else takes that path. The host's faster ones are in messages_fast.py, chosen in
+# codecs.py; this module never imports them.
 
 
 def encode(msg):
@@ -438,7 +448,9 @@ if _HOST:  # the table as dicts and tuples, for host code and tests; not in the 
 
     NUMBER = {}  # name -> number
     TYPES = {}  # number -> (name, direction, epoch, reliable, fields)
-    for _line in _TABLE.splitlines():
+    from . import messages_fw
+
+    for _line in (_TABLE + messages_fw.TABLE).splitlines():
         if _line[:1].isdigit():  # a type's head line
             _name = _line.split()[1]
             _t = info(_name)
@@ -448,11 +460,3 @@ if _HOST:  # the table as dicts and tuples, for host code and tests; not in the 
     def type_info(num):
         """(name, direction, epoch, reliable) of a type number, or None."""
         return TYPES[num][:4] if _is_int(num) and num in TYPES else None
-
-    # compiled converters and cbor2 (messages_fast.py): the same results, or the table's
-    encode_table = encode
-    decode_table = decode
-    try:
-        from .messages_fast import decode, encode
-    except ImportError:
-        pass

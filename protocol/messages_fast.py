@@ -1,5 +1,5 @@
 # The host's fast path for messages.encode()/decode(): the message table compiled once into one
-# closure per spec, and cbor2's C codec. Never loaded by the firmware.
+# closure per spec, and cbor2's C codec. Chosen in codecs.py; never loaded by the firmware.
 #
 # Rules kept here:
 # - it accepts a subset of what the table interpreter in messages.py accepts (exact built-in
@@ -176,7 +176,7 @@ def encode(msg):
         w.update(conv(msg))
         return _dumps(w)
     except Exception:  # anything unusual: the table interpreter raises ValueError, or agrees
-        return messages.encode_table(msg)  # the interpreter: raises ValueError, or agrees
+        return messages.encode(msg)  # the interpreter: raises ValueError, or agrees
 
 
 def decode(payload):
@@ -192,4 +192,4 @@ def decode(payload):
             return msg
     except Exception:  # anything unusual: the table interpreter names the exact error
         pass
-    return messages.decode_table(payload)
+    return messages.decode(payload)

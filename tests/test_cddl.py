@@ -155,6 +155,15 @@ EXAMPLES: list[dict[str, Any]] = [
     {"type": "ping", "data": b"\x00\x01"},
     {"type": "pong"},
     {"type": "pong", "data": b"\x00\x01"},
+    {"type": "fw_offer", "digest": bytes(32), "size": 60_000, "manifest_size": 3_900,
+     "signature": bytes(64), "board": "sim", "version": "0.2.0", "counter": 3},
+    {"type": "fw_chunk", "seq": 0, "offset": 0, "data": b"\x00" * 768},
+    {"type": "fw_query"},
+    {"type": "fw_status", "state": 0, "offset": 0},
+    {"type": "fw_status", "state": 1, "offset": 768, "digest": bytes(32), "version": "0.2.0",
+     "why": "receiving"},
+    {"type": "fw_commit", "digest": bytes(32)},
+    {"type": "fw_result", "ok": False, "why": "incomplete: 768 of 60000 bytes held"},
 ]
 
 
@@ -340,7 +349,7 @@ INVALID: list[tuple[str, Any, str, str | None, str | None, str | None]] = [
     ("missing_required", _without(SCAN, 3), "schema", "scan", None, None),
     ("missing_required_nested", {**RULES, 3: [{1: ["]Q1"]}]}, "schema", "rules", None, None),
     ("missing_type", _without(SCAN, 0), "unknown_type", None, None, None),
-    ("unknown_type_19", {0: 19}, "unknown_type", None, None, None),
+    ("unknown_type_99", {0: 99}, "unknown_type", None, None, None),
     ("unknown_type_0", {**SCAN, 0: 0}, "unknown_type", None, None, None),
     ("type_as_text", {**SCAN, 0: "scan"}, "unknown_type", None, None, None),
     ("type_as_bool", {0: True}, "unknown_type", None, None, None),

@@ -216,11 +216,12 @@ def test_no_printer_no_paper_and_late_verdicts_print_nothing(mpy_stage: Path,
         s.scan(b"]Q1COUPON-0002")
         s.wait_ev("verdict", outcome="offline")
         sid = host.scans[0]["scan_id"]
-        host.send({**verdict_for(host.scans[0]), "slip": SLIP})  # late: text only, no slip
+        host.send({**verdict_for(host.scans[0]), "slip": SLIP})  # late: own signal, no slip
         s.wait_ev("verdict", 2)
         host.send({"type": "print", "job_id": 1, "seq": 0, "last": True, "data": b"x"})
         s.wait_ev("log", text="no printer on this board")
         assert s.shutdown() == 0
     late = s.events("verdict")[1]
-    assert (late["scan_id"], late["beep"], late["led"]) == (sid, "none", "off")
+    # a late verdict is never silent: the warning beep with its own LED (green: accepted)
+    assert (late["scan_id"], late["beep"], late["led"]) == (sid, "warning", "green")
     assert s.logs().count("no printer on this board") == 1  # the print job, not the late slip

@@ -324,7 +324,7 @@ def test_flash_installs_the_boot_stub_and_finishes_it_after_a_cut(boards, tmp_pa
     r = F.flash(boards["bundle"], pub, F.DirTarget(root))
     assert r.action == "installed" and (root / "main.py").read_bytes() == stub
     (root / "main.py").write_text("print('an old stub')\n")
-    with pytest.raises(F.FlashError, match="lost the device"):
+    with pytest.raises(F.InstallError, match="lost the device"):
         F.flash(boards["bundle"], pub, CutBeforeBootStub(root))
     assert (root / "main.py.new").read_bytes() == stub and (root / "hexiao.old").is_dir()
     r = F.flash(boards["bundle"], pub, F.DirTarget(root))
