@@ -3,40 +3,47 @@
 Rules this module keeps:
 - start() brings the parts up in an order where each failure is clear and leaves nothing half
   open: state folder (0700), journal, keystore (0600), backend, reconcile of what a previous run
-  left unfinished, then the devices, the control socket, metrics, and READY=1 to systemd;
+  left unfinished, then the devices, the control socket, metrics, the receipt tap, and READY=1
+  to systemd; the tap alone may fail without stopping start (it is retried, logged and shown
+  in `status`): printing and redemption never wait on each other; so may a device without its
+  key: its lane shows "no key" (with the provision command) and the other lanes run; and so
+  may the status page (hostd/web/: a port in use is logged and hostd runs without it);
 - every lane's worker has its own journal connection and backend client (SQLite connections and
   httpx clients are not shared between threads);
 - unfinished journal entries are reconciled at start and then every `RECONCILE_EVERY_S`:
   queried, never consumed again (redeem.Engine.reconcile);
-- the control socket's commands are the methods below (hostd/control/server.py's Handlers); they
-  return plain JSON-able data, with coupon codes only as the journal keeps them (last 4 shown);
-- the watchdog is petted only while every lane's threads and the reconcile loop are alive.
+- the control socket's commands are hostd/control/handlers.py's, given the lanes and the journal;
+  they return plain JSON-able data, with coupon codes only as the journal keeps them (last 4);
+- the watchdog is petted only while every lane's threads and the reconcile loop are alive;
+- with the tap on and a WeChat card backend, points at the till run (hostd/members/): a member
+  card identified on a lane is tied to the receipt the tap sees for that lane (`[tap] lane`),
+  credited on the points service's own thread; it reconciles its ledger at start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hexiao.hostd import journal as jr
-from hexiao.hostd.backends.wechat_card import WeChatCardClient, WeChatError
-from hexiao.hostd.config import Config, ConfigError
+from hexiao.hostd.backends.factory import ConfiguredBackend, SetupError, make_backend
+from hexiao.hostd.config import Config
+from hexiao.hostd.config.private import provision_hint
 from hexiao.hostd.keystore import Keystore
 from hexiao.hostd.lanes.discovery import finder
 from hexiao.hostd.lanes.lane import DeviceLane
 from hexiao.hostd.observability.metrics import Metrics
 from hexiao.hostd.observability.notify import Notifier, Watchdog
-from hexiao.hostd.redeem import Engine, Verdict, tail
+from hexiao.hostd.redeem import Engine, Verdict
 
 log = logging.getLogger("hexiao.hostd")
 RECONCILE_EVERY_S = 60.0
 METRICS_EVERY_S = 5.0
+TAP_PROBE_EVERY_S = 30.0  # while the tap's printer is not known to be reachable
 
 
 class DaemonError(Exception):
@@ -52,12 +59,18 @@ class Daemon:
         self.lanes: dict[str, DeviceLane] = {}
         self.started = 0.0
         self._stop = threading.Event()
-        self._sim: Any = None
+        self.backend: ConfiguredBackend | None = None  # make_backend(), at start
         self._control: Any = None
         self._metrics_server: Any = None
+        self.web: Any = None  # the status page (hostd/web/) unless web_listen is ""
         self._watchdog: Watchdog | None = None
-        self._make_client: Any = None  # a backend factory other than the card API client
+        self.tap: Any = None  # the receipt tap (hostd/tap/service.py) when [tap] enabled
+        self.points: Any = None  # points at the till (hostd/members/service.py), with the tap
+        self.claims: Any = None  # the points claim API (hostd/members/claim.py), if listening
         self._threads: list[threading.Thread] = []
+        self._fleet: Any = None  # the fleet bridge (hostd/fleet/), when [fleet] enabled
+        self._fleet_health: Any = None  # its HealthFeed (health and events), likewise
+        self._remote: Any = None  # answers headquarters (hostd/fleet/remote.py), if configured
         h = cfg.hostd
         self.state_dir = Path(h.state_dir)
         self.journal_path = Path(h.journal or self.state_dir / "journal.sqlite3")
@@ -73,22 +86,53 @@ class Daemon:
             self.keystore = Keystore(self.keystore_path, create=True)
         except (OSError, jr.JournalError, ValueError) as e:
             raise DaemonError(str(e)) from e
-        self._client_args = self._backend()
-        self.reconcile()
+        try:
+            self.backend = backend = make_backend(
+                self.cfg, self._backend_url, on_token_refused=self.metrics.token_refused)
+        except SetupError as e:
+            raise DaemonError(str(e)) from e
+        if self.cfg.fleet.enabled:  # before reconcile: every step that ends goes to the outbox
+            self._start_fleet()
+            if self.cfg.fleet.hq_pubkey_file:  # checked now, started with the handlers
+                self._make_remote()
+        self.reconcile(restart=True)  # no lane runs yet: what is unfinished is a past run's
         for dev in self.cfg.devices:
             lane_cfg = self.cfg.lane(dev.lane)
             assert lane_cfg is not None  # config checks the reference
             self.lanes[dev.id] = DeviceLane(
                 dev.id, dev.kid, dev.lane, finder(dev), self.keystore,
-                lambda lc=lane_cfg: Engine(jr.Journal(self.journal_path), self._client(),
+                lambda lc=lane_cfg: Engine(jr.Journal(self.journal_path), backend.client(),
                                            lc.engine_config()),
                 dict(self.cfg.macros), on_verdict=self._verdict_done, clock=self._clock,
                 rules=dev.rules_message(),
-                settings=dev.settings.values() if dev.settings else None).start()
+                settings=dev.settings.values() if dev.settings else None,
+                provision=provision_hint(self.cfg, dev)).start()  # no key: "no key", waits
         self._start_control()
+        if self._remote is not None:  # it answers from the control handlers
+            self._remote.handlers = self.handlers
+            self._remote.start()
         if self.cfg.hostd.metrics_listen:
             host, _, port = self.cfg.hostd.metrics_listen.rpartition(":")
             self._metrics_server = self.metrics.serve(host.strip("[]"), int(port))
+        if self.cfg.tap.enabled:  # its failures are logged and in status; hostd goes on
+            from hexiao.hostd.tap.service import TapService
+
+            if self.cfg.backend.kind in ("sim", "wechat_card"):  # updateuser: card API only
+                from hexiao.hostd.members.service import PointsService
+
+                self.points = PointsService(
+                    self.journal_path, backend.client, tell=self._tell, clock=self._clock,
+                    member_ttl_s=self.cfg.tap.member_ttl_s,
+                    settle_after_s=self.cfg.backend.settle_after_s).start()
+                if self.cfg.tap.claim_listen:
+                    self._start_claims(backend)
+            self.tap = TapService(self.cfg.tap, metrics=self.metrics,
+                                  probe_every_s=TAP_PROBE_EVERY_S,
+                                  on_finish=self._tap_finished).start_retrying()
+        if self.cfg.hostd.web_listen:  # never raises: a port in use is logged, hostd goes on
+            from hexiao.hostd.web.server import StatusPage
+
+            self.web = StatusPage(self.handlers, self.cfg.hostd.web_listen).start()
         self._spawn(self._reconcile_loop, "reconcile")
         self._spawn(self._metrics_loop, "metrics")
         wd = Watchdog(self.notifier, self.healthy)
@@ -102,16 +146,52 @@ class Daemon:
         self._stop.set()
         if self._watchdog is not None:
             self._watchdog.stop()
+        if self._remote is not None:  # before the lanes: no request waits on a closed lane
+            self._remote.stop()
         if self._control is not None:
             self._control.close()
+        if self.web is not None:
+            self.web.stop()
         for lane in self.lanes.values():
             lane.close()
         for t in self._threads:
             t.join(5)
+        if self._fleet is not None:  # after the lanes: their last steps are in the outbox
+            self._fleet_health.close()
+            self._fleet.stop()
+        if self.tap is not None:
+            self.tap.stop()
+        if self.claims is not None:
+            self.claims.stop()
+        if self.points is not None:  # after the tap: its last receipts are handed over
+            self.points.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
-        if self._sim is not None:
-            self._sim.stop()
+        if self.backend is not None:
+            self.backend.close()  # (the embedded simulator, if any)
+
+    def _start_fleet(self) -> None:
+        from hexiao.hostd.fleet.bridge import Bridge, FleetError
+        from hexiao.hostd.fleet.health import HealthFeed
+
+        try:
+            self._fleet = Bridge(self.cfg.fleet, self.journal_path,
+                                 registry=self.metrics.registry).start()
+        except (FleetError, OSError) as e:
+            raise DaemonError(str(e)) from e
+        # lane/store health and events into the same outbox, from the metrics loop
+        self._fleet_health = HealthFeed(self.journal_path, self._fleet.outbox.place,
+                                        clock=self._clock)
+
+    def _make_remote(self) -> None:
+        from hexiao.hostd.fleet.bridge import FleetError
+        from hexiao.hostd.fleet.remote import Responder
+
+        try:
+            self._remote = Responder(self.cfg.fleet, None, registry=self.metrics.registry,
+                                     clock=self._clock)
+        except (FleetError, OSError) as e:
+            raise DaemonError(str(e)) from e
 
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=f"hexiao-{name}", daemon=True)
@@ -119,66 +199,18 @@ class Daemon:
         self._threads.append(t)
 
     def healthy(self) -> bool:
-        return all(t.is_alive() for lane in self.lanes.values() for t in lane._threads) and all(
+        return all(lane.alive() for lane in self.lanes.values()) and all(
             t.is_alive() for t in self._threads if t.name == "hexiao-reconcile")
-
-    # -- backend ------------------------------------------------------------------------------
-
-    def _backend(self) -> dict[str, Any]:
-        b = self.cfg.backend
-        if b.kind == "wechatpay_busifavor":
-            return self._busifavor()
-        try:
-            args = b.card_client_args()
-        except ConfigError as e:
-            raise DaemonError(f"backend: {e}") from e
-        if self._backend_url:
-            args["base_url"] = self._backend_url
-        elif b.kind == "sim" and not b.base_url:
-            from hexiao.hostd.backends.sim.seed import EXAMPLE, read
-            from hexiao.hostd.backends.sim.server import WeChatSim
-
-            self._sim = WeChatSim(read(EXAMPLE)).start()
-            app = next(iter(self._sim.state.seed.apps.values()))
-            args.update(base_url=self._sim.url, appid=app.appid, secret=app.secret)
-            log.warning("backend: embedded WeChat simulator at %s (kind = \"sim\")",
-                        self._sim.url)
-        if not args["base_url"]:
-            raise DaemonError("backend.base_url: no backend to talk to")
-        return args
-
-    def _busifavor(self) -> dict[str, Any]:
-        from hexiao.hostd.backends.busifavor import BusifavorBackend, BusifavorClient
-
-        b = self.cfg.backend
-        try:
-            args = b.busifavor_args()
-        except (ConfigError, OSError) as e:
-            raise DaemonError(f"backend: {e}") from e
-        if self._backend_url:
-            args["base_url"] = self._backend_url
-        args["base_url"] = args["base_url"] or "https://api.mch.weixin.qq.com"
-        try:  # once now: a wrong key or an unreachable platform says so at start
-            BusifavorClient(**args)
-        except WeChatError as e:
-            raise DaemonError(f"backend: {e} (check backend.mchid, merchant_serial_no, "
-                              "private_key_file and apiv3_key_file)") from e
-        stock = b.stock_id or None
-        self._make_client = lambda: BusifavorBackend(BusifavorClient(**args), stock_id=stock)
-        return args
-
-    def _client(self) -> Any:
-        """A new backend client for one thread (redeem.CardBackend)."""
-        if self._make_client is not None:
-            return self._make_client()
-        return WeChatCardClient(**self._client_args)
 
     # -- reconcile ----------------------------------------------------------------------------
 
-    def reconcile(self) -> list[Verdict]:
-        with jr.Journal(self.journal_path) as journal, contextlib.closing(self._client()) as client:
+    def reconcile(self, *, restart: bool = False) -> list[Verdict]:
+        """Settle unfinished entries; a live lane's own entries are left to it (redeem.owned)."""
+        assert self.backend is not None, "start() first"
+        with jr.Journal(self.journal_path) as journal, \
+                contextlib.closing(self.backend.client()) as client:
             out = Engine(journal, client).reconcile(
-                self._clock(), settle_after_s=self.cfg.backend.settle_after_s)
+                self._clock(), settle_after_s=self.cfg.backend.settle_after_s, restart=restart)
             attention = len(journal.entries(("unknown",)))
         self.metrics.journal_attention(attention)
         if out:
@@ -200,128 +232,69 @@ class Daemon:
             with contextlib.suppress(ValueError):
                 self.metrics.link_counters(info["id"], info["counters"])
         self.metrics.devices_connected(sum(i["state"] == "open" for i in infos))
+        if self._fleet is not None:  # a disk hiccup must not stop the metrics: logged
+            try:
+                self._fleet_health.sample(infos, self.tap.state() if self.tap else None)
+            except Exception:
+                log.exception("fleet: health sample failed")
 
     def _metrics_loop(self) -> None:
         while not self._stop.wait(METRICS_EVERY_S):
             self.sample_metrics()
 
+    def _start_claims(self, backend: ConfiguredBackend) -> None:
+        """The points claim API (hostd/members/claim.py): needs the tap key to verify tokens.
+        Like the tap, its failure is logged and hostd goes on."""
+        from hexiao.hostd.members.claim import Claims, ClaimServer
+        from hexiao.hostd.tap.keys import KeyFileError, read_key
+
+        tap = self.cfg.tap
+        try:
+            if tap.key_file is None:
+                raise KeyFileError("tap.key_file is needed to verify receipt tokens")
+            claims = Claims(self.journal_path, backend.client, [read_key(tap.key_file)],
+                            max_age_s=tap.claim_max_age_s, clock=self._clock)
+            self.claims = ClaimServer(claims, tap.claim_listen).start()
+        except (KeyFileError, OSError) as e:
+            log.error("points claim API not started: tap.claim_listen %s: %s",
+                      tap.claim_listen, e)
+
+    def _tap_finished(self, rec: Any) -> None:
+        if self.points is not None:
+            self.points.receipts(self.cfg.tap.lane, rec.receipts)
+
+    def _tell(self, device: str, msg: dict[str, Any]) -> None:
+        lane = self.lanes.get(device)
+        if lane is not None:
+            lane.tell(msg)
+
     def _verdict_done(self, device: str, v: Verdict, seconds: float) -> None:
         self.metrics.redemption(v.outcome, v.card_type, seconds, reason=v.reason)
+        if self.points is not None and v.outcome == "identified":
+            lane = self.lanes.get(device)
+            self.points.member_scanned(device, lane.lane if lane else "", v)
+        if self._fleet is not None and v.reason == "quota":
+            lane = self.lanes.get(device)
+            self._fleet_health.quota_refused(lane.lane if lane else "@store", device)
         log.info("verdict", extra={"device": device, "outcome": v.outcome, "reason": v.reason,
                                    "code": v.code_tail, "seconds": round(seconds, 3)})
 
     # -- control socket -----------------------------------------------------------------------
 
     def _start_control(self) -> None:
+        from hexiao.hostd.control.handlers import ControlHandlers
         from hexiao.hostd.control.server import ControlServer
 
-        self._control = ControlServer(str(self.cfg.hostd.control_socket), self)
+        self.handlers = ControlHandlers(
+            self.lanes, self.journal_path, self.cfg, reconcile=self.reconcile,
+            started=self.started, clock=self._clock,
+            capture_max_bytes=self.cfg.hostd.capture_max_bytes,
+            tap_state=lambda: self.tap.state() if self.tap is not None else {"state": "off"})
+        self._control = ControlServer(str(self.cfg.hostd.control_socket), self.handlers)
         self._control.start()
 
-    def _lane(self, device: str) -> DeviceLane:
-        from hexiao.hostd.control.server import ControlError
-
-        lane = self.lanes.get(device)
-        if lane is None:
-            raise ControlError("not_found", f"no device {device!r}; known: "
-                               + (", ".join(sorted(self.lanes)) or "none"))
-        return lane
-
-    def _ask(self, device: str, msg: dict[str, Any], answer: str) -> dict[str, Any]:
-        from hexiao.hostd.control.server import ControlError
-
-        try:
-            reply = self._lane(device).request(msg, answer)
-        except ConnectionError as e:
-            raise ControlError("unavailable", str(e)) from e
-        except TimeoutError as e:
-            raise ControlError("timeout", str(e)) from e
-        return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in reply.items()}
-
-    def status(self) -> dict[str, Any]:
-        with jr.Journal(self.journal_path) as journal:
-            attention = [e.id for e in journal.entries(("unknown",))]
-        return {"pid": os.getpid(), "uptime_s": round(self._clock() - self.started, 1),
-                "backend": self.cfg.backend.kind, "journal": str(self.journal_path),
-                "devices": {d: lane.state for d, lane in self.lanes.items()},
-                "verify_manually": attention}
-
-    def device_list(self) -> list[dict[str, Any]]:
-        return [lane.info() for lane in self.lanes.values()]
-
     def device_info(self, device: str) -> dict[str, Any]:
-        return self._lane(device).info()
+        """One lane's state, as `hexiao device info` shows it (for callers holding the daemon;
+        the control commands are self.handlers')."""
+        return self.handlers.device_info(device)
 
-    def device_ping(self, device: str) -> dict[str, Any]:
-        t = time.monotonic()
-        self._ask(device, {"type": "ping", "data": b"hexiao"}, "pong")
-        return {"device": device, "rtt_ms": round((time.monotonic() - t) * 1000, 1)}
-
-    def device_health(self, device: str) -> dict[str, Any]:
-        return self._ask(device, {"type": "health_get"}, "health")
-
-    def device_logs(self, device: str, since: int | None = None,
-                    max: int | None = None) -> dict[str, Any]:
-        msg: dict[str, Any] = {"type": "logs_get"}
-        if since is not None:
-            msg["since"] = since
-        if max is not None:
-            msg["max"] = max
-        return self._ask(device, msg, "logs")
-
-    def capture_start(self, device: str, path: str) -> dict[str, Any]:
-        from hexiao.hostd.control.server import ControlError
-
-        if not os.path.isabs(path):
-            raise ControlError("bad_request", f"give an absolute path (hostd's cwd is not "
-                                              f"yours): {path}")
-        try:
-            return self._lane(device).capture(path)
-        except FileExistsError as e:
-            raise ControlError("bad_request", str(e) if "already" in str(e) else
-                               f"{path} exists: captures never overwrite a file") from e
-        except OSError as e:
-            raise ControlError("bad_request", f"cannot create {path}: {e.strerror} "
-                                              f"(hostd writes it as its own user)") from e
-
-    def capture_stop(self, device: str) -> dict[str, Any]:
-        from hexiao.hostd.control.server import ControlError
-
-        try:
-            return self._lane(device).capture(None)
-        except LookupError as e:
-            raise ControlError("bad_request", str(e)) from e
-
-    def journal_list(self, state: list[str] | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        with jr.Journal(self.journal_path) as journal:
-            entries = journal.entries(state)[-limit:]
-        return [_entry(e) for e in entries]
-
-    def journal_show(self, entry_id: int) -> dict[str, Any]:
-        from hexiao.hostd.control.server import ControlError
-
-        with jr.Journal(self.journal_path) as journal:
-            try:
-                e = journal.get(entry_id)
-            except KeyError as exc:
-                raise ControlError("not_found", f"no journal entry {entry_id}") from exc
-            steps = [{"step": s.step, "at": _when(s.at), "detail": s.detail}
-                     for s in journal.steps(entry_id)]
-        return {**_entry(e), "steps": steps}
-
-    def journal_reconcile(self) -> dict[str, Any]:
-        out = self.reconcile()
-        return {"settled": [v.entry_id for v in out if v.outcome != "verify_manually"],
-                "still_unknown": [v.entry_id for v in out if v.outcome == "verify_manually"]}
-
-
-def _when(t: float) -> str:
-    """A journal time as support reads it: local ISO 8601 to the millisecond, with its offset."""
-    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
-
-
-def _entry(e: jr.Entry) -> dict[str, Any]:
-    return {"id": e.id, "lane": e.lane, "state": e.state, "outcome": e.outcome,
-            "reason": e.reason, "code": tail(e.code or e.scanned), "created": _when(e.created),
-            "updated": _when(e.updated), "title": e.detail.get("title"),
-            "card_type": e.detail.get("card_type")}

@@ -13,7 +13,9 @@ Rules this module keeps:
   it is reconciled.
 - A file that is not a readable journal raises JournalCorrupt naming the file; it is never
   deleted, rewritten or "repaired" here.
-- Time is passed in (Unix seconds); nothing here reads a clock.
+- Time is passed in (Unix seconds); nothing here reads a clock. Each step keeps the time the
+  caller gives it (its own, not the scan's); an entry's `updated` is its last state change.
+- An empty reason clears it (NULL): a row has a reason or none, never "".
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,8 @@ NEXT: dict[str, frozenset[str]] = {
 _ACTIVE_SQL = "state IN ('received','checked','consume_sent','unknown')"
 _RECENT_INDEX = ("CREATE INDEX IF NOT EXISTS scanned_by_time "
                  "ON redemptions(scanned, created)")
+# consumed_here() runs for every scan: by code as well as by scanned text
+_CODE_INDEX = "CREATE INDEX IF NOT EXISTS code_by_time ON redemptions(code, updated)"
 _SCHEMA = [  # statement by statement: executescript would commit our transaction
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
     """CREATE TABLE redemptions (
@@ -122,6 +126,24 @@ def _writer_lock(path: Path) -> threading.Lock:
         return _WRITERS.setdefault(os.path.realpath(path), threading.Lock())
 
 
+# A part that reports finished entries (the fleet outbox, hostd/fleet/outbox.py) registers a
+# hook per journal file; every Journal on that file calls it inside the transaction of a step
+# that ends or suspends an entry (done, unknown, corrected), with the connection and the entry
+# as written, so its own row commits with the step or not at all. A hook that raises aborts
+# the step. No hook (the default): nothing is called.
+StepHook = Callable[[sqlite3.Connection, "Entry", str, float], None]
+_STEP_HOOKS: dict[str, StepHook] = {}
+
+
+def set_step_hook(path: str | os.PathLike[str], hook: StepHook | None) -> None:
+    """Register (or with None, remove) the step hook of the journal file at `path`."""
+    with _WRITERS_GUARD:
+        if hook is None:
+            _STEP_HOOKS.pop(os.path.realpath(path), None)
+        else:
+            _STEP_HOOKS[os.path.realpath(path)] = hook
+
+
 class Journal:
     """One connection to the journal file. Use one per thread (like one per lane)."""
 
@@ -134,6 +156,7 @@ class Journal:
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
         self._writer = _writer_lock(self.path)
+        self._hook_key = os.path.realpath(self.path)
         try:
             self._open()
         except sqlite3.DatabaseError as e:
@@ -166,6 +189,7 @@ class Journal:
                 f"schema version {row and row[0]}, this hostd reads {SCHEMA_VERSION}")
         with self._tx():  # recent() runs for every scan: an index, not a walk of the journal
             self._db.execute(_RECENT_INDEX)
+            self._db.execute(_CODE_INDEX)
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -180,6 +204,21 @@ class Journal:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on this connection, for parts that keep their own tables in the
+        journal's file (the fleet outbox): committed when the block ends, rolled back if it
+        raises."""
+        with self._tx():
+            yield self._db
+
+    def _report(self, entry_id: int, step: str, now: float) -> None:
+        hook = _STEP_HOOKS.get(self._hook_key)
+        if hook is not None:  # inside the caller's transaction (set_step_hook)
+            row = self._db.execute(f"SELECT {_COLS} FROM redemptions WHERE id = ?",
+                                   (entry_id,)).fetchone()
+            hook(self._db, _entry(row), step, now)
 
     def close(self) -> None:
         self._db.close()
@@ -238,11 +277,25 @@ class Journal:
             merged = {**json.loads(row[0]), **(detail or {})}
             self._db.execute(
                 "UPDATE redemptions SET state = ?, outcome = coalesce(?, outcome), "
-                "reason = coalesce(?, reason), updated = ?, detail = ? WHERE id = ?",
+                "reason = nullif(coalesce(?, reason), ''), updated = ?, detail = ? WHERE id = ?",
                 (state, outcome, reason, now, json.dumps(merged, ensure_ascii=False), entry_id))
             step_detail = {k: v for k, v in (("outcome", outcome), ("reason", reason)) if v}
             self._step(entry_id, step or state, now, step_detail)
+            if state in ("done", "unknown"):
+                self._report(entry_id, step or state, now)
         return self.get(entry_id)
+
+    def annotate(self, entry_id: int, step: str, now: float, detail: dict[str, Any]) -> None:
+        """Merge `detail` into an entry (any state) with a step record; state unchanged."""
+        with self._tx():
+            row = self._db.execute("SELECT detail FROM redemptions WHERE id = ?",
+                                   (entry_id,)).fetchone()
+            if row is None:
+                raise KeyError(entry_id)
+            merged = {**json.loads(row[0]), **detail}
+            self._db.execute("UPDATE redemptions SET detail = ? WHERE id = ?",
+                             (json.dumps(merged, ensure_ascii=False), entry_id))
+            self._step(entry_id, step, now, detail)
 
     def correct(self, entry_id: int, outcome: str, now: float, *, why: str) -> Entry:
         """Change a `done` entry's outcome when the truth arrives late (with a step saying why).
@@ -257,6 +310,7 @@ class Journal:
             if cur.rowcount != 1:
                 raise StaleState(f"entry {entry_id} is not done")
             self._step(entry_id, "corrected", now, {"outcome": outcome, "why": why})
+            self._report(entry_id, "corrected", now)
         return self.get(entry_id)
 
     def _step(self, entry_id: int, step: str, now: float, detail: dict[str, Any]) -> None:
@@ -287,6 +341,26 @@ class Journal:
         rows = self._db.execute(
             f"SELECT {_COLS} FROM redemptions WHERE scanned = ? AND created >= ? "
             "ORDER BY id DESC", (scanned, since))
+        return [_entry(r) for r in rows]
+
+    def consumed_here(self, scanned: str, lane: str, since: float) -> Entry | None:
+        """The newest entry of this lane, accepted at or after `since`, whose scanned text or
+        code is `scanned`; None if there is none."""
+        row = self._db.execute(
+            f"SELECT {_COLS} FROM redemptions WHERE id IN ("
+            "SELECT id FROM redemptions WHERE scanned = ? UNION "
+            "SELECT id FROM redemptions WHERE code = ?) AND lane = ? AND state = 'done' "
+            "AND outcome = 'accepted' AND updated >= ? ORDER BY id DESC LIMIT 1",
+            (scanned, scanned, lane, since)).fetchone()
+        return None if row is None else _entry(row)
+
+    def latest(self, states: Iterable[str] | None = None, limit: int = 50) -> list[Entry]:
+        """The newest `limit` entries (in these states), newest first."""
+        where, args = "", [*(states or ())]
+        if states is not None:
+            where = f"WHERE state IN ({','.join('?' * len(args))}) "
+        rows = self._db.execute(
+            f"SELECT {_COLS} FROM redemptions {where}ORDER BY id DESC LIMIT ?", [*args, limit])
         return [_entry(r) for r in rows]
 
     def steps(self, entry_id: int) -> list[Step]:

@@ -3,7 +3,8 @@
 Exit status: 0 stopped cleanly (SIGTERM/SIGINT); 1 could not start (one line says why: another
 hostd on the same journal or control socket, a state folder it cannot create...); 2 the
 configuration is invalid (every problem is listed, one per line) or bad options.
-`--check-config` validates the file and exits (0 valid, 2 not).
+`--check-config` validates the file and exits (0 valid, 2 not: also when a configured device has
+no key in the keystore; hostd itself starts without it and shows that device as "no key").
 
 Logs: readable lines on a terminal, JSON lines otherwise (journald, files); `--log-format`
 chooses. A "stopping" line is logged when a signal asks hostd to stop.
@@ -52,6 +53,11 @@ def main(config_path: Path, check_config: bool, backend_url: str | None,
             click.echo(f"config {config_path}: {line}", err=True)
         sys.exit(2)
     if check_config:
+        unkeyed = private.missing_keys(cfg)  # at start a lane without its key waits ("no key")
+        if unkeyed:
+            for line in unkeyed:
+                click.echo(f"config {config_path}: {line}", err=True)
+            sys.exit(2)
         click.echo(f"{config_path}: ok ({len(cfg.devices)} device(s), {len(cfg.lanes)} "
                    f"lane(s), backend {cfg.backend.kind})")
         return

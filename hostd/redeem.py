@@ -12,12 +12,27 @@ Rules this module keeps:
   read-only query (check_consume=false) then settles it: CONSUMED -> accepted; NORMAL after a
   settled reply -> not consumed (the cashier may scan again, which re-checks); anything else
   stays `unknown` = "verify manually", listed for support, until reconcile() settles it.
-- reconcile(): entries stopped before `consume_sent` never sent a consume: closed as abandoned.
-  Entries in `consume_sent`/`unknown` are queried, never consumed: CONSUMED -> accepted;
-  NORMAL -> not_consumed; unreachable -> stay unknown. An entry younger than `settle_after_s`
-  is left alone while in `consume_sent` (a live lane owns it) and never read as not consumed
-  (its consume may still land).
+- "Verify manually" only when a consume's outcome is truly unknown. Known not to be consumed is
+  "not redeemed, scan again" (not_redeemed); a refusal no rescan can fix is "setup problem,
+  call support" (setup, with `why` in the verdict and the journal: token, errcode N, custom
+  code, journal); the daily quota (45009) is `quota`, and this engine then stops calling the
+  API until midnight China time (quota_reset_after).
+- A code this journal consumed on this lane within `redeemed_here_s` and scanned again is
+  accepted again as `redeemed_here` (its age, value and the macro_id it was typed with), never
+  "already used": the cashier may not have heard the first, late, verdict. Nothing is sent.
+- reconcile() touches only entries no live worker owns: never one an Engine of this process is
+  redeeming (owned()); others only after a restart or once idle `settle_after_s` (their last
+  step's time). Entries stopped before `consume_sent` never sent a consume: closed as
+  abandoned. Entries in `consume_sent`/`unknown` are queried, never consumed: CONSUMED ->
+  accepted; NORMAL -> not_consumed; unreachable -> stay unknown. One whose consume was sent
+  less than `settle_after_s` ago is never read as not consumed (it may still land).
+- Each journal step carries its own time: the scan's `now` plus the time spent since (a
+  monotonic clock), so a slow backend call shows in the journal and in reconcile's ages.
 - Logs show a coupon code as its last 4 characters only (tail()).
+- Tickets (film, attraction, meeting, boarding) are redeemed like coupons; their verdict value
+  holds what the cashier checks: the card's fields (flight, from, to, departure_time...), the
+  code's own details when the backend gives them (seat_number, show_time, passenger_name...)
+  and the code's window (valid_from, valid_until).
 """
 
 from __future__ import annotations
@@ -26,19 +41,23 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import re
 import socket
 import sqlite3
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-import httpx
 from hexiao.hostd import journal as jr
-from hexiao.hostd.backends.wechat_card import (
+from hexiao.hostd.backends.base import (
     AlreadyConsumed,
     ApiError,
     Busy,
+    CardBackend,
     CardUnavailable,
     CodeInfo,
     InvalidCode,
@@ -46,7 +65,7 @@ from hexiao.hostd.backends.wechat_card import (
     Offline,
     OutcomeUnknown,
     QuotaExceeded,
-    WeChatCardClient,
+    TokenError,
     WeChatError,
 )
 
@@ -55,14 +74,32 @@ log = logging.getLogger("hexiao.redeem")
 Outcome = Literal["accepted", "refused", "offline", "verify_manually", "identified"]
 Reason = Literal["already_used", "expired", "not_yet_valid", "gifting", "deleted",
                  "unavailable", "not_this_merchant", "invalid_code", "busy", "offline",
-                 "in_progress", "unknown"]
-CONSUMABLE = ("NORMAL", "GIFT_TIMEOUT")  # a gift that timed out is back with its owner
+                 "in_progress", "unknown", "not_redeemed", "setup", "quota", "redeemed_here"]
+CONSUMABLE = ("NORMAL",)  # GIFT_TIMEOUT too is refused by consume (the platform, 40127)
 _STATUS_REASON: dict[str, Reason] = {
     "CONSUMED": "already_used", "EXPIRE": "expired", "GIFTING": "gifting", "DELETE": "deleted",
     "UNAVAILABLE": "unavailable", "GIFT_SUCC": "invalid_code",  # given away: not theirs now
 }
 _REASONS = frozenset(Reason.__args__)  # type: ignore[attr-defined]
 _PLAIN = re.compile(r"[0-9A-Za-z_-]{1,40}")
+_CHINA = 8 * 3600  # WeChat's daily quotas reset at midnight China time (UTC+8, no DST)
+
+# (journal file, scanned text) -> redemptions of it under way in this process: reconcile leaves
+# their entries to the worker that owns them
+_LIVE: Counter[tuple[str, str]] = Counter()
+_LIVE_LOCK = threading.Lock()
+
+
+def owned(journal_path: str | os.PathLike[str]) -> frozenset[str]:
+    """The scanned texts this process's engines are redeeming now on this journal."""
+    where = os.path.realpath(journal_path)
+    with _LIVE_LOCK:
+        return frozenset(s for (p, s), n in _LIVE.items() if p == where and n > 0)
+
+
+def quota_reset_after(t: float) -> float:
+    """The next midnight China time after Unix time t (when a 45009 daily quota resets)."""
+    return (int(t + _CHINA) // 86_400 + 1) * 86_400 - _CHINA
 
 
 def tail(code: str) -> str:
@@ -82,6 +119,9 @@ class Verdict:
     # CASH: reduce_cost, least_cost (fen); DISCOUNT: discount (percent off); GIFT: gift;
     # GROUPON: deal_detail; GENERAL_COUPON: default_detail; MEMBER_CARD: prerogative
     value: dict[str, Any] = field(default_factory=dict)
+    why: str = ""  # reason "setup": what support should look at (token, errcode N, ...)
+    age_s: float | None = None  # reason "redeemed_here": seconds since this journal consumed it
+    macro_id: int | None = None  # the macro id this entry was typed with, if one was sent
 
 
 @dataclass(frozen=True)
@@ -95,12 +135,19 @@ class LaneConfig:
     verify_unknown: bool = True  # query at once after an unknown consume outcome
     # custom-code cards need their card_id with the code (41012): the ones this lane takes
     custom_code_card_ids: tuple[str, ...] = ()
+    # a code consumed here scanned again within this many seconds: "redeemed here" (0: off)
+    redeemed_here_s: float = 900.0
 
 
 _VALUE_FIELDS = {"CASH": ("reduce_cost", "least_cost"), "DISCOUNT": ("discount",),
                  "GIFT": ("gift",), "GROUPON": ("deal_detail",),
                  "GENERAL_COUPON": ("default_detail",),
-                 "MEMBER_CARD": ("prerogative", "supply_bonus", "supply_balance")}
+                 "MEMBER_CARD": ("prerogative", "supply_bonus", "supply_balance"),
+                 "MOVIE_TICKET": ("detail",), "SCENIC_TICKET": ("ticket_class",),
+                 "MEETING_TICKET": ("meeting_detail",),
+                 "BOARDING_PASS": ("from", "to", "flight", "departure_time", "boarding_time",
+                                   "gate")}
+TICKETS = ("MOVIE_TICKET", "SCENIC_TICKET", "MEETING_TICKET", "BOARDING_PASS")
 
 
 def looks_encrypted(scanned: str) -> bool:
@@ -113,22 +160,10 @@ def looks_encrypted(scanned: str) -> bool:
     return len(raw) >= 16 and len(raw) % 16 == 0
 
 
-class CardBackend(Protocol):
-    """What the engine needs of a backend: the WeChat card API client (wechat_card.py) and the
-    WeChat Pay merchant-coupon backend (busifavor.py) both provide it."""
-
-    def decrypt(self, encrypt_code: str) -> str: ...
-    def get_code(self, code: str, card_id: str | None = None, *,
-                 check_consume: bool = True) -> CodeInfo: ...
-    def get_card(self, card_id: str) -> dict[str, Any]: ...
-    def consume(self, code: str, card_id: str | None = None, *, request_no: str) -> str: ...
-    def close(self) -> None: ...
-
-
 class Engine:
     """One lane's engine. Give each thread its own Journal connection and client."""
 
-    def __init__(self, journal: jr.Journal, client: CardBackend | WeChatCardClient,
+    def __init__(self, journal: jr.Journal, client: CardBackend,
                  config: LaneConfig | None = None,
                  hook: Callable[[str], None] | None = None) -> None:
         self.journal, self.client = journal, client
@@ -139,6 +174,13 @@ class Engine:
         # retried use of one entry is one use, and two tills of one merchant never collide
         where = f"{socket.gethostname()}|{journal.path.resolve()}|{self.config.lane}"
         self._request_prefix = "hx" + hashlib.sha256(where.encode()).hexdigest()[:12]
+        self._file = os.path.realpath(journal.path)
+        self._quota_until = 0.0  # 45009 seen: no API call before this time
+        self._t0, self._now = time.monotonic(), 0.0
+
+    def _at(self) -> float:
+        """This step's own time: the scan's `now` plus the time spent since."""
+        return self._now + (time.monotonic() - self._t0)
 
     def request_no(self, entry_id: int) -> str:
         return f"{self._request_prefix}-{entry_id}"
@@ -147,9 +189,27 @@ class Engine:
 
     def redeem(self, scanned: str, now: float,
                origin: dict[str, Any] | None = None) -> Verdict:
+        self._t0, self._now = time.monotonic(), now
+        if not scanned.isprintable():  # control bytes, DEL: no coupon code holds them
+            return Verdict("refused", "invalid_code", tail(scanned))
+        live = (self._file, scanned)
+        with _LIVE_LOCK:  # before the first write: reconcile never sees it unowned
+            _LIVE[live] += 1
+        try:
+            return self._redeem(scanned, now, origin)
+        finally:
+            with _LIVE_LOCK:
+                _LIVE[live] -= 1
+                if _LIVE[live] <= 0:
+                    del _LIVE[live]
+
+    def _redeem(self, scanned: str, now: float, origin: dict[str, Any] | None) -> Verdict:
         mode = self.config.decrypt
         encrypted = mode == "always" or (mode == "auto" and looks_encrypted(scanned))
         try:
+            here = self._redeemed_here(scanned, now, origin)
+            if here is not None:
+                return here
             # a plain code is known now: the unique index covers it from the first write
             entry = self.journal.begin(scanned, self.config.lane, now,
                                        code=None if encrypted else scanned, origin=origin)
@@ -158,7 +218,7 @@ class Engine:
             return Verdict("refused", "in_progress", tail(scanned))
         except sqlite3.Error as e:  # disk full, I/O error: nothing written, nothing sent
             log.error("journal write failed before %s: %s", tail(scanned), e)
-            return Verdict("refused", "unknown", tail(scanned))
+            return Verdict("refused", "setup", tail(scanned), why="journal")
         self._hook("received")
         try:
             v = self._run(entry.id, scanned, encrypted, now)
@@ -170,61 +230,104 @@ class Engine:
         log.info("redeem %s: %s %s", v.code_tail, v.outcome, v.reason or "")
         return v
 
+    def _redeemed_here(self, scanned: str, now: float,
+                       origin: dict[str, Any] | None) -> Verdict | None:
+        """A code this lane consumed within redeemed_here_s, scanned again: said so, green."""
+        window = self.config.redeemed_here_s
+        if window <= 0:
+            return None
+        entry = self.journal.consumed_here(scanned, self.config.lane, now - window)
+        if entry is None:
+            return None
+        self.journal.note(entry.id, "rescanned", self._at(), **(origin or {}))
+        v = self._verdict(entry)
+        age = max(0.0, now - entry.updated)
+        log.info("redeem %s: redeemed here %.0f s ago (entry %d)", v.code_tail, age, entry.id)
+        return Verdict("accepted", "redeemed_here", v.code_tail, entry.id, v.card_id, v.title,
+                       v.card_type, v.value, age_s=age, macro_id=v.macro_id)
+
+    def macro_sent(self, entry_id: int, macro_id: int, now: float) -> None:
+        """Record the macro id an accepted entry's keys went out with: a rescan that says
+        "redeemed here" offers the same id, which a device that typed it will not type again."""
+        try:
+            self.journal.annotate(entry_id, "macro_sent", now, {"macro_id": macro_id})
+        except sqlite3.Error as e:  # the macro still goes; a rescan then offers a new id
+            log.error("journal: macro id of entry %d not recorded: %s", entry_id, e)
+
     def _run(self, eid: int, scanned: str, encrypted: bool, now: float) -> Verdict:
         code = scanned
+        if now < self._quota_until:  # no call can succeed before midnight: none is made
+            return self._close(eid, "received", "refused", "quota")
         if encrypted:
-            self.journal.note(eid, "decrypt_sent", now)
+            self.journal.note(eid, "decrypt_sent", self._at())
             self._hook("decrypt_sent")
             try:
                 code = self.client.decrypt(scanned)
-                self.journal.set_code(eid, code, now)
+                self.journal.set_code(eid, code, self._at())
             except jr.InFlight:
-                return self._close(eid, "received", now, "refused", "in_progress")
+                return self._close(eid, "received", "refused", "in_progress")
             except WeChatError as e:
-                return self._close(eid, "received", now, *_refusal(e))
-        self.journal.note(eid, "get_sent", now)
+                return self._refused(eid, "received", e, now)
+        self.journal.note(eid, "get_sent", self._at())
         self._hook("get_sent")
         try:
             info = self._get_code(code)
             if info.status == "CONSUMED":
-                return self._close(eid, "received", now, "refused", "already_used")
+                return self._close(eid, "received", "refused", "already_used")
             card = self.client.get_card(info.card_id)
         except CardUnavailable:
-            return self._close(eid, "received", now, "refused", self._why_unavailable(code))
+            return self._close(eid, "received", "refused", self._why_unavailable(code))
         except WeChatError as e:
-            return self._close(eid, "received", now, *_refusal(e))
+            return self._refused(eid, "received", e, now)
         detail = describe(card)
+        if detail["card_type"] in TICKETS:  # what the cashier checks (module rules)
+            window = {"valid_from": info.begin_time, "valid_until": info.end_time}
+            detail["value"] = {**detail["value"], **{k: v for k, v in window.items() if v},
+                               **getattr(info, "ticket", {})}
         refusal = self._check(info, card, now)
         if refusal is not None:
-            return self._close(eid, "received", now, "refused", refusal, detail)
+            return self._close(eid, "received", "refused", refusal, detail)
         if detail["card_type"] == "MEMBER_CARD":
-            return self._close(eid, "received", now, "identified", None, detail)
-        self.journal.advance(eid, "received", "checked", now, detail=detail)
+            return self._close(eid, "received", "identified", None, detail)
+        self.journal.advance(eid, "received", "checked", self._at(), detail=detail)
         self._hook("checked")
-        self.journal.advance(eid, "checked", "consume_sent", now)
+        self.journal.advance(eid, "checked", "consume_sent", self._at())
         self._hook("consume_sent")
         try:
             self.client.consume(code, info.card_id, request_no=self.request_no(eid))
         except OutcomeUnknown as e:
-            return self._unknown(eid, code, now, e)
+            return self._unknown(eid, code, e)
         except AlreadyConsumed:
-            return self._close(eid, "consume_sent", now, "refused", "already_used", detail)
+            return self._close(eid, "consume_sent", "refused", "already_used", detail)
         except CardUnavailable:
-            return self._close(eid, "consume_sent", now, "refused", "unavailable", detail)
+            return self._close(eid, "consume_sent", "refused", "unavailable", detail)
         except NotInTimeWindow:
-            return self._close(eid, "consume_sent", now, "refused", "not_yet_valid", detail)
+            return self._close(eid, "consume_sent", "refused", "not_yet_valid", detail)
         except WeChatError as e:
             # refused before acting (token, quota, unreachable): nothing was consumed
-            return self._close(eid, "consume_sent", now, *_refusal(e), detail)
+            return self._refused(eid, "consume_sent", e, now, detail)
         self._hook("consume_replied")
         try:
-            return self._close(eid, "consume_sent", now, "accepted", None, detail)
+            return self._close(eid, "consume_sent", "accepted", None, detail)
         except jr.StaleState:
             # reconcile closed it while our consume was out (settle_after_s set too short):
             # the reply is the truth, and the books must show the consume
-            entry = self.journal.correct(eid, "accepted", now, why="consume reply after reconcile")
+            entry = self.journal.correct(eid, "accepted", self._at(),
+                                         why="consume reply after reconcile")
             log.error("consume %s: accepted after reconcile had closed the entry", tail(code))
             return self._verdict(entry)
+
+    def _refused(self, eid: int, state: str, e: WeChatError, now: float,
+                 detail: dict[str, Any] | None = None) -> Verdict:
+        """Close an entry whose call failed without touching the code."""
+        outcome, reason, why = _refusal(e)
+        if reason == "quota":
+            self._quota_until = quota_reset_after(now)
+            log.error("backend daily quota used up (45009): no calls until %s UTC+8 midnight",
+                      time.strftime("%Y-%m-%d", time.gmtime(self._quota_until + _CHINA)))
+        elif reason == "setup":
+            log.error("backend refused a call: setup problem (%s): %s", why, e)
+        return self._close(eid, state, outcome, reason, detail, why=why)
 
     def _journal_failed(self, eid: int, scanned: str, e: sqlite3.Error) -> Verdict:
         """A journal write failed mid-way. Safe, because each write precedes its network call:
@@ -234,7 +337,9 @@ class Engine:
             sent = self.journal.get(eid).state in ("consume_sent", "unknown")
         except sqlite3.Error:
             sent = True  # cannot tell: assume the worst
-        return Verdict("verify_manually" if sent else "refused", "unknown", tail(scanned), eid)
+        if sent:
+            return Verdict("verify_manually", "unknown", tail(scanned), eid)
+        return Verdict("refused", "setup", tail(scanned), eid, why="journal")
 
     def _get_code(self, code: str) -> CodeInfo:
         try:
@@ -252,7 +357,7 @@ class Engine:
 
     def _check(self, info: CodeInfo, card: dict[str, Any], now: float) -> Reason | None:
         if info.status not in CONSUMABLE:
-            return _STATUS_REASON.get(info.status, "unknown")
+            return _STATUS_REASON.get(info.status, "unavailable")
         if info.begin_time is not None and now < info.begin_time:
             return "not_yet_valid"
         if info.end_time is not None and now > info.end_time:
@@ -265,7 +370,8 @@ class Engine:
         if cfg.location_id is not None and stores and cfg.location_id not in stores:
             return "not_this_merchant"
         sub = (base.get("sub_merchant_info") or {}).get("merchant_id")
-        if sub is not None and sub != cfg.sub_merchant_id:
+        # sub_merchant_id absent = any sub-merchant of this appid (as the config documents)
+        if cfg.sub_merchant_id is not None and sub is not None and sub != cfg.sub_merchant_id:
             return "not_this_merchant"
         return None
 
@@ -277,15 +383,15 @@ class Engine:
             return "unavailable"
         return _STATUS_REASON.get(status, "unavailable")
 
-    def _unknown(self, eid: int, code: str, now: float, e: OutcomeUnknown) -> Verdict:
-        self.journal.advance(eid, "consume_sent", "unknown", now, reason="unknown")
+    def _unknown(self, eid: int, code: str, e: OutcomeUnknown) -> Verdict:
+        self.journal.advance(eid, "consume_sent", "unknown", self._at(), reason="unknown")
         self._hook("unknown")
         log.warning("consume %s: outcome unknown (%s)", tail(code), e)
         if self.config.verify_unknown:
             cause: Reason = "busy" if isinstance(e.cause, Busy) else \
-                "offline" if isinstance(e.cause, httpx.TransportError) else "unknown"
-            settled = self._settle(eid, "unknown", code, now, may_be_in_flight=not e.settled,
-                                   not_applied=cause)
+                "offline" if e.transport else "not_redeemed"
+            settled = self._settle(eid, "unknown", code, self._at(),
+                                   may_be_in_flight=not e.settled, not_applied=cause)
             if settled is not None:
                 return settled
         return self._verdict(self.journal.get(eid))
@@ -317,15 +423,29 @@ class Engine:
 
     # --- reconcile ---------------------------------------------------------------------
 
-    def reconcile(self, now: float, *, settle_after_s: float = 60.0) -> list[Verdict]:
-        """Settle every unfinished entry (after a crash or a lost reply). Never consumes.
+    def reconcile(self, now: float, *, settle_after_s: float = 60.0, restart: bool = False,
+                  live: frozenset[str] | None = None) -> list[Verdict]:
+        """Settle unfinished entries no live worker owns (after a crash or a lost reply).
+        Never consumes.
 
-        settle_after_s must exceed the client's timeout: younger entries may still be in flight.
+        live: scanned texts being redeemed now (default: this process's engines, owned());
+        they are never touched. An entry stopped before consume_sent is closed after a restart
+        (restart=True: no worker runs) or once idle settle_after_s (another process may run
+        it). One in consume_sent/unknown is only queried; settle_after_s must exceed the
+        client's timeout: a consume sent less long ago may still land, so it is left alone in
+        consume_sent and never read as not consumed.
         """
         out: list[Verdict] = []
+        busy = owned(self.journal.path) if live is None else live
         for entry in self.journal.entries(jr.ACTIVE):
+            if entry.scanned in busy:
+                continue  # its worker finishes it
             try:
+                steps = self.journal.steps(entry.id)
                 if entry.state in ("received", "checked"):
+                    idle = now - max((s.at for s in steps), default=entry.updated)
+                    if not restart and idle < settle_after_s:
+                        continue  # maybe another process's worker: not yet an orphan
                     # consume_sent is written before any consume: none was sent for this one
                     out.append(self._verdict(self.journal.advance(
                         entry.id, entry.state, "done", now, outcome="abandoned",
@@ -333,8 +453,8 @@ class Engine:
                     continue
                 if entry.code is None:
                     continue
-                sent_at = max((s.at for s in self.journal.steps(entry.id)
-                               if s.step == "consume_sent"), default=entry.updated)
+                sent_at = max((s.at for s in steps if s.step == "consume_sent"),
+                              default=entry.updated)
                 young = now - sent_at < settle_after_s
                 if young and entry.state == "consume_sent":
                     # a live lane may be waiting for this consume's reply: leave it to the lane
@@ -347,7 +467,7 @@ class Engine:
         return out
 
     def _settle(self, eid: int, state: str, code: str, now: float, *,
-                may_be_in_flight: bool, not_applied: Reason = "unknown") -> Verdict | None:
+                may_be_in_flight: bool, not_applied: Reason = "not_redeemed") -> Verdict | None:
         """Query a maybe-consumed code; close the entry if the answer is certain."""
         if state == "consume_sent":
             self.journal.advance(eid, "consume_sent", "unknown", now, reason="unknown")
@@ -367,17 +487,19 @@ class Engine:
             return None  # our consume may still land: wait until it is settled
         # not consumed: the reason says why the consume failed (busy, offline) or the status
         reason = not_applied if info.status in CONSUMABLE else \
-            _STATUS_REASON.get(info.status, "unknown")
+            _STATUS_REASON.get(info.status, "unavailable")
         entry = self.journal.advance(eid, state, "done", now, outcome="not_consumed",
                                      reason=reason, step="reconciled")
         return self._verdict(entry)
 
     # --- helpers -----------------------------------------------------------------------
 
-    def _close(self, eid: int, state: str, now: float, outcome: str, reason: str | None,
-               detail: dict[str, Any] | None = None) -> Verdict:
-        entry = self.journal.advance(eid, state, "done", now, outcome=outcome, reason=reason,
-                                     detail=detail)
+    def _close(self, eid: int, state: str, outcome: str, reason: str | None,
+               detail: dict[str, Any] | None = None, *, why: str = "") -> Verdict:
+        if why:
+            detail = {**(detail or {}), "why": why}
+        entry = self.journal.advance(eid, state, "done", self._at(), outcome=outcome,
+                                     reason=reason, detail=detail)
         self._hook("done")
         return self._verdict(entry)
 
@@ -385,14 +507,20 @@ class Engine:
         d = e.detail
         code_tail = tail(e.code or e.scanned)
         card = {"card_id": d.get("card_id"), "title": d.get("title"),
-                "card_type": d.get("card_type"), "value": d.get("value", {})}
+                "card_type": d.get("card_type"), "value": d.get("value", {}),
+                "why": d.get("why", ""), "macro_id": d.get("macro_id")}
         if e.state != "done":
             return Verdict("verify_manually", "unknown", code_tail, e.id, **card)
         if e.outcome in ("not_consumed", "abandoned"):
-            # nothing was consumed; the cashier may scan again (which checks again)
-            return Verdict("refused", e.reason if e.reason in _REASONS else "unknown",  # type: ignore[arg-type]
-                           code_tail, e.id, **card)
-        return Verdict(e.outcome, e.reason or None, code_tail, e.id, **card)  # type: ignore[arg-type]
+            # nothing was consumed; the cashier may scan again (which checks again). Only an
+            # unknown consume is "verify manually": interrupted, unknown -> not redeemed
+            reason = e.reason if e.reason in _REASONS and e.reason != "unknown" else \
+                "not_redeemed"
+            return Verdict("refused", reason, code_tail, e.id, **card)  # type: ignore[arg-type]
+        reason = e.reason or None
+        if e.outcome == "refused" and reason == "unknown":  # journals written before not_redeemed
+            reason = "not_redeemed"
+        return Verdict(e.outcome, reason, code_tail, e.id, **card)  # type: ignore[arg-type]
 
 
 def describe(card: dict[str, Any]) -> dict[str, Any]:
@@ -405,16 +533,26 @@ def describe(card: dict[str, Any]) -> dict[str, Any]:
             "value": value}
 
 
-def _refusal(e: WeChatError) -> tuple[Outcome, Reason]:
-    """The verdict for an error that left the code untouched."""
+def _refusal(e: WeChatError) -> tuple[Outcome, Reason, str]:
+    """The verdict (outcome, reason, why) for an error that left the code untouched."""
     if isinstance(e, Offline):
-        return "offline", "offline"
-    if isinstance(e, Busy | QuotaExceeded):
-        return "refused", "busy"
+        return "offline", "offline", ""
+    if isinstance(e, QuotaExceeded):
+        return "refused", "quota", ""
+    if isinstance(e, Busy):
+        return "refused", "busy", ""
     if isinstance(e, InvalidCode):
-        return "refused", "invalid_code"
+        return "refused", "invalid_code", ""
     if isinstance(e, AlreadyConsumed):
-        return "refused", "already_used"
+        return "refused", "already_used", ""
     if isinstance(e, NotInTimeWindow):
-        return "refused", "not_yet_valid"
-    return "refused", "unknown"  # token, quota-free API errors, unreadable replies
+        return "refused", "not_yet_valid", ""
+    if isinstance(e, TokenError):
+        return "refused", "setup", "token"
+    if isinstance(e, ApiError):
+        # an errcode we do not expect (bad appid/secret 40013/40125, IP whitelist 40164, API
+        # not authorised 48001 ...): scanning again gives the same answer
+        why = "custom code" if e.errcode == 41012 else \
+            f"errcode {e.errcode}" if e.errcode is not None else "api"
+        return "refused", "setup", why
+    return "refused", "not_redeemed", ""  # an unreadable reply: nothing consumed, try again

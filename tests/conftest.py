@@ -4,7 +4,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from browser import browser, chromium  # noqa: F401 (fixtures: Debian's headless Chromium)
 from fakeclock import Clock
+from fleet_conftest import (  # noqa: F401 (fixtures: the real PostgreSQL and Mosquitto)
+    fleet_broker,
+    fleet_dsn,
+    fleet_pg_admin,
+    fleet_prefix,
+    throwaway_broker,
+)
 from hexiao.tools import micropython
 from hypothesis import HealthCheck, settings
 

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from hexiao.hostd.backends.busifavor import BusifavorBackend, BusifavorClient
-from hexiao.hostd.backends.wechat_card import (
+from hexiao.hostd.backends.base import (
     AlreadyConsumed,
     ApiError,
     BackendError,
@@ -20,6 +19,7 @@ from hexiao.hostd.backends.wechat_card import (
     OutcomeUnknown,
     QuotaExceeded,
 )
+from hexiao.hostd.backends.busifavor import BusifavorBackend, BusifavorClient
 from hexiao.tools.sim.busifavor_fake import (
     BusifavorFake,
     Coupon,

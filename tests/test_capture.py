@@ -4,6 +4,10 @@ A device Link and a host Link talk in-process with simulated time; every byte th
 "wire" (after the noise we inject) goes through record_pair's taps into a CaptureWriter, exactly
 as hostd's capture will. The decoder's verdicts are checked against what the two Links
 themselves counted and delivered, which is an independent account of the same bytes.
+
+Then the writer's size cap, and captures through the real hostd on a pty (no device process:
+the test is the device end): a killed `hexiao capture` ends its capture, line noise stops at
+the cap.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import random
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -508,3 +513,141 @@ def test_hand_made_frames_payload_header_and_ack_replay(tmp_path: Path) -> None:
     assert (rep.frames[6]["message"], rep.frames[6]["session"]) == ({"type": "ping"}, 1)
     line = decode._line(rep.frames[7])
     assert line.endswith("cose        header: unprotected header must be empty")
+
+
+# -- the writer's size cap, and captures through hostd (issue 17) ---------------------------------
+
+
+def test_the_writer_stops_at_its_cap_and_says_so_in_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "capped.hxcap"
+    w = CaptureWriter(path, KID, max_bytes=4096)
+    for i in range(1000):  # far more than fits: 1000 x 113 bytes
+        w.record(D2H, bytes([i % 255 + 1]) * 100, i)
+    w.close("capture.stop")  # too late to change why: the cap came first
+    header, records, cut = read_capture(path)
+    assert path.stat().st_size <= 4096 and path.stat().st_size == w.size
+    assert cut is None and len(records) > 20 and all(len(d) == 100 for _, _, d in records)
+    assert w.size + 113 > 4096  # every record that fitted is there
+    assert header["max_bytes"] == 4096
+    assert header["stopped"].startswith("size cap reached: the next record would pass 4096")
+    assert w.stopped == header["stopped"]
+    w.record(H2D, b"late")  # after the end: dropped, no error (a tap on hostd's link thread)
+    assert path.stat().st_size == w.size
+
+
+def test_a_close_reason_is_kept_in_the_header_and_a_plain_close_adds_none(tmp_path: Path) -> None:
+    with CaptureWriter(tmp_path / "a.hxcap", KID) as w:
+        w.record(D2H, b"\x01\x00", 0)
+    assert "stopped" not in read_capture(tmp_path / "a.hxcap")[0]
+    w = CaptureWriter(tmp_path / "b.hxcap", KID)
+    w.record(D2H, b"\x01\x00", 0)
+    w.close("its client went away" * 20)  # longer than the header's room: cut to fit
+    header, records, cut = read_capture(tmp_path / "b.hxcap")
+    assert header["stopped"].startswith("its client went away") and cut is None
+    assert records == [(D2H, 0, b"\x01\x00")]
+
+
+HOSTD_KID = "lane-01"
+LONG = 60.0  # a guard against hangs, never a performance claim
+
+
+def wait_for(pred: Callable[[], Any], what: str) -> Any:
+    end = time.monotonic() + LONG
+    while not (got := pred()):
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return got
+
+
+@pytest.fixture
+def hostd(tmp_path: Path) -> Any:
+    """The real daemon with one device port (a pty cable) and its control socket; no device
+    process: the test writes what the device end sends."""
+    from hexiao.hostd.config import from_dict
+    from hexiao.hostd.daemon import Daemon
+    from hexiao.tools.sim.relay import Cable
+
+    cable = Cable().start()
+    sock = tmp_path / "run" / "hostd.sock"
+    daemon = Daemon(from_dict({
+        "hostd": {"state_dir": str(tmp_path / "state"), "control_socket": str(sock)},
+        "backend": {"kind": "sim"},
+        "device": [{"id": HOSTD_KID, "port": cable.host_port, "lane": "lane-1"}]}))
+    try:
+        daemon.start()
+        yield SimpleNamespace(daemon=daemon, cable=cable, sock=sock)
+    finally:
+        daemon.stop()
+        cable.close()
+
+
+def start_or_busy(sock: Path, path: Path) -> bool:
+    """capture.start to `path`: True if it started (then stopped again), False if busy."""
+    from hexiao.hostd.control.client import ControlClient, ControlError
+
+    with ControlClient(sock) as c:
+        try:
+            c.call("capture.start", device=HOSTD_KID, path=str(path))
+        except ControlError as e:
+            assert "is already being captured" in str(e), e
+            return False
+        c.call("capture.stop", device=HOSTD_KID)
+    return True
+
+
+def test_a_killed_capture_client_ends_its_capture(hostd: Any, tmp_path: Path) -> None:
+    """Issue 17: `hexiao capture` killed by SIGHUP (an SSH session dropping) left hostd
+    capturing; the capture now ends with its client's connection."""
+    import signal
+    import subprocess
+
+    from hexiao.tools import micropython
+
+    out = tmp_path / "held.hxcap"
+    proc = subprocess.Popen([micropython.executable("hexiao"), "capture", HOSTD_KID, "--out",
+                             str(out), "--socket", str(hostd.sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # its start answer: the capture is on
+        assert line.startswith("device: lane-01"), line + proc.stderr.read()
+        assert not start_or_busy(hostd.sock, tmp_path / "other.hxcap")  # it is, and held
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(LONG) == -signal.SIGHUP
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_for(lambda: start_or_busy(hostd.sock, tmp_path / "after.hxcap"), "the capture to end")
+    header, _, cut = read_capture(out)
+    assert header["stopped"] == "its client went away" and cut is None
+
+
+def test_a_noisy_device_does_not_grow_the_capture_past_its_cap(hostd: Any,
+                                                              tmp_path: Path) -> None:
+    """Issue 17: 10 s of line noise grew a capture to 302 MB. Here 1 MiB of noise meets a
+    64 KiB cap: the file stops there and says so, and the stop's answer does too."""
+    from hexiao.hostd.control.client import ControlClient
+
+    cap = 64 * 1024
+    hostd.daemon.handlers.capture_max_bytes = cap
+    out = tmp_path / "noisy.hxcap"
+    rng = random.Random(17)
+    with ControlClient(hostd.sock) as c:
+        started = c.call("capture.start", device=HOSTD_KID, path=str(out))
+        assert started["max_bytes"] == cap
+        for _ in range(64):  # 64 x 16 KiB of noise, the device end of the cable
+            os.write(hostd.cable.device_fd, rng.randbytes(16 * 1024))
+            if "stopped" in read_capture(out)[0]:
+                break
+        header = wait_for(lambda: read_capture(out)[0].get("stopped") and read_capture(out)[0],
+                          "the cap")
+        size = out.stat().st_size
+        assert not c.wait_closed(0)  # the connection still holds the (ended) capture
+        stopped = c.call("capture.stop", device=HOSTD_KID)
+    assert size <= cap and out.stat().st_size == size  # nothing more after the cap
+    assert header["stopped"].startswith("size cap reached")
+    assert stopped["stopped"] is True and stopped["bytes"] == size
+    assert stopped["stopped_early"] == header["stopped"]
+    _, records, cut = read_capture(out)
+    assert cut is None and sum(len(d) for _, _, d in records) > cap // 2

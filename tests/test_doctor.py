@@ -67,6 +67,8 @@ def write_config(tmp_path: Path, base_url: str, port: str | None, printer: str,
                  secret: str = "0000hexiaosimfakesecret000000001") -> Path:
     (tmp_path / "wechat.secret").write_text(secret)
     (tmp_path / "wechat.secret").chmod(0o600)
+    (tmp_path / "tap.key").touch(mode=0o600)
+    (tmp_path / "tap.key").write_text(os.urandom(32).hex())
     device = f'[[device]]\nid = "{KID}"\nport = "{port}"\nlane = "lane-1"\n' if port else ""
     cfg = tmp_path / "hostd.toml"
     cfg.write_text(
@@ -74,7 +76,8 @@ def write_config(tmp_path: Path, base_url: str, port: str | None, printer: str,
         f'[backend]\nkind = "wechat_card"\nbase_url = "{base_url}"\nappid = "{appid}"\n'
         f'secret_file = "wechat.secret"\ntimeout_s = 2.0\n'
         f'[[lane]]\nname = "lane-1"\n{device}'
-        f'[tap]\nenabled = true\nprinter = "tcp:{printer}"\nkey_file = "tap.key"\n')
+        f'[tap]\nenabled = true\nlisten = "127.0.0.1:0"\nprinter = "tcp:{printer}"\n'
+        f'key_file = "tap.key"\n')
     return cfg
 
 
@@ -91,12 +94,15 @@ def status(checks: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 @contextmanager
 def lane(mpy_stage: Path, tmp_path: Path, base_url: str, printer: str, *, hostd: bool = True,
-         wrong_key: bool = False) -> Iterator[tuple[Path, Daemon | None]]:
+         wrong_key: bool = False, cables: list[relay.Cable] | None = None,
+         ) -> Iterator[tuple[Path, Daemon | None]]:
     """Provision a sim board with `hexiao provision --config`, boot it on a cable whose port
     the config names, and start hostd (unless hostd=False)."""
     board = tmp_path / "board"
     shutil.copytree(mpy_stage / "hexiao", board / "hexiao")
     cable = relay.Cable().start()
+    if cables is not None:
+        cables.append(cable)
     cfg = write_config(tmp_path, base_url, cable.host_port, printer)
     (tmp_path / "state").mkdir(mode=0o700)
     r = CliRunner().invoke(provision.main, ["--sim-dir", str(board), "--id", KID, "--lane",
@@ -135,10 +141,11 @@ def test_a_healthy_lane_is_all_ok(mpy_stage: Path, tmp_path: Path, sim: WeChatSi
         text = CliRunner().invoke(doctor.main, ["--config", str(cfg)])
     assert r.exit_code == 0, r.output
     assert status(checks) == {
-        "config": "ok", "hostd": "ok", "modemmanager": "ok", f"device {KID}: present": "ok",
+        "config": "ok", "private files": "ok", "hostd": "ok", "modemmanager": "ok",
+        f"device {KID}: present": "ok",
         f"device {KID}: permission": "ok", f"device {KID}: key": "ok",
         f"device {KID}: handshake": "ok", "backend": "ok", "backend token": "ok", "clock": "ok",
-        "printer": "ok"}
+        "printer": "ok", "tap": "ok"}
     assert checks[f"device {KID}: handshake"]["detail"] == \
         "session open via hostd; firmware linkpeer/0.1"
     assert text.exit_code == 0 and text.output.endswith("all checks passed\n")
@@ -175,13 +182,14 @@ def test_a_key_mismatch_is_named(mpy_stage: Path, tmp_path: Path, sim: WeChatSim
 
 
 def test_a_missing_device(tmp_path: Path, sim: WeChatSim, printer: str) -> None:
-    gone = tmp_path / "ttyACM9"
-    cfg = write_config(tmp_path, sim.url, str(gone), printer)
+    gone = "/dev/ttyACM97"  # a USB board's port, unplugged
+    assert not os.path.exists(gone)
+    cfg = write_config(tmp_path, sim.url, gone, printer)
     r, checks = doc(cfg)
     assert r.exit_code == 1
     present = checks[f"device {KID}: present"]
     assert present["status"] == "fail" and present["detail"] == f"not found ({gone})"
-    assert present["fix"].startswith("plug the device in and check its cable")
+    assert present["fix"].startswith("plug the device in and check its USB cable")
     # without a keystore the key is reported, not a crash; nothing to shake hands with
     assert checks[f"device {KID}: key"]["detail"].startswith(f"{tmp_path}/state/keystore.jsonl: "
                                                             f"no such keystore")
@@ -215,6 +223,7 @@ def test_an_unreachable_backend(tmp_path: Path, printer: str) -> None:
 def test_token_quota_exhausted(tmp_path: Path, printer: str) -> None:
     seed = read(EXAMPLE)
     seed["apps"][0]["token_daily_quota"] = 0
+    seed["apps"][0]["stable_token_daily_quota"] = 0  # hostd asks cgi-bin/stable_token
     with WeChatSim(seed) as sim:
         r, checks = doc(write_config(tmp_path, sim.url, None, printer))
     assert r.exit_code == 1
@@ -279,3 +288,66 @@ def test_modemmanager_without_the_udev_rule(tmp_path: Path, sim: WeChatSim, prin
     _, checks = doc(cfg)
     assert checks["modemmanager"]["status"] == "ok"
     assert checks["modemmanager"]["detail"].startswith(f"ModemManager is running; {rules}")
+
+
+def test_a_stopped_sim_board_is_told_to_start_not_to_check_a_cable(
+        mpy_stage: Path, tmp_path: Path, sim: WeChatSim, printer: str) -> None:
+    """A disconnect seen through hostd: state and error agree ("waiting", "device not found",
+    never a stale error of an earlier state), and the advice fits a sim board's DIR/tty."""
+    board = tmp_path / "board"  # lane() provisions this sim board (and runs it on a cable)
+    cables: list[relay.Cable] = []
+    with lane(mpy_stage, tmp_path, sim.url, printer, cables=cables) as (cfg, daemon):
+        assert daemon is not None
+        wait_until(lambda: daemon.device_info(KID)["state"] == "open", "the session")
+        # the config names the board's DIR/tty, as for `hexiao sim board` (hostd runs on)
+        cfg.write_text(cfg.read_text().replace(cables[0].host_port, str(board / "tty")))
+        cables[0].close()  # the device goes away, and its port with it
+        wait_until(lambda: daemon.device_info(KID)["error"] == "device not found", "not found")
+        info = daemon.device_info(KID)
+        assert (info["state"], info["error"]) == ("waiting", "device not found")
+        r, checks = doc(cfg)
+    assert r.exit_code == 1
+    present = checks[f"device {KID}: present"]
+    assert present["detail"] == f"not found ({board / 'tty'})"
+    assert present["fix"] == (f"the sim board is not running: start it with `hexiao sim board "
+                              f"--dir {board}` (hostd connects by itself)")
+    assert "cable" not in present["fix"]
+    hs = checks[f"device {KID}: handshake"]
+    assert hs["detail"] == "hostd: waiting: device not found"
+
+
+def test_a_lane_error_belongs_to_the_state_it_was_set_in() -> None:
+    """DeviceLane.info(): an error is cleared when the state changes, so "open" never sits next
+    to "device not found", nor "waiting" next to an earlier port-lock failure."""
+    from hexiao.hostd.lanes.lane import DeviceLane
+
+    lane = DeviceLane(KID, KID.encode(), "lane-1", lambda: None, lambda kid: None,
+                      engine_factory=lambda: None, macros={})  # type: ignore[arg-type,return-value]
+    lane.state, lane.last_error = "waiting", "/dev/ttyACM0: could not lock port"
+    assert (lane.info()["state"], lane.info()["error"]) == ("waiting",
+                                                            "/dev/ttyACM0: could not lock port")
+    lane.state, lane.last_error = "waiting", "device not found"  # the same state, a new error
+    assert lane.info()["error"] == "device not found"
+    lane.state = "connecting"
+    assert lane.info()["error"] == ""
+    lane.last_error = "poke refused"
+    lane.state = "open"
+    assert (lane.info()["state"], lane.info()["error"]) == ("open", "")
+    lane.state = "waiting"  # back to an earlier state: its old error does not come back
+    assert lane.info()["error"] == ""
+
+
+def test_a_journal_others_can_read_fails_the_same_rule_as_hostd(tmp_path: Path,
+                                                               printer: str) -> None:
+    """Issue 17: a 0644 journal (full coupon codes) and a 0755 state folder passed the doctor."""
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", None, printer)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    (state / "journal.sqlite3").write_bytes(b"")
+    (state / "journal.sqlite3").chmod(0o644)
+    r, checks = doc(cfg, timeout=1)
+    assert r.exit_code != 0
+    detail = checks["private files"]["detail"]
+    assert checks["private files"]["status"] == "fail"
+    assert f"chmod 700 {state}" in detail and f"chmod 600 {state / 'journal.sqlite3'}" in detail

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from escpos.printer import Dummy
 from hexiao.hostd.tap import escpos_commands as k
+from hexiao.hostd.tap import receipt
 from hexiao.hostd.tap.escpos import (
     PIECE,
     TEXT_MAX,
@@ -31,7 +32,14 @@ from hexiao.hostd.tap.escpos import (
     Unknown,
     parse,
 )
-from hexiao.hostd.tap.receipt import Assembler, find_totals, parse_amount
+from hexiao.hostd.tap.receipt import (
+    LINE_MAX,
+    LINES_HEAD,
+    LINES_TAIL,
+    Assembler,
+    find_totals,
+    parse_amount,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -401,13 +409,42 @@ def _lines(data: bytes, step: int) -> list[str]:
     return asm.finish("job").lines
 
 
-def test_gb18030_survives_every_split() -> None:
-    # two- and four-byte sequences (¥ and 𠀀 are four bytes), one straddling TEXT_MAX
+def test_gb18030_survives_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    # two- and four-byte sequences (¥ and 𠀀 are four bytes), one straddling TEXT_MAX (a line
+    # that long is cut at LINE_MAX: raised here so that the whole line can be compared)
+    monkeypatch.setattr(receipt, "LINE_MAX", 2 * TEXT_MAX)
     text = "a" * (TEXT_MAX - 2) + "𠀀合计￥¥128.50 谢谢惠顾"
     data = text.encode("gb18030") + b"\n" + "第二行".encode("gb18030") + b"\n"
     assert len("𠀀".encode("gb18030")) == 4
     for step in (1, 2, 3, 5, 4096, len(data)):
         assert _lines(data, step) == [text, "第二行"]
+
+
+def test_a_line_without_end_is_kept_up_to_line_max() -> None:
+    # the attack: megabytes of text with no LF or cut were all decoded and kept in one line
+    for step in (3, 4096, 65536):
+        data = ("长" * 300_000).encode("gb18030") + b"\t" * 1000 + "合计 ¥7.50\nnext\n".encode(
+            "gb18030")
+        first, second = _lines(data, step)
+        assert first == "长" * LINE_MAX + "…" and second == "next"
+
+
+def test_a_receipt_keeps_its_head_and_tail_lines_and_its_total() -> None:
+    n = 20_000
+    body = "".join(f"{i:05d} 可口可乐 ¥3.50\n" for i in range(n))
+    data = ("店名\n" + body + "合计:\n¥70000.00\n").encode("gb18030") + b"\x1dV\x00"
+    p, asm = Parser(), Assembler()
+    for i in range(0, len(data), 65536):
+        for ev in p.feed(data[i:i + 65536]):
+            asm.apply(ev, asm.classify(ev))
+    rc = asm.finish("cut")
+    assert len(rc.lines) == LINES_HEAD + LINES_TAIL and rc.lines[0] == "店名"
+    assert rc.lines_dropped == n + 3 - LINES_HEAD - LINES_TAIL
+    assert rc.lines[-2:] == ["合计:", "¥70000.00"] and rc.total == Decimal("70000.00")
+    assert rc.as_json()["lines_dropped"] == rc.lines_dropped
+    # a label that ends the head has no next line: the tail's first line is not its amount
+    lines = ["合计:", "9.00"]
+    assert find_totals(lines, gap=1)[1] is None and find_totals(lines)[1] == Decimal("9.00")
 
 
 def test_code_page_and_chinese_mode_switches() -> None:

@@ -54,7 +54,7 @@ def test_hostd_redeems_a_merchant_coupon_through_the_same_engine(tmp_path: Path,
     d = daemon_for(tmp_path, fake).start()
     try:
         with jr.Journal(d.journal_path) as journal:
-            engine = Engine(journal, d._client(), LaneConfig(decrypt="never"))
+            engine = Engine(journal, d.backend.client(), LaneConfig(decrypt="never"))
             v = engine.redeem("C100000001", 1.0e9)
             entry = journal.entries()[0]
         assert (v.outcome, v.card_type, v.value) == (

@@ -146,7 +146,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
         'backend.timout_s: unknown key; did you mean "timeout_s"?']
     assert errors_of(tmp_path, "[hostd]\nzzz = 1\n") == [
         "hostd.zzz: unknown key; known keys: state_dir, control_socket, journal, log_level, "
-        "metrics_listen"]
+        "metrics_listen, web_listen, capture_max_bytes"]
     assert errors_of(tmp_path, "[backnd]\n") == [
         'backnd: unknown section; did you mean "backend"?']
     assert errors_of(tmp_path, "[macros.CAHS]\nitems = [\"x\"]\n") == [

@@ -8,6 +8,7 @@ independent encoder), so a bit-order mistake shared by our encoder and renderer 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -396,6 +397,57 @@ def test_every_tampered_token_is_rejected() -> None:
             verify_token([KEY], bad_token)
     with pytest.raises(TokenError):
         verify_token([b"another key".ljust(32)], token)
+
+
+def test_records_of_only_the_last_receipts_are_kept() -> None:
+    # many receipts on one stream (a hostile POS, or a day on one connection): memory stays bound
+    one = b"\x1b@" + "合计 ¥1.00\n".encode("gb18030") + b"\x1dV\x00"
+    inj = Injector(content=Content("{index}"), keep=5)
+    out = b"".join(inj.feed(one, NOW) for _ in range(20)) + inj.close(NOW)
+    assert inj.counters["receipts"] == inj.counters["injected"] == 20
+    assert [rc.index for rc in inj.receipts] == list(range(15, 20))
+    assert len(inj.injections) == 5 and inj.injections == sorted(inj.injections)
+    for (off, n), index in zip(inj.injections, range(15, 20), strict=True):
+        assert f"1P0{index}".encode() in out[off:off + n]  # the block of that receipt (QR store)
+    assert remove_blocks(out[inj.injections[0][0]:], [(o - inj.injections[0][0], n) for o, n in
+                                                      inj.injections]) == one[-3:] + one * 4
+    with pytest.raises(ValueError, match="keep"):
+        Injector(keep=0)
+
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@pytest.mark.parametrize("lane", ["l", "la", "lan"])  # tokens of length 0, 2 and 3 mod 4
+def test_only_the_canonical_encoding_of_a_token_verifies(lane: str) -> None:
+    # the attack: padding appended, or the last character changed (w -> x/y/z), verified as the
+    # same token, so one receipt could be claimed under several strings
+    token = make_token(KEY, lane, int(NOW), Decimal("9.90"), bytes(32))
+    assert verify_token([KEY], token).lane == lane
+    variants = {token + "=" * n for n in range(1, 11)}
+    variants |= {token[:-1] + c for c in B64URL if c != token[-1]}  # every other last character
+    variants |= {token[:i] + c + token[i:] for i in (0, 5, len(token))
+                 for c in (" ", "\n", "\t", ".", "=", "\x00", "é")}
+    variants |= {token.replace("-", "+").replace("_", "/"), token.upper(), token + "A"}
+    variants |= {token[:-1] + "ｗ", "\ufeff" + token}
+    variants.discard(token)
+    accepted = []
+    for bad in sorted(variants):
+        try:
+            verify_token([KEY], bad)
+        except TokenError:
+            continue
+        accepted.append(bad)
+    assert accepted == [], accepted
+    # the attack is real: a lenient decoder gives the token's very bytes for many variants
+    raw = inject.base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    same = set()
+    for bad in variants:
+        with contextlib.suppress(ValueError):
+            if inject.base64.urlsafe_b64decode(bad + "=" * (-len(bad) % 4)) == raw:
+                same.add(bad)
+    assert {token + "==", token + "=========="} <= same or len(token) % 4 == 1
+    assert len(token) % 4 == 0 or sum(bad[:-1] == token[:-1] for bad in same) >= 3
 
 
 @pytest.mark.parametrize("template", ["{token.__class__}", "{0}", "{total!r}", "{total:>10}",

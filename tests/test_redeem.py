@@ -22,9 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from fakeclock import T0, Clock
-from hexiao.hostd.backends.sim.seed import EXAMPLE
-from hexiao.hostd.backends.sim.server import WeChatSim
-from hexiao.hostd.backends.wechat_card import (
+from hexiao.hostd.backends.base import (
     ApiError,
     BackendError,
     Busy,
@@ -33,8 +31,10 @@ from hexiao.hostd.backends.wechat_card import (
     OutcomeUnknown,
     QuotaExceeded,
     TokenError,
-    WeChatCardClient,
 )
+from hexiao.hostd.backends.sim.seed import EXAMPLE
+from hexiao.hostd.backends.sim.server import WeChatSim
+from hexiao.hostd.backends.wechat_card import WeChatCardClient
 from hexiao.hostd.journal import Journal, JournalCorrupt
 from hexiao.hostd.redeem import Engine, LaneConfig, Verdict, looks_encrypted
 
@@ -142,9 +142,10 @@ def test_each_card_type_gets_its_verdict(sim: WeChatSim, engine: Engine, code: s
     ("140596877239", "invalid_code", {}),       # given away to a friend: 40056
     ("999999999999", "invalid_code", {}),       # unknown code
     ("901827364519", "not_this_merchant", {"location_id": 1}),
-    ("901827364519", "not_this_merchant", {"location_id": 401234567}),  # right store, other sub
+    ("901827364519", "not_this_merchant",  # right store, another sub-merchant configured
+     {"location_id": 401234567, "sub_merchant_id": 87654321}),
     (CASH, "not_this_merchant", {"allowed_card_ids": frozenset({"pHexiaoSimGiftCoffeexxxxxxxxx"})}),
-    ("CUSTOM-0001", "unknown", {}),             # 41012: custom code, no card ids configured
+    ("CUSTOM-0001", "setup", {}),               # 41012: custom code, no card ids configured
 ])
 def test_each_refusal_says_why_and_consumes_nothing(sim: WeChatSim, journal: Journal,
                                                     client: WeChatCardClient, code: str,
@@ -188,8 +189,8 @@ def test_encrypted_code_is_decrypted_first(sim: WeChatSim, engine: Engine) -> No
     assert entry.code == "391827364510" and entry.scanned == enc
     assert [s.step for s in engine.journal.steps(entry.id)][:4] == [
         "received", "decrypt_sent", "decrypted", "get_sent"]
-    # the plain code scanned again is the same coupon
-    assert engine.redeem("391827364510", T0).reason == "already_used"
+    # the plain code scanned again is the same coupon, consumed here
+    assert engine.redeem("391827364510", T0).reason == "redeemed_here"
     assert consumes(sim, "391827364510") == 1
 
 
@@ -250,7 +251,7 @@ def test_drop_after_commit_unknown_then_reconcile_accepts(sim: WeChatSim, journa
     (done,) = engine.reconcile(T0 + 1)
     assert (done.outcome, done.entry_id, done.value["reduce_cost"]) == ("accepted", entry.id, 2000)
     assert journal.get(entry.id).state == "done"
-    assert engine.redeem(CASH, T0).reason == "already_used"
+    assert engine.redeem(CASH, T0).reason == "redeemed_here"  # consumed by this lane
     assert state(sim)["codes"][CASH]["consume_count"] == 1
     assert state(sim)["requests"]["card/code/consume"] == 1
 
@@ -291,7 +292,9 @@ def test_reconcile_during_a_live_consume_leaves_it_to_the_lane(
     def hook(step: str) -> None:
         if step == "consume_sent":  # another process reconciles right now, same journal
             with Journal(journal_path) as other, client_for(sim.url) as c:
-                seen.extend(Engine(other, c).reconcile(T0 + 1))
+                seen.extend(Engine(other, c).reconcile(T0 + 1, live=frozenset()))
+                # hostd's own reconcile: the entry is owned by a live worker, not touched
+                assert Engine(other, c).reconcile(T0 + 1, settle_after_s=0) == []
 
     with Journal(journal_path) as j:
         v = Engine(j, client, hook=hook).redeem(CASH, T0)
@@ -305,8 +308,9 @@ def test_consume_reply_after_a_too_eager_reconcile_corrects_the_record(
         sim: WeChatSim, journal_path: Path, client: WeChatCardClient) -> None:
     def hook(step: str) -> None:
         if step == "consume_sent":  # settle_after_s=0: misconfigured, reads NORMAL as final
-            with Journal(journal_path) as other, client_for(sim.url) as c:
-                (early,) = Engine(other, c).reconcile(T0, settle_after_s=0)
+            with Journal(journal_path) as other, client_for(sim.url) as c:  # another process
+                (early,) = Engine(other, c).reconcile(T0 + 1, settle_after_s=0,
+                                                      live=frozenset())
                 assert early.outcome == "refused"
 
     with Journal(journal_path) as j:
@@ -336,8 +340,10 @@ def test_reconcile_closes_entries_that_never_sent_a_consume(sim: WeChatSim, jour
     a = journal.begin(CASH, "lane-1", T0, code=CASH)
     b = journal.begin("391827364510", "lane-1", T0, code="391827364510")
     journal.advance(b.id, "received", "checked", T0)
-    vs = Engine(journal, client).reconcile(T0)
-    assert [(v.entry_id, v.outcome) for v in vs] == [(a.id, "refused"), (b.id, "refused")]
+    assert Engine(journal, client).reconcile(T0 + 5) == []  # idle 5 s: maybe still running
+    vs = Engine(journal, client).reconcile(T0, restart=True)  # no worker runs: orphans
+    assert [(v.entry_id, v.outcome, v.reason) for v in vs] == [
+        (a.id, "refused", "not_redeemed"), (b.id, "refused", "not_redeemed")]
     assert [(e.outcome, e.reason) for e in journal.entries()] == [
         ("abandoned", "interrupted")] * 2
     assert state(sim)["requests"].get("card/code/get", 0) == 0  # nothing needed asking
@@ -359,7 +365,7 @@ def test_unreadable_lookup_is_backend_error_and_a_safe_refusal(
         client.get_code(CASH)
     faults(sim, script=[{"path": "card/code/get", "count": 1, **reply}])
     v = engine.redeem(CASH, T0)
-    assert (v.outcome, v.reason) == ("refused", "unknown")
+    assert (v.outcome, v.reason) == ("refused", "not_redeemed")  # scan again, not "verify"
     assert consumes(sim, CASH) == 0
 
 
@@ -371,7 +377,8 @@ def test_unexpected_errcode_is_an_api_error_and_a_safe_refusal(sim: WeChatSim, e
     with pytest.raises(ApiError) as err:
         client.get_code(CASH)
     assert err.value.errcode == 61234
-    assert engine.redeem(CASH, T0).reason == "unknown"
+    v = engine.redeem(CASH, T0)  # the same answer on every rescan: for support
+    assert (v.reason, v.why) == ("setup", "errcode 61234")
 
 
 def test_unreadable_consume_reply_is_outcome_unknown_never_resent(
@@ -543,7 +550,10 @@ def test_full_journal_gives_safe_verdicts_and_loses_no_consume(
     pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
     journal._db.execute(f"PRAGMA max_page_count = {pages}")
     verdicts = {code: engine.redeem(code, T0) for code in codes[1:]}
-    assert {v.reason for v in verdicts.values() if v.outcome != "accepted"} == {"unknown"}
+    # nothing sent: a setup problem (the journal); a consume that went out: verify manually
+    assert {(v.outcome, v.reason, v.why) for v in verdicts.values()
+            if v.outcome != "accepted"} <= {("refused", "setup", "journal"),
+                                             ("verify_manually", "unknown", "")}
     assert any(v.outcome != "accepted" for v in verdicts.values())  # the disk did fill up
     assert "database or disk is full" in caplog.text
     journal._db.execute("PRAGMA max_page_count = 1000000")
@@ -661,10 +671,11 @@ def test_a_resent_scan_gets_its_own_verdict_back_not_already_used(sim: WeChatSim
     assert first.outcome == again.outcome == "accepted" and again.entry_id == first.entry_id
     assert consumes(sim, CASH) == 1
     # the same code from another scan (another scan_id, or after a reboot another time_ms)
-    # is not a resend: it is redeemed, and refused as already used
+    # is not a resend: it is a rescan of a code this lane consumed (said so, never consumed)
     for other in ({**ORIGIN, "scan_id": 8}, {**ORIGIN, "time_ms": 99}):
         assert engine.answer_resend(CASH, other, T0 + 5) is None
-    assert engine.redeem(CASH, T0 + 6, {**ORIGIN, "scan_id": 8}).reason == "already_used"
+    assert engine.redeem(CASH, T0 + 6, {**ORIGIN, "scan_id": 8}).reason == "redeemed_here"
+    assert consumes(sim, CASH) == 1
     # and a resend long after is no longer recognised
     assert engine.answer_resend(CASH, ORIGIN, T0 + 3600) is None
 

@@ -25,7 +25,12 @@ from click.testing import CliRunner
 from fakeclock import T0, Clock
 from hexiao.hostd.backends.sim.seed import EXAMPLE, STATES, SeedError, parse
 from hexiao.hostd.backends.sim.server import WeChatSim
-from hexiao.hostd.backends.sim.state import ERRMSG, encrypt_code
+from hexiao.hostd.backends.sim.state import (
+    ERRMSG,
+    STABLE_PER_MINUTE,
+    SimState,
+    encrypt_code,
+)
 from hexiao.tools.sim import cli as sim_cli
 from wechatpy import WeChatClient
 from wechatpy.exceptions import WeChatClientException
@@ -191,6 +196,117 @@ def test_tokens_invalidated_now_by_admin(http: httpx.Client) -> None:
     assert call(http, "/card/code/get", get_token(http), {"code": CODE})["errcode"] == 0
 
 
+# --- stable_token (getStableAccessToken) -------------------------------------------------------
+
+def stable(http: httpx.Client, force: bool | None = None, appid: str = APP,
+           secret: str = SECRET) -> dict[str, Any]:
+    body: dict[str, Any] = {"grant_type": "client_credential", "appid": appid, "secret": secret}
+    if force is not None:
+        body["force_refresh"] = force
+    r = http.post("/cgi-bin/stable_token", json=body)
+    assert r.status_code == 200
+    return r.json()
+
+
+def works(http: httpx.Client, token: str) -> bool:
+    reply = call(http, "/card/code/get", token, {"code": CODE, "check_consume": False})
+    assert reply["errcode"] in (0, 40001, 42001), reply
+    return reply["errcode"] == 0
+
+
+def test_stable_token_is_shared_while_valid(http: httpx.Client, clock: Clock) -> None:
+    first = stable(http)
+    assert set(first) == {"access_token", "expires_in"} and first["expires_in"] == 7200
+    clock.now += 1000
+    again = stable(http, force=False)  # any number of tills: the same token, what is left of it
+    assert again == {"access_token": first["access_token"], "expires_in": 6200}
+    # isolated from cgi-bin/token: a fetch there replaces nothing here
+    get_token(http)
+    clock.now += 6000  # 200 s left, inside the platform's 5 minutes: a new one
+    new = stable(http)
+    assert new["access_token"] != first["access_token"] and new["expires_in"] == 7200
+    assert works(http, first["access_token"]) and works(http, new["access_token"])  # overlap
+    clock.now += 200
+    assert not works(http, first["access_token"])  # it lived out its own time: 42001
+    assert stable(http)["access_token"] == new["access_token"]
+    assert state(http)["requests"]["cgi-bin/stable_token"] == 4
+    assert state(http)["apps"][APP]["force_refreshes_today"] == 0
+    assert state(http)["token_refusals"] == {"42001": 1}
+
+
+def test_force_refresh_replaces_the_token_at_most_every_30_s(http: httpx.Client,
+                                                             clock: Clock) -> None:
+    leaked = stable(http)["access_token"]
+    second = stable(http, force=True)["access_token"]
+    assert second != leaked
+    assert works(http, leaked)  # one forced call: the old token still works for a while
+    clock.now += 29
+    assert stable(http, force=True)["access_token"] == second  # too soon: nothing changes
+    assert stable(http)["access_token"] == second
+    clock.now += 1
+    third = stable(http, force=True)["access_token"]  # 30 s after the first: the leak is dead
+    assert third not in (leaked, second)
+    assert not works(http, leaked) and works(http, second) and works(http, third)
+    clock.now += 300  # the one the last force replaced: gone after the grace
+    assert not works(http, second) and works(http, third)
+    assert state(http)["token_refusals"] == {"40001": 2}
+    assert state(http)["apps"][APP]["force_refreshes_today"] == 3
+
+
+def test_force_refresh_daily_limit(clock: Clock) -> None:
+    seed = make_seed()
+    seed["apps"][0]["force_refresh_daily_quota"] = 2
+    with WeChatSim(seed, clock=clock) as server, httpx.Client(base_url=server.url) as http:
+        for _ in range(2):
+            stable(http, force=True)
+            clock.now += 30
+        errcode(stable(http, force=True), 45009)
+        current = stable(http)  # the normal mode is not limited by it
+        assert works(http, current["access_token"])
+        clock.now = (T0 // DAY + 1) * DAY - 8 * 3600  # midnight China time
+        assert stable(http, force=True)["access_token"] != current["access_token"]
+
+
+def test_revoked_stable_token_is_handed_out_until_a_force_refresh(http: httpx.Client) -> None:
+    token = stable(http)["access_token"]
+    admin(http, "/_sim/tokens/invalidate", {"appid": APP})  # a fault: the platform kills it
+    assert stable(http)["access_token"] == token and not works(http, token)
+    fresh = stable(http, force=True)["access_token"]
+    assert fresh != token and works(http, fresh)
+
+
+def test_stable_token_minute_limit(clock: Clock) -> None:
+    # the rules without HTTP (state.py): 10 000 calls a minute per appid, then 45011
+    sim = SimState(make_seed(), clock)
+    body = json.dumps({"grant_type": "client_credential", "appid": APP,
+                       "secret": SECRET}).encode()
+    clock.now = (T0 // 60 + 1) * 60  # the start of a minute
+    for _ in range(STABLE_PER_MINUTE):
+        assert json.loads(sim.api("POST", "/cgi-bin/stable_token", {}, body).body)["expires_in"]
+    errcode(json.loads(sim.api("POST", "/cgi-bin/stable_token", {}, body).body), 45011)
+    clock.now += 60
+    assert "access_token" in json.loads(sim.api("POST", "/cgi-bin/stable_token", {}, body).body)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"grant_type": "password", "appid": APP, "secret": SECRET}, 40002),
+    ({"grant_type": "client_credential", "secret": SECRET}, 41002),
+    ({"grant_type": "client_credential", "appid": APP}, 41004),
+    ({"grant_type": "client_credential", "appid": "wxnobody", "secret": SECRET}, 40013),
+    ({"grant_type": "client_credential", "appid": APP, "secret": SECRET2}, 40125),
+    ({"grant_type": "client_credential", "appid": APP, "secret": SECRET,
+      "force_refresh": "yes"}, 47001),
+    ({"grant_type": "client_credential", "appid": 5, "secret": SECRET}, 47001),
+    (b"{bad", 47001), ([1], 47001)])
+def test_stable_token_errors(http: httpx.Client, body: Any, expected: int) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    errcode(http.post("/cgi-bin/stable_token", content=content).json(), expected)
+    # a GET, or the secret in the query string as for cgi-bin/token: refused
+    errcode(http.get("/cgi-bin/stable_token", params={
+        "grant_type": "client_credential", "appid": APP, "secret": SECRET}).json(), 43002)
+    assert state(http)["apps"][APP]["valid_tokens"] == 0
+
+
 @pytest.mark.parametrize(("token", "expected"), [(None, 41001), ("", 41001), ("junk", 40001)])
 def test_missing_or_unknown_token(http: httpx.Client, token: str | None, expected: int) -> None:
     errcode(call(http, "/card/code/consume", token, {"code": CODE}), expected)
@@ -244,9 +360,11 @@ def test_bad_json_body(http: httpx.Client, body: bytes) -> None:
     errcode(call(http, "/card/code/get", get_token(http), body), 47001)
 
 
-def test_unknown_paths_are_404_json(http: httpx.Client) -> None:
-    r = http.post("/card/code/unknown", content=b"{}")
-    assert r.status_code == 404 and r.json()["errcode"] == 404
+def test_unknown_paths_answer_40066_as_the_platform_does(http: httpx.Client) -> None:
+    for r in (http.post("/card/code/unknown", content=b"{}"), http.get("/cgi-bin/nothing"),
+              http.post("/card/codes/get", params={"access_token": "x"}, content=b"{}")):
+        assert r.status_code == 200
+        errcode(r.json(), 40066)
     r = http.get("/_sim/nothing")
     assert r.status_code == 404 and "error" in r.json()
     assert http.post("/_sim/state").status_code == 405
@@ -279,12 +397,12 @@ def test_code_get_without_check_reports_every_state(http: httpx.Client, state_: 
     reply = call(http, "/card/code/get", get_token(http),
                  {"code": STATE_CODE[state_], "check_consume": False})
     assert reply["errcode"] == 0 and reply["user_card_status"] == state_
-    assert reply["can_consume"] is (state_ in ("NORMAL", "GIFT_TIMEOUT"))
+    assert reply["can_consume"] is (state_ == "NORMAL")  # a gift that timed out: not either
 
 
 @pytest.mark.parametrize(("state_", "expected"), [
     ("CONSUMED", 40099), ("GIFTING", 40127), ("DELETE", 40127), ("UNAVAILABLE", 40127),
-    ("EXPIRE", 40127), ("GIFT_SUCC", 40056)])
+    ("EXPIRE", 40127), ("GIFT_SUCC", 40056), ("GIFT_TIMEOUT", 40127)])
 def test_code_get_with_check_answers_errcodes(http: httpx.Client, state_: str,
                                               expected: int) -> None:
     token = get_token(http)
@@ -334,6 +452,29 @@ def test_fixed_term_window_starts_from_receipt(http: httpx.Client) -> None:
     assert reply["card"]["end_time"] == received + 4 * DAY - 1
 
 
+def test_fixed_term_codes_can_have_their_own_dates(clock: Clock) -> None:
+    seed = make_seed()
+    seed["codes"] += [
+        {"code": "800000000007", "card_id": "pTerm", "begin_time": "-3d", "end_time": "-1h"},
+        {"code": "800000000008", "card_id": "pTerm", "begin_time": "+1h", "end_time": "+2d"},
+        {"code": "800000000009", "card_id": "pTerm", "end_time": int(T0) + 60}]
+    with WeChatSim(seed, clock=clock) as server, httpx.Client(base_url=server.url) as http:
+        token = get_token(http)
+        over = call(http, "/card/code/get", token, {"code": "800000000007", "check_consume": False})
+        assert (over["card"]["begin_time"], over["card"]["end_time"]) == \
+            (int(T0) - 3 * DAY, int(T0) - 3600)
+        assert over["user_card_status"] == "EXPIRE"
+        errcode(call(http, "/card/code/consume", token, {"code": "800000000007"}), 40127)
+        errcode(call(http, "/card/code/consume", token, {"code": "800000000008"}), 40079)
+        # only its end given: it begins as the card's terms say (received -1d, +1 day)
+        mine = call(http, "/card/code/get", token, {"code": "800000000009"})
+        assert (mine["card"]["begin_time"], mine["card"]["end_time"]) == (int(T0), int(T0) + 60)
+        assert call(http, "/card/code/consume", token, {"code": "800000000009"})["errcode"] == 0
+        # the same card's other code keeps the window of its own receipt
+        other = call(http, "/card/code/get", token, {"code": "800000000003"})
+        assert other["card"]["begin_time"] == int(T0) - DAY
+
+
 # --- card/code/consume -------------------------------------------------------------------------
 
 def test_consume_exactly_once(http: httpx.Client) -> None:
@@ -378,6 +519,8 @@ def test_concurrent_consumes_commit_once(sim: WeChatSim, http: httpx.Client) -> 
     ({"code": STATE_CODE["EXPIRE"]}, 40127),
     ({"code": STATE_CODE["GIFT_SUCC"]}, 40056),
     ({"code": STATE_CODE["CONSUMED"]}, 40099),
+    ({"code": STATE_CODE["GIFT_TIMEOUT"]}, 40127),  # the platform refuses a timed-out gift
+    ({"code": "700000000005"}, 40071),  # a member card: identified, never consumed
 ])
 def test_consume_refusals_change_nothing(http: httpx.Client, body: dict[str, str],
                                          expected: int) -> None:
@@ -388,12 +531,42 @@ def test_consume_refusals_change_nothing(http: httpx.Client, body: dict[str, str
         {c: (e["state"], e["consume_count"]) for c, e in before.items()}
 
 
-def test_consume_accepts_custom_code_with_card_id_and_gift_timeout(http: httpx.Client) -> None:
+def test_consume_accepts_custom_code_with_card_id_and_a_numeric_code(http: httpx.Client) -> None:
     token = get_token(http)
     ok = call(http, "/card/code/consume", token, {"code": "800000000004", "card_id": "pCustom"})
     assert ok["card"] == {"card_id": "pCustom"}
-    assert call(http, "/card/code/consume", token,
-                {"code": int(STATE_CODE["GIFT_TIMEOUT"])})["errcode"] == 0
+    assert call(http, "/card/code/consume", token, {"code": int(CODE)})["errcode"] == 0
+
+
+def test_member_card_is_identified_but_never_consumed(http: httpx.Client) -> None:
+    token = get_token(http)
+    reply = call(http, "/card/code/get", token, {"code": "700000000005"})
+    assert (reply["card"]["card_id"], reply["user_card_status"]) == ("pMember", "NORMAL")
+    errcode(call(http, "/card/code/consume", token, {"code": "700000000005"}), 40071)
+    entry = state(http)["codes"]["700000000005"]
+    assert (entry["state"], entry["consume_count"]) == ("NORMAL", 0)
+
+
+# --- card/code/unavailable ---------------------------------------------------------------------
+
+def test_unavailable_makes_a_code_unusable(http: httpx.Client) -> None:
+    token = get_token(http)
+    assert call(http, "/card/code/unavailable", token,
+                {"code": CODE, "reason": "misprinted"}) == {"errcode": 0, "errmsg": "ok"}
+    errcode(call(http, "/card/code/get", token, {"code": CODE}), 40127)
+    reply = call(http, "/card/code/get", token, {"code": CODE, "check_consume": False})
+    assert (reply["user_card_status"], reply["can_consume"]) == ("UNAVAILABLE", False)
+    errcode(call(http, "/card/code/consume", token, {"code": CODE}), 40127)
+    assert state(http)["codes"][CODE]["consume_count"] == 0
+    # and its refusals: the state each code is in, and the body's form
+    errcode(call(http, "/card/code/unavailable", token, {"code": CODE}), 40127)
+    errcode(call(http, "/card/code/unavailable", token, {"code": STATE_CODE["CONSUMED"]}), 40099)
+    errcode(call(http, "/card/code/unavailable", token, {"code": "123456789012"}), 40056)
+    errcode(call(http, "/card/code/unavailable", token, {"code": "800000000004"}), 41012)
+    errcode(call(http, "/card/code/unavailable", token, {"code": "800000000006",
+                                                         "reason": 5}), 47001)
+    errcode(call(http, "/card/code/unavailable", "junk", {"code": "800000000006"}), 40001)
+    assert state(http)["codes"]["800000000006"]["state"] == "NORMAL"
 
 
 # --- card/code/decrypt -------------------------------------------------------------------------
@@ -608,7 +781,7 @@ def _broken(change: str) -> dict[str, Any]:
 @pytest.mark.parametrize(("change", "message"), [
     ("s['apps'] = []", "apps: expected a non-empty list"),
     ("s['colour'] = 1", "colour: unknown key"),
-    ("s['cards'][0]['card_type'] = 'SCENIC_TICKET'", "cards[0].card_type: expected one of"),
+    ("s['cards'][0]['card_type'] = 'LUCKY_MONEY'", "cards[0].card_type: expected one of"),
     ("s['cards'][0]['reduce_cost'] = '20'", 'cards[0].reduce_cost: expected an integer (fen'),
     ("del s['cards'][0]['reduce_cost']", "cards[0].reduce_cost: missing"),
     ("s['cards'][1]['discount'] = 100", "cards[1].discount: expected an integer percent off"),
@@ -620,6 +793,13 @@ def _broken(change: str) -> dict[str, Any]:
     ("s['codes'].append(dict(s['codes'][0]))", "appears twice"),
     ("s['behaviour'] = {'expires_in': 0}", "behaviour.expires_in: expected an integer"),
     ("s['faults'] = {'busy_rate': -1}", "faults.busy_rate: expected a probability"),
+    ("s['codes'][0]['begin_time'] = 'now'",
+     "codes[0].begin_time: only codes of a DATE_TYPE_FIX_TERM card have their own dates"),
+    ("s['codes'][16].update(begin_time='now', end_time='-3d')",  # 16: a pTerm code
+     "codes[16].end_time: expected a time after begin_time"),
+    ("s['codes'][16]['end_time'] = 'soon'", "codes[16].end_time: expected Unix seconds"),
+    ("s['apps'][0]['force_refresh_daily_quota'] = -1",
+     "apps[0].force_refresh_daily_quota: expected an integer"),
 ])
 def test_seed_errors_name_the_key(change: str, message: str) -> None:
     with pytest.raises(SeedError) as info:

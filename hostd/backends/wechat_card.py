@@ -3,96 +3,70 @@
 Rules this module keeps:
 - Errors are typed by errcode, never by errmsg (the real errmsg carries a request id). A reply
   that is not JSON, is truncated, or lacks the fields its call promises is a BackendError.
+- Every call keeps base.py's transport policy: per-read timeout, a total deadline per operation
+  (retries and a token refresh included), a cap on the reply body; the httpx binding below
+  reports each socket it uses to the deadline's watchdog (_Network).
 - Retries only where a repeat cannot change anything: the token fetch, card/code/get,
-  card/code/decrypt and card/get, on busy (-1) and transport errors, a bounded number of times.
-  Any call, consume included, is repeated once after 40001/42001 with a fresh token: the service
-  refused it at authentication, so it did nothing.
+  card/code/decrypt and card/get, on busy (-1) and transport errors, a bounded number of times
+  within the deadline. Any call, consume included, is repeated once after 40001/42001 with a
+  fresh token: the service refused it at authentication, so it did nothing.
 - consume is never repeated blindly. When its result cannot be known (reply lost, timeout after
-  sending, HTTP error, busy, unreadable reply) it raises OutcomeUnknown; the caller reconciles
-  by querying. A connection that was never made raises Offline: nothing was sent.
-- The access token is cached and refreshed `refresh_margin_s` before it expires; with a central
-  token URL every till shares one token (each new token invalidates the previous one).
+  sending, deadline or reply cap hit, HTTP error, busy, unreadable reply) it raises
+  OutcomeUnknown; the caller reconciles by querying. A connection that was never made raises
+  Offline: nothing was sent.
+- The access token lives in a TokenCache (tokens.py: when to fetch, refusals, force refresh);
+  hostd's factory gives every client of one hostd the same cache. Here is only how a token is
+  fetched (_fetch_token): stable_token (POST JSON, the secret in the body, never in a URL),
+  cgi-bin/token, or the central token_url. A server without stable_token (HTTP 404, or 40066 /
+  41001 / 40001 as for an ordinary API) is asked at cgi-bin/token instead, with one warning.
+  A client made without a cache gets its own, in `token_mode` ("token" unless told: one client,
+  one token; hostd's config default is "stable").
 - Coupon codes and tokens are never logged; see redeem.tail() for the 4-digit form.
+- Member cards: member_info() (card/membercard/userinfo/get) is a read, retried like
+  card/code/get; add_bonus() (card/membercard/updateuser) changes state and is not idempotent
+  on the platform: it is never repeated, and an unknown result raises OutcomeUnknown exactly
+  as consume does (the caller settles it by reading member_info()).
+- A ticket's own details (seat, show time, passenger), when card/code/get carries them under
+  the lower-cased card type (the simulator does; hostd/backends/sim/state.py), come back in
+  TicketCodeInfo.ticket.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpcore
 import httpx
+from hexiao.hostd.backends import base
+from hexiao.hostd.backends.base import (
+    AlreadyConsumed,
+    ApiError,
+    BackendError,
+    Busy,
+    CardUnavailable,
+    CodeInfo,
+    InvalidCode,
+    Limits,
+    NotInTimeWindow,
+    Offline,
+    OutcomeUnknown,
+    QuotaExceeded,
+    TokenError,
+    TransportFailure,
+    WeChatError,
+)
+from hexiao.hostd.backends.tokens import Mode, TokenCache
 
 # httpx logs every request URL at INFO, and the URL carries the access_token (and the secret on
 # the token call): keep both transport loggers quiet whatever the application's level
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
-
-
-class WeChatError(Exception):
-    """Base: errcode is the service's, or None for transport and format errors."""
-
-    def __init__(self, message: str, errcode: int | None = None) -> None:
-        super().__init__(message)
-        self.errcode = errcode
-
-
-class BackendError(WeChatError):
-    """The reply is not what the API sends: not JSON, truncated, HTTP error, missing fields."""
-
-
-class Offline(WeChatError):
-    """The service could not be reached (or kept timing out on a safe call)."""
-
-
-class Busy(WeChatError):
-    """errcode -1, system busy."""
-
-
-class TokenError(WeChatError):
-    """40001/42001/41001 even with a fresh token, or the token could not be fetched."""
-
-
-class InvalidCode(WeChatError):
-    """40056 (unknown code), 40075 (bad encrypt_code), 40073 (unknown card)."""
-
-
-class AlreadyConsumed(WeChatError):
-    """40099."""
-
-
-class CardUnavailable(WeChatError):
-    """40127: deleted, gifting, unavailable or expired."""
-
-
-class QuotaExceeded(WeChatError):
-    """45009."""
-
-
-class NotInTimeWindow(WeChatError):
-    """40079: not valid yet (or past its time)."""
-
-
-class ApiError(WeChatError):
-    """Any other non-zero errcode."""
-
-
-class OutcomeUnknown(WeChatError):
-    """A consume was (or may have been) sent and its result is not known.
-
-    settled: the server finished with the request (it answered or closed the connection), so a
-    query now shows the truth; False after our own timeout, when it may still be in flight.
-    """
-
-    def __init__(self, message: str, *, settled: bool, cause: Exception | None = None) -> None:
-        super().__init__(message)
-        self.settled = settled
-        self.cause = cause
-
+CARD_API = "the card API"
 
 _ERRCODES: dict[int, type[WeChatError]] = {
     -1: Busy, 40001: TokenError, 42001: TokenError, 41001: TokenError,
@@ -100,35 +74,58 @@ _ERRCODES: dict[int, type[WeChatError]] = {
     40099: AlreadyConsumed, 40127: CardUnavailable, 45009: QuotaExceeded, 40079: NotInTimeWindow,
 }
 _TOKEN_STALE = (40001, 42001)
+# what a server answers for stable_token when it has no such API (it asks for a token, as for
+# an ordinary call, or says the URL is unknown)
+_NO_STABLE = (40066, 41001, 40001)
+log = logging.getLogger("hexiao.hostd.backends")
+TICKET_SECTIONS = ("movie_ticket", "scenic_ticket", "meeting_ticket", "boarding_pass")
 
 
 @dataclass(frozen=True)
-class CodeInfo:
-    """card/code/get's answer."""
+class TicketCodeInfo(CodeInfo):
+    """card/code/get of a ticket: also its own details (seat_number, show_time, ...)."""
+
+    ticket: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """card/membercard/userinfo/get: the member's points (bonus) and balance (fen)."""
 
     code: str
     card_id: str
-    status: str  # user_card_status; "CONSUMED" when the service answered 40099 instead
-    begin_time: int | None
-    end_time: int | None
-    can_consume: bool
+    bonus: int
+    balance: int
+    status: str
     openid: str | None
 
 
 class WeChatCardClient:
+    """One per thread (its httpx client is); `tokens` may be shared by many (thread-safe).
+
+    transport: for tests and benches; the deadline then holds between exchanges and chunks
+    only, as the watchdog sees no sockets of a transport it did not bind."""
+
     def __init__(self, base_url: str, appid: str, secret: str, *,
                  token_url: str | None = None, timeout_s: float = 5.0, retries: int = 2,
                  backoff_s: float = 0.1, refresh_margin_s: float = 300.0,
-                 card_cache_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 card_cache_s: float = 600.0, deadline_s: float = 10.0,
+                 max_reply_bytes: int = base.MAX_REPLY_BYTES,
+                 clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 token_mode: Mode = "token", tokens: TokenCache | None = None) -> None:
+        self._limits = Limits(timeout_s, deadline_s, max_reply_bytes)
         self._http = httpx.Client(base_url=base_url, timeout=timeout_s, transport=transport)
+        if transport is None:
+            _bind(self._http)
         self._appid, self._secret, self._token_url = appid, secret, token_url
-        self._retries, self._backoff, self._margin = retries, backoff_s, refresh_margin_s
+        self._retries, self._backoff = retries, backoff_s
         self._card_ttl, self._clock, self._sleep = card_cache_s, clock, sleep
-        self._lock = threading.Lock()
-        self._token: str | None = None
-        self._token_expires = 0.0
+        if tokens is None:
+            tokens = TokenCache("central" if token_url else token_mode,
+                                margin_s=refresh_margin_s, clock=clock)
+        self._tokens = tokens
         self._cards: dict[str, tuple[float, dict[str, Any]]] = {}
 
     def close(self) -> None:
@@ -142,28 +139,58 @@ class WeChatCardClient:
 
     # --- token -------------------------------------------------------------------------
 
-    def token(self, *, force: bool = False, stale: str | None = None) -> str:
-        """The cached token, refetched when near expiry, when forced, or when `stale` is it."""
-        with self._lock:
-            if stale is not None and stale != self._token:
-                force = False  # another thread already replaced the stale token
-            if not force and self._token and self._clock() < self._token_expires - self._margin:
-                return self._token
-            reply = self._safe(self._fetch_token)
-            value, expires_in = reply.get("access_token"), reply.get("expires_in")
-            if not isinstance(value, str) or not value or not isinstance(expires_in, int):
-                raise BackendError("token reply without access_token/expires_in")
-            self._token, self._token_expires = value, self._clock() + expires_in
-            return value
+    @property
+    def tokens(self) -> TokenCache:
+        return self._tokens
 
-    def _fetch_token(self) -> dict[str, Any]:
+    def token(self, *, force: bool = False) -> str:
+        """The cached token (fetched when due). force: ask the token endpoint now, in the
+        ordinary way: with stable_token that never invalidates anyone's token."""
+        with base.deadline(self._limits) as b:
+            if force:
+                return self._tokens.fresh(self._fetch, b.remaining())
+            return self._tokens.get(self._fetch, b.remaining())
+
+    def _fetch(self, force_refresh: bool) -> tuple[str, int]:
+        """One token fetch for the cache: (token, expires_in). A force refresh is never
+        repeated (each one counts against the platform's 20 a day)."""
+        def call() -> dict[str, Any]:
+            return self._fetch_token(force_refresh)
+
+        reply = call() if force_refresh else self._safe(call)
+        value, expires_in = reply.get("access_token"), reply.get("expires_in")
+        if not isinstance(value, str) or not value or not isinstance(expires_in, int) \
+                or isinstance(expires_in, bool) or expires_in <= 0:
+            raise BackendError("token reply without access_token/expires_in")
+        return value, expires_in
+
+    def _fetch_token(self, force_refresh: bool = False) -> dict[str, Any]:
+        mode = self._tokens.mode
         try:
-            if self._token_url:
-                return _parse(self._http.get(self._token_url))
-            return _parse(self._http.get("/cgi-bin/token", params={
-                "grant_type": "client_credential", "appid": self._appid, "secret": self._secret}))
-        except httpx.TransportError as e:
-            raise Offline(f"token: cannot reach the token service ({type(e).__name__})") from e
+            if mode == "stable":
+                body = json.dumps({"grant_type": "client_credential", "appid": self._appid,
+                                   "secret": self._secret, "force_refresh": force_refresh})
+                status, content = self._exchange(
+                    "POST", "/cgi-bin/stable_token", "token", content=body.encode(),
+                    headers={"Content-Type": "application/json"})
+                try:
+                    return _parse(status, content)
+                except WeChatError as e:
+                    if status != 404 and e.errcode not in _NO_STABLE:
+                        raise
+                    why = "HTTP 404" if status == 404 else f"errcode {e.errcode}"
+                log.warning("token: %s has no cgi-bin/stable_token (%s); using cgi-bin/token, "
+                            "whose every fetch replaces the token other tills hold",
+                            self._http.base_url, why)
+                self._tokens.mode = "token"
+            if mode == "central":
+                return _parse(*self._exchange("GET", self._token_url or "", "token"))
+            return _parse(*self._exchange("GET", "/cgi-bin/token", "token", params={
+                "grant_type": "client_credential", "appid": self._appid,
+                "secret": self._secret}))
+        except TransportFailure as f:
+            raise base.failure("token", f, sent_matters=False,
+                               service="the token service") from f.cause
 
     # --- API calls ---------------------------------------------------------------------
 
@@ -183,10 +210,38 @@ class WeChatCardClient:
                 or not isinstance(status, str):
             raise BackendError("card/code/get reply without card.card_id/user_card_status")
         begin, end = card.get("begin_time"), card.get("end_time")
-        return CodeInfo(code, card["card_id"], status,
-                        begin if isinstance(begin, int) else None,
-                        end if isinstance(end, int) else None,
-                        r.get("can_consume") is True, r.get("openid"))
+        args = (code, card["card_id"], status, begin if isinstance(begin, int) else None,
+                end if isinstance(end, int) else None, r.get("can_consume") is True,
+                r.get("openid"))
+        ticket = next((r[k] for k in TICKET_SECTIONS if isinstance(r.get(k), dict)), None)
+        return CodeInfo(*args) if ticket is None else TicketCodeInfo(*args, ticket=ticket)
+
+    def member_info(self, code: str, card_id: str) -> MemberInfo:
+        """A member card's points and balance now (a read: retried on busy and transport)."""
+        r = self._safe(lambda: self._call("card/membercard/userinfo/get",
+                                          {"card_id": card_id, "code": code}))
+        bonus, balance, status = r.get("bonus"), r.get("balance", 0), r.get("user_card_status")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bonus, balance)) \
+                or not isinstance(status, str):
+            raise BackendError("userinfo/get reply without bonus/balance/user_card_status")
+        return MemberInfo(code, card_id, bonus, balance, status, r.get("openid"))
+
+    def add_bonus(self, code: str, card_id: str, add: int, record: str) -> int:
+        """card/membercard/updateuser add_bonus once; returns result_bonus. Never repeated:
+        an unknown result is OutcomeUnknown (settle it with member_info())."""
+        body = {"card_id": card_id, "code": code, "add_bonus": add, "record_bonus": record,
+                "notify_optional": {"is_notify_bonus": True}}
+        try:
+            with base.deadline(self._limits):
+                r = self._call("card/membercard/updateuser", body, sent_matters=True)
+        except Busy as e:
+            raise OutcomeUnknown("updateuser answered busy", settled=True, cause=e) from e
+        except BackendError as e:
+            raise OutcomeUnknown("updateuser reply unreadable", settled=True, cause=e) from e
+        result = r.get("result_bonus")
+        if not isinstance(result, int) or isinstance(result, bool):
+            raise OutcomeUnknown("updateuser reply without result_bonus", settled=True)
+        return result
 
     def decrypt(self, encrypt_code: str) -> str:
         r = self._safe(lambda: self._call("card/code/decrypt", {"encrypt_code": encrypt_code}))
@@ -212,12 +267,13 @@ class WeChatCardClient:
                 request_no: str | None = None) -> str:
         """Consume once; returns the card_id. Repeated only after a token refusal (did nothing).
         request_no: the card API has no idempotency key; it is taken for the backend interface
-        (redeem.CardBackend) and not sent: a lost reply is settled by a query instead."""
+        (base.CardBackend) and not sent: a lost reply is settled by a query instead."""
         body: dict[str, Any] = {"code": code}
         if card_id:
             body["card_id"] = card_id
         try:
-            r = self._call("card/code/consume", body, sent_matters=True)
+            with base.deadline(self._limits):
+                r = self._call("card/code/consume", body, sent_matters=True)
         except Busy as e:
             # the service has been seen to commit and still answer -1: do not assume either way
             raise OutcomeUnknown("consume answered busy", settled=True, cause=e) from e
@@ -234,51 +290,59 @@ class WeChatCardClient:
         token = self.token()
         for attempt in (0, 1):
             try:
-                reply = self._http.post(f"/{path}", params={"access_token": token},
-                                        content=content,
-                                        headers={"Content-Type": "application/json"})
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
-                raise Offline(f"{path}: cannot reach the card API ({type(e).__name__})") from e
-            except httpx.TimeoutException as e:
-                if sent_matters:
-                    raise OutcomeUnknown(f"{path}: timed out after sending", settled=False,
-                                         cause=e) from e
-                raise Offline(f"{path}: timed out ({type(e).__name__})") from e
-            except httpx.TransportError as e:
-                if sent_matters:
-                    # the server closed or reset the connection: it is done with the request
-                    raise OutcomeUnknown(f"{path}: connection lost before the reply",
-                                         settled=not isinstance(e, httpx.WriteError),
-                                         cause=e) from e
-                raise Offline(f"{path}: connection lost ({type(e).__name__})") from e
+                reply = self._exchange("POST", f"/{path}", path,
+                                       params={"access_token": token}, content=content,
+                                       headers={"Content-Type": "application/json"})
+            except TransportFailure as f:
+                raise base.failure(path, f, sent_matters=sent_matters,
+                                   service=CARD_API) from f.cause
             try:
-                return _parse(reply)
+                return _parse(*reply)
             except TokenError as e:
                 if attempt or e.errcode not in _TOKEN_STALE:
                     raise
-                token = self.token(force=True, stale=token)
+                with base.deadline(self._limits) as b:
+                    token = self._tokens.refused(token, e.errcode, self._fetch, b.remaining())
         raise AssertionError("unreachable")
+
+    def _exchange(self, method: str, url: str, what: str, **kw: Any) -> tuple[int, bytes]:
+        """One HTTP exchange within the operation's budget: (status, body), or
+        TransportFailure. Offline if the deadline left no time to send it."""
+        with base.deadline(self._limits) as b:
+            b.before_sending(what)
+            replied = False
+            try:
+                with self._http.stream(method, url, timeout=b.timeout(), **kw) as r:
+                    replied = True
+                    return r.status_code, base.read_capped(
+                        r.iter_bytes(), r.headers.get("content-length"), self._limits)
+            except httpx.TransportError as e:
+                raise base.fail(_kind(e), e, replied=replied) from e
+            except httpx.DecodingError as e:  # a Content-Encoding it does not keep to
+                raise BackendError(f"{what}: reply cannot be decoded") from e
 
     def _safe(self, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run a call that is safe to repeat, retrying busy and transport errors (bounded)."""
-        for attempt in range(self._retries + 1):
-            try:
-                return call()
-            except (Busy, Offline):
-                if attempt == self._retries:
-                    raise
-                self._sleep(self._backoff * 2 ** attempt)
+        """Run a call that is safe to repeat, retrying busy and transport errors (bounded by
+        count and by the operation's deadline)."""
+        with base.deadline(self._limits) as b:
+            for attempt in range(self._retries + 1):
+                try:
+                    return call()
+                except (Busy, Offline):
+                    if attempt == self._retries or b.expired:
+                        raise
+                    self._sleep(min(self._backoff * 2 ** attempt, b.remaining()))
         raise AssertionError("unreachable")
 
 
-def _parse(reply: httpx.Response) -> dict[str, Any]:
+def _parse(status: int, content: bytes) -> dict[str, Any]:
     """The JSON object of a reply, or the typed error its errcode names."""
-    if reply.status_code != 200:
-        raise BackendError(f"HTTP {reply.status_code} from the card API")
+    if status != 200:
+        raise BackendError(f"HTTP {status} from the card API")
     try:
-        obj = json.loads(reply.content)
+        obj = json.loads(content)
     except (ValueError, UnicodeDecodeError) as e:
-        raise BackendError(f"reply is not JSON ({len(reply.content)} bytes)") from e
+        raise BackendError(f"reply is not JSON ({len(content)} bytes)") from e
     if not isinstance(obj, dict):
         raise BackendError("reply is JSON but not an object")
     errcode = obj.get("errcode", 0)  # the token call omits errcode on success
@@ -289,3 +353,76 @@ def _parse(reply: httpx.Response) -> dict[str, Any]:
         kind = _ERRCODES.get(errcode, ApiError)
         raise kind(f"errcode {errcode}: {str(errmsg)[:120]}", errcode)
     return obj
+
+
+# --- the httpx binding of base.py's deadline ------------------------------------------------
+
+def _kind(e: httpx.TransportError) -> base.Failure:
+    if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return "unreached"
+    if isinstance(e, httpx.TimeoutException):
+        return "timeout"
+    return "lost_sending" if isinstance(e, httpx.WriteError) else "lost"
+
+
+class _Stream(httpcore.NetworkStream):
+    """httpcore's stream, telling the current operation which socket it uses (also a pooled
+    keep-alive one, at its first read or write in that operation)."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def _adopt(self) -> None:
+        base.adopt(self, self._inner.get_extra_info("socket"))
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._adopt()
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._adopt()
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        self._adopt()  # the handshake is bounded too
+        return _Stream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _Network(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options: Any = None,
+                    ) -> httpcore.NetworkStream:
+        stream = _Stream(self._inner.connect_tcp(host, port, timeout, local_address,
+                                                 socket_options))
+        stream._adopt()
+        return stream
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore.NetworkStream:
+        return _Stream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _bind(client: httpx.Client) -> None:
+    """Route the client's connections (direct, and through env proxies) through _Network.
+    httpx takes no network backend, so its pools' is wrapped in place (httpx 0.28 pinned; the
+    deadline tests fail loudly if a new version moves it)."""
+    for t in [client._transport, *(m for m in client._mounts.values() if m is not None)]:
+        pool = getattr(t, "_pool", None)
+        inner = getattr(pool, "_network_backend", None)
+        if inner is None:
+            raise RuntimeError(f"cannot bind the deadline to {type(t).__name__}")
+        if not isinstance(inner, _Network):
+            pool._network_backend = _Network(inner)  # type: ignore[union-attr]

@@ -47,6 +47,7 @@ from hexiao.hostd.config.types import (
     ConfigError,
     Device,
     DeviceSettings,
+    Fleet,
     Hostd,
     Keystore,
     Lane,
@@ -57,7 +58,7 @@ from hexiao.hostd.config.types import (
     read_secret,
 )
 
-_SECTIONS = ("hostd", "backend", "keystore", "lane", "device", "tap", "macros")
+_SECTIONS = ("hostd", "backend", "keystore", "lane", "device", "tap", "macros", "fleet")
 
 
 def load(path: str | Path) -> Config:
@@ -94,16 +95,21 @@ def from_dict(data: Mapping[str, Any], path: Path | None = None) -> Config:
     lanes = _array(data.get("lane"), Lane, "lane", ctx) or [Lane()]
     devices = _array(data.get("device"), Device, "device", ctx) or []
     tap: Tap = _section(data.get("tap"), Tap, "tap", ctx)
+    fleet: Fleet = _section(data.get("fleet"), Fleet, "fleet", ctx)
     macros = _macros(data.get("macros"), ctx)
     _check_backend(backend, data.get("backend") or {}, ctx)
     _check_refs(lanes, devices, tap, ctx)
+    for name in ("merchant", "store", "key_file") if fleet.enabled else ():
+        if not getattr(fleet, name):
+            ctx.bad(f"fleet.{name}", "required when fleet.enabled = true: expected "
+                    + _expected(_SCHEMA[Fleet][name]))
     if ctx.errors:
         raise ConfigError(ctx.errors)
     return Config(
         dataclasses.replace(hostd, journal=hostd.journal or hostd.state_dir / "journal.sqlite3"),
         dataclasses.replace(backend, base_url=backend.base_url or BASE_URLS[backend.kind]),
         Keystore(keystore.path or hostd.state_dir / "keystore.jsonl"),
-        tuple(lanes), tuple(devices), tap, macros, path)
+        tuple(lanes), tuple(devices), tap, macros, path, fleet)
 
 
 def _macros(raw: Any, ctx: _Ctx) -> dict[str, Macro]:

@@ -11,6 +11,9 @@ Rules this module keeps:
   0600; a missing secret file is reported where it is read).
 - Nothing is chmod-ed on anyone's behalf: a file that others could read may already have been
   read, so the fix (and replacing the secret) is the owner's; the message says what to run.
+- Every configured device needs its key in the keystore (missing_keys): `--check-config` fails
+  on one without, naming the `hexiao provision` command that adds it; hostd starts all the
+  same and shows that device as "no key" until the key is there (hostd/lanes/lane.py).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import os
 import stat
 from pathlib import Path
 
-from hexiao.hostd.config.types import Config
-from hexiao.hostd.keystore import KeystoreError, check_private
+from hexiao.hostd.config.types import Config, Device
+from hexiao.hostd.keystore import Keystore, KeystoreError, check_private
 
 
 def private_paths(cfg: Config) -> list[tuple[str, Path]]:
@@ -63,3 +66,28 @@ def problems(cfg: Config) -> list[str]:
         except OSError as e:
             out.append(f"{what}: {path}: cannot read: {e.strerror}")
     return out
+
+
+def keystore_path(cfg: Config) -> Path:
+    return Path(cfg.keystore.path or cfg.hostd.state_dir / "keystore.jsonl")
+
+
+def provision_hint(cfg: Config, dev: Device) -> str:
+    """The command that gives `dev` its key (on the device and in hostd's keystore)."""
+    where = f"--port {dev.port}" if dev.port and "://" not in dev.port else "--port PORT"
+    config = f" --config {cfg.source}" if cfg.source else f" --keystore {keystore_path(cfg)}"
+    return f"hexiao provision {where} --id {dev.id} --lane {dev.lane}{config}"
+
+
+def missing_keys(cfg: Config) -> list[str]:
+    """One line per configured device without a key in the keystore, with the command that adds
+    it. An unsafe or unreadable keystore is problems()'s to report: nothing here then."""
+    path = keystore_path(cfg)
+    try:
+        ids = set(Keystore(path).ids())
+    except KeystoreError:
+        if path.exists():
+            return []
+        ids = set()  # hostd creates it empty at start
+    return [f"device {dev.id}: no key in the keystore {path}: {provision_hint(cfg, dev)}"
+            for dev in cfg.devices if dev.kid not in ids]

@@ -28,6 +28,7 @@ from hexiao.hostd.config.types import (
     Backend,
     Device,
     DeviceSettings,
+    Fleet,
     Hostd,
     Keystore,
     Lane,
@@ -112,6 +113,33 @@ _INLINE = {"secret": "secret_file", "key": "key_file", "apiv3_key": "apiv3_key_f
            "private_key": "private_key_file"}
 
 
+def _tap_listen(v: Any) -> str:
+    from hexiao.hostd.tap.service import LISTEN_FORMS, parse_listen
+
+    try:
+        parse_listen(v if isinstance(v, str) else "")
+    except ValueError:
+        raise _Bad(LISTEN_FORMS) from None
+    return str(v)
+
+
+def _tap_printer(v: Any) -> str:
+    from hexiao.hostd.tap.printer import parse_target
+
+    what = "tcp:HOST:PORT, file:PATH, serial:DEVICE[@BAUD] or usb:VID:PID[:SERIAL]"
+    if v == "":
+        return v  # no printer: fine while the tap is off (config/__init__ checks it when on)
+    if not isinstance(v, str) or not v.startswith(("tcp:", "file:", "serial:", "usb:")):
+        raise _Bad(what)
+    try:
+        parse_target(v)
+    except ValueError as e:
+        # pyusb missing is the machine's problem, not the file's: the tap says so at start
+        if "pyusb" not in str(e):
+            raise _Bad(f"{what} ({e})") from None
+    return v
+
+
 def _kid(v: Any) -> str:
     raw = kid_bytes(v) if isinstance(v, str) else None
     if not raw or len(raw) > 16:
@@ -180,14 +208,20 @@ def _items(v: Any) -> tuple[str | tuple[int, int], ...]:
 
 _POSITIVE = _int(1, 2**63 - 1, "a positive integer")
 _HEX4 = (r"[0-9a-fA-F]{4}", '4 hex digits, e.g. "2e8a"')
+_FLEET_ID = "1..16 of A-Z a-z 0-9 _ . -"
 _LANE_NAME = _str("a lane name (letters, digits, _ . -; up to 32)", r"[\w.-]{1,32}", empty=False)
 # how each key is checked; a nested table (device.match) has its class instead of a checker
 _SCHEMA: dict[type, dict[str, Check | type]] = {
     Hostd: {"state_dir": _path, "control_socket": _path, "journal": _path,
-            "log_level": _choice("debug", "info", "warning", "error"), "metrics_listen": _addr},
+            "log_level": _choice("debug", "info", "warning", "error"), "metrics_listen": _addr,
+            "web_listen": _addr,
+            "capture_max_bytes": _int(1 << 16, 1 << 40, "a number of bytes 65536..2**40")},
     Backend: {"kind": _choice(*BASE_URLS), "base_url": _url, "backup_base_url": _url,
               "appid": _str('an appid, e.g. "wx1234567890abcdef"'), "secret_file": _path,
-              "token_url": _url, "timeout_s": _seconds, "retries": _int(0, 10),
+              "token_url": _url, "token_mode": _choice("stable", "token"),
+              "timeout_s": _seconds, "deadline_s": _seconds,
+              "max_reply_bytes": _int(1024, 64 << 20, "a number of bytes 1024..67108864"),
+              "retries": _int(0, 10),
               "backoff_s": _seconds0, "refresh_margin_s": _seconds0, "card_cache_s": _seconds0,
               "settle_after_s": _seconds, "mchid": _str("a merchant id of digits", r"\d+"),
               "merchant_serial_no": _str("a certificate serial number (hex digits)",
@@ -201,7 +235,7 @@ _SCHEMA: dict[type, dict[str, Check | type]] = {
     Lane: {"name": _LANE_NAME, "decrypt": _choice("auto", "always", "never"),
            "allowed_card_ids": _str_list, "location_id": _POSITIVE,
            "sub_merchant_id": _POSITIVE, "verify_unknown": _bool,
-           "custom_code_card_ids": _str_list},
+           "custom_code_card_ids": _str_list, "redeemed_here_s": _seconds0},
     UsbMatch: {"serial": _str("the USB serial number", empty=False),
                "vendor": _str(_HEX4[1], _HEX4[0], False),
                "product": _str(_HEX4[1].replace("2e8a", "000a"), _HEX4[0], False)},
@@ -210,15 +244,26 @@ _SCHEMA: dict[type, dict[str, Check | type]] = {
              "rules_default": _choice(*ACTIONS), "settings": DeviceSettings},
     DeviceSettings: {"inter_key_ms": _int(0, 1000), "suffix": _choice("enter", "tab", "none"),
                      "offline_ms": _int(200, 30000)},
-    Tap: {"enabled": _bool, "listen": _addr,
-          "printer": _str("tcp:HOST:PORT, file:PATH or serial:DEVICE[@BAUD]",
-                          r"(tcp|file|serial):.+"),
+    Tap: {"enabled": _bool, "listen": _tap_listen, "printer": _tap_printer,
           "profile": _str("a printer profile name or JSON file", empty=False),
           "content": _str(), "caption": _str(), "lane": _LANE_NAME, "key_file": _path,
           "existing_qr": _choice("inject", "skip"), "module": _int(1, 16),
           "align": _choice("left", "center", "right"), "ec": _choice("L", "M", "Q", "H"),
-          "idle_timeout_s": _seconds, "connect_timeout_s": _seconds0},
+          "idle_timeout_s": _seconds, "connect_timeout_s": _seconds0,
+          "stall_timeout_s": _seconds, "printer_timeout_s": _seconds,
+          "member_ttl_s": _seconds, "claim_listen": _addr, "claim_max_age_s": _seconds},
     Macro: {"items": _items, "delay_ms": _int(0, 1000)},
+    Fleet: {"enabled": _bool,
+            "broker": _str('mqtt://HOST[:PORT] or mqtts://HOST[:PORT]', r"mqtts?://[^\s/]+/?"),
+            "merchant": _str(_FLEET_ID, r"[A-Za-z0-9_.-]{1,16}"),
+            "store": _str(_FLEET_ID, r"[A-Za-z0-9_.-]{1,16}"),
+            "topic_prefix": _str("a topic prefix ending in /, without + # or $",
+                                 r"[^+#$\s]*/"),
+            "key_file": _path, "code_key_file": _path, "username": _str(),
+            "password_file": _path, "tls_ca_file": _path, "tls_cert_file": _path,
+            "tls_key_file": _path, "keepalive_s": _int(5, 3600),
+            "session_expiry_s": _int(0, 2**32 - 1), "window": _int(1, 1000),
+            "hq_pubkey_file": _path},
 }
 _REQUIRED = {Lane: ("name",), Device: ("id",), UsbMatch: ("serial",), Macro: ("items",)}
 

@@ -43,6 +43,8 @@ class Hostd:
     journal: Path | None = None      # None in the file: <state_dir>/journal.sqlite3
     log_level: str = "info"
     metrics_listen: str = ""         # "" = no metrics endpoint
+    web_listen: str = "127.0.0.1:8780"  # the status page (hostd/web/); "" = no page
+    capture_max_bytes: int = 64 << 20  # a link capture stops here (hexiao capture)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,10 @@ class Backend:
     appid: str = ""
     secret_file: Path | None = None
     token_url: str = ""              # a central token service shared by every till
+    token_mode: str = "stable"       # stable_token (tills share one token) or "token"
     timeout_s: float = 5.0
+    deadline_s: float = 10.0         # one backend operation in all (retries included)
+    max_reply_bytes: int = 1 << 20   # a longer reply is refused (a consume's is then unknown)
     retries: int = 2
     backoff_s: float = 0.1
     refresh_margin_s: float = 300.0
@@ -78,15 +83,18 @@ class Backend:
                 "base_url": self.base_url, "timeout_s": self.timeout_s,
                 "platform_public_key_pem": pub.read_text() if pub else None,
                 "platform_public_key_id": self.platform_public_key_id or None,
-                "retries": self.retries, "backoff_s": self.backoff_s}
+                "retries": self.retries, "backoff_s": self.backoff_s,
+                "deadline_s": self.deadline_s, "max_reply_bytes": self.max_reply_bytes}
 
     def card_client_args(self) -> dict[str, Any]:
         """Keyword arguments for wechat_card.WeChatCardClient (reads the secret file)."""
         return {"base_url": self.base_url, "appid": self.appid,
                 "secret": read_secret(self.secret_file) if self.secret_file else "",
-                "token_url": self.token_url or None, "timeout_s": self.timeout_s,
+                "token_url": self.token_url or None, "token_mode": self.token_mode,
+                "timeout_s": self.timeout_s,
                 "retries": self.retries, "backoff_s": self.backoff_s,
-                "refresh_margin_s": self.refresh_margin_s, "card_cache_s": self.card_cache_s}
+                "refresh_margin_s": self.refresh_margin_s, "card_cache_s": self.card_cache_s,
+                "deadline_s": self.deadline_s, "max_reply_bytes": self.max_reply_bytes}
 
 
 @dataclass(frozen=True)
@@ -103,13 +111,15 @@ class Lane:
     sub_merchant_id: int | None = None
     verify_unknown: bool = True
     custom_code_card_ids: tuple[str, ...] = ()
+    redeemed_here_s: float = 900.0  # a code consumed here, rescanned: "redeemed here" (0: off)
 
     def engine_config(self) -> Any:
         """This lane as redeem.LaneConfig."""
         from hexiao.hostd.redeem import LaneConfig
         return LaneConfig(self.name, self.decrypt,  # type: ignore[arg-type]
                           frozenset(self.allowed_card_ids) or None, self.location_id,
-                          self.sub_merchant_id, self.verify_unknown, self.custom_code_card_ids)
+                          self.sub_merchant_id, self.verify_unknown, self.custom_code_card_ids,
+                          self.redeemed_here_s)
 
 
 @dataclass(frozen=True)
@@ -182,12 +192,39 @@ class Tap:
     ec: str = "M"
     idle_timeout_s: float = 2.0
     connect_timeout_s: float = 5.0
+    stall_timeout_s: float = 30.0     # POS silent mid-command: pass on what it sent, close
+    printer_timeout_s: float = 30.0   # connect/write bound: a printer stuck longer is lost
+    member_ttl_s: float = 600.0       # a member card scanned, no receipt within this: dropped
+    claim_listen: str = ""            # the points claim API (hostd/members/claim.py); "" = off
+    claim_max_age_s: float = 7 * 86_400.0  # a receipt older than this cannot be claimed
 
 
 @dataclass(frozen=True)
 class Macro:
     items: tuple[str | tuple[int, int], ...] = ()
     delay_ms: int = 20                # POS listeners want <= 50 ms between keys
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The store-to-headquarters bridge (hostd/fleet/, docs/fleet-protocol.md); off by default."""
+    enabled: bool = False
+    broker: str = "mqtt://127.0.0.1:1883"   # mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)
+    merchant: str = ""                # required when enabled; 1..16 of A-Z a-z 0-9 _ . -
+    store: str = ""                   # required when enabled; also the signing key's id
+    topic_prefix: str = ""            # before hexiao/v1/ (a shared broker); "" in production
+    key_file: Path | None = None      # the store's signing key (64 hex digits, 0600): required
+    code_key_file: Path | None = None  # merchant-wide key for code hashes; None: from key_file
+    username: str = ""                # broker credentials (per store)
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None   # mqtts: the CA bundle (None: the system's)
+    tls_cert_file: Path | None = None  # mqtts: a client certificate, if the broker wants one
+    tls_key_file: Path | None = None
+    keepalive_s: int = 30             # the broker publishes the offline will after 1.5x this
+    session_expiry_s: int = 604800    # the broker keeps this store's session a week offline
+    window: int = 100                 # records handed to the broker unacknowledged at most
+    hq_pubkey_file: Path | None = None  # headquarters' Ed25519 public key (PEM): remote
+                                      # diagnostics answered (hostd/fleet/responder.py)
 
 
 @dataclass(frozen=True)
@@ -200,6 +237,7 @@ class Config:
     tap: Tap = field(default_factory=Tap)
     macros: Mapping[str, Macro] = field(default_factory=dict)
     source: Path | None = None
+    fleet: Fleet = field(default_factory=Fleet)
 
     def lane(self, name: str) -> Lane | None:
         return next((la for la in self.lanes if la.name == name), None)

@@ -8,6 +8,8 @@ Rules this module keeps:
   as sent, plus not_running (HostdNotRunning: nothing listens), forbidden (no permission on the
   socket), timeout, and internal (lost connection, a reply that is not JSON or over MAX_LINE).
 - No server code here: tools that only ask hostd import this module alone.
+- A connection hostd closed while it sat idle (server.py's idle deadline) is reopened before
+  the next request, never reported as an error: nothing was lost, no request was in flight.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,8 @@ class ControlClient:
         self._next_id = 0
 
     def _connect(self) -> socket.socket:
+        if self._sock is not None and not self._buf and self._hung_up(0):
+            self.close()  # hostd closed it while idle: a new connection, same as the first
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
@@ -110,6 +115,18 @@ class ControlClient:
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         return line
+
+    def _hung_up(self, timeout: float | None) -> bool:
+        """Whether hostd has closed this connection (waiting up to timeout; None: forever).
+        Between requests hostd sends nothing, so anything readable is its hang-up."""
+        assert self._sock is not None
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        return bool(ready)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait, between requests, until hostd closes the connection (True) or timeout passes
+        (False); e.g. a capture's client waiting for its end."""
+        return self._hung_up(timeout) if self._sock is not None else True
 
     def close(self) -> None:
         if self._sock is not None:

@@ -5,7 +5,9 @@ File format, version 1 (integers big-endian):
     magic     10 bytes  89 48 58 43 41 50 0D 0A 1A 0A  (0x89 "HXCAP" CR LF ^Z LF)
     version   u16       1
     hlen      u32       length of the header
-    header    hlen      UTF-8 JSON object: device_id (text), start_unix_us (int), writer (text)
+    header    hlen      UTF-8 JSON object: device_id (text), start_unix_us (int), writer (text),
+                        max_bytes (int), and once the capture ends, stopped (text: why); padded
+                        with spaces so that `stopped` can be written in place at the end
     records   to the end of the file, each:
       dir     u8        1 = d2h (device to host), 2 = h2d; anything else is corrupt
       t_us    u64       microseconds since the start (monotonic clock)
@@ -22,6 +24,11 @@ before it. The PNG-style magic makes a file mangled by a text-mode transfer (CR 
 that says so, instead of decoding as garbage. The header is JSON so that it can grow without a
 new version; the version changes only with the record layout. `hexiao decode --json` is the
 greppable form. Captures carry coupon codes (scan payloads are MAC'd, not encrypted): 0600.
+
+A capture is bounded: the file never grows past max_bytes (MAX_BYTES unless told; line noise on
+a fast port fills a disk in minutes). The record that would cross the cap is not written; the
+capture ends there and its header says "stopped": "size cap reached ...", so a short file is
+never mistaken for a quiet link. Whoever stops a capture can say why the same way.
 
 Rules this module keeps: the format and its two ends (CaptureWriter/record_pair write it,
 read_capture parses it) and nothing about what the bytes mean; frames, keys and verdicts are
@@ -45,6 +52,8 @@ D2H, H2D = "d2h", "h2d"
 _DIR_CODE = {D2H: 1, H2D: 2}
 _DIR_NAME = {1: D2H, 2: H2D}
 _REC = struct.Struct(">BQI")
+MAX_BYTES = 64 * 1024 * 1024
+_HEAD_ROOM = 160  # spaces after the header's JSON, for "stopped" (reasons are cut to fit)
 
 
 def kid_text(kid: bytes) -> str:
@@ -54,13 +63,18 @@ def kid_text(kid: bytes) -> str:
 
 
 class CaptureWriter:
-    """Appends records to a new capture file (0600; an existing file is never overwritten).
-    Thread-safe: hostd's reader and writer threads may record at once."""
+    """Appends records to a new capture file (0600; an existing file is never overwritten), at
+    most max_bytes in all. Thread-safe: hostd's reader and writer threads may record at once,
+    and the control socket may close it meanwhile (records after the end are dropped)."""
 
-    def __init__(self, path: str | os.PathLike[str], device_id: bytes | str) -> None:
+    def __init__(self, path: str | os.PathLike[str], device_id: bytes | str,
+                 max_bytes: int = MAX_BYTES) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.fchmod(fd, 0o600)
         self._f = os.fdopen(fd, "wb")
+        self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.stopped: str | None = None  # why it ended, once it has
         self._t0 = time.monotonic_ns()
         self._lock = threading.Lock()
         try:
@@ -68,24 +82,56 @@ class CaptureWriter:
         except PackageNotFoundError:
             writer = "hexiao"
         dev = kid_text(device_id) if isinstance(device_id, bytes) else device_id
-        head = json.dumps({"device_id": dev, "start_unix_us": time.time_ns() // 1000,
-                           "writer": writer}).encode()
+        self._head = {"device_id": dev, "start_unix_us": time.time_ns() // 1000,
+                      "writer": writer, "max_bytes": max_bytes}
+        head = json.dumps(self._head).encode() + b" " * _HEAD_ROOM
         self._f.write(MAGIC + struct.pack(">HI", VERSION, len(head)) + head)
         self._f.flush()
+        self.size = len(MAGIC) + 6 + len(head)
+        self._hlen = len(head)
 
     def record(self, direction: str, data: bytes, t: int | None = None) -> None:
-        """Record bytes that crossed the wire; t: microseconds since the start (default: now)."""
+        """Record bytes that crossed the wire; t: microseconds since the start (default: now).
+        Once the capture has ended (closed, or at its cap), a no-op."""
         if direction not in _DIR_CODE:
             raise ValueError(f"direction must be {D2H!r} or {H2D!r}, not {direction!r}")
         if not data:
             return
         t_us = (time.monotonic_ns() - self._t0) // 1000 if t is None else int(t)
+        rec = _REC.pack(_DIR_CODE[direction], t_us, len(data)) + bytes(data)
         with self._lock:
-            self._f.write(_REC.pack(_DIR_CODE[direction], t_us, len(data)) + bytes(data))
+            if self._f.closed:
+                return
+            if self.size + len(rec) > self.max_bytes:
+                self._end(f"size cap reached: the next record would pass {self.max_bytes} "
+                          f"bytes; nothing after it was recorded")
+                return
+            self._f.write(rec)
             self._f.flush()  # a crash loses at most the record being written
+            self.size += len(rec)
 
-    def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
+        """End the capture; `reason` (why it stopped) goes into the header. Idempotent: the
+        first reason stays."""
         with self._lock:
+            if not self._f.closed:
+                self._end(reason)
+
+    def _end(self, reason: str | None) -> None:
+        # under the lock
+        try:
+            if reason is not None:
+                self.stopped = reason
+                head = b""
+                while True:  # cut the reason until the header fits its room
+                    head = json.dumps({**self._head, "stopped": reason}).encode()
+                    if len(head) <= self._hlen or not reason:
+                        break
+                    reason = reason[:-8]
+                if len(head) <= self._hlen:
+                    self._f.flush()
+                    os.pwrite(self._f.fileno(), head.ljust(self._hlen), len(MAGIC) + 6)
+        finally:
             self._f.close()
 
     def __enter__(self) -> CaptureWriter:

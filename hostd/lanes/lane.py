@@ -4,6 +4,10 @@ Rules this module keeps:
 - the port is (re)opened by a finder (explicit path, or USB match) with exponential backoff; a
   session starts when the device says hello; when it opens, hostd pushes the device's rules
   and settings (config_set), so a replaced or reset device is back in sync at once;
+- the port is tied to this device's id: another id's frames are refused and logged with both
+  ids (serial_link.PortTie); a device without a key in the keystore is "no key" (with the
+  command that provisions it) until its key appears: the keystore is re-read when the device
+  talks, so no restart is needed; its port is opened all the same (captures, other ids seen);
 - a scan is redeemed once: a scan sent again (after a lost session, SPEC §9.6) gets the
   verdict already given, never a second redemption: from memory while hostd runs, from the
   journal after a restart (the entry keeps device, scan_id and the device's time_ms); a scan
@@ -11,13 +15,21 @@ Rules this module keeps:
 - redemptions run on the lane's worker thread, never on the link thread (a slow backend must not
   stall acks), one at a time and in order; verdicts go out in order with back-pressure: a full
   link queue holds them until an ack makes room;
+- an accepted entry's macro keeps one macro_id (journalled): a rescan's "redeemed here" offers
+  it again under that id, so a device types the discount at most once; bytes that are not
+  printable (control bytes, DEL) are an invalid code, never sent to the backend;
 - request() sends a question (health_get, ping, logs_get) and waits for its answer, for the
-  control socket.
+  control socket; a health answer gets hostd's side of the link beside it ("hostd": replayed
+  hellos, other device ids, forged and replayed frames seen on this port);
+- a capture (start_capture/stop_capture) records every byte of the link from the moment it
+  starts, across reconnects, until stopped or its size cap; alive() says whether the lane's
+  threads still run (hostd's watchdog).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -27,8 +39,10 @@ from collections.abc import Callable
 from typing import Any
 
 from hexiao.hostd.config import Macro
+from hexiao.hostd.keystore import KeystoreError
 from hexiao.hostd.lanes import verdicts
-from hexiao.hostd.lanes.serial_link import EV_PORT_CLOSED, SerialLink
+from hexiao.hostd.lanes.capture import MAX_BYTES, CaptureWriter, record_pair
+from hexiao.hostd.lanes.serial_link import EV_FOREIGN, EV_PORT_CLOSED, SerialLink, kid_text
 from hexiao.hostd.redeem import Engine, Verdict
 from hexiao.protocol.link import EV_ACKED, EV_CLOSED, EV_EXPIRED, EV_MESSAGE, EV_OPEN
 
@@ -51,8 +65,9 @@ class DeviceLane:
                  rules: dict[str, Any] | None = None,
                  settings: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
                  backoff: tuple[float, float] = (0.5, 10.0),
-                 link_args: dict[str, Any] | None = None) -> None:
+                 link_args: dict[str, Any] | None = None, provision: str = "") -> None:
         self.id, self._kid, self.lane = device_id, kid, lane
+        self._provision = provision  # the command that gives this device its key
         self._find_port, self._keystore = find_port, keystore
         self._engine_factory, self._macros = engine_factory, macros
         self._on_verdict = on_verdict or (lambda dev, v, seconds: None)
@@ -65,8 +80,9 @@ class DeviceLane:
         self._link: SerialLink | None = None
         self.port: str | None = None
         self.peer: dict[str, Any] | None = None
-        self.state = "waiting"  # waiting (no port) | connecting | open
-        self.last_error = ""
+        # the state (waiting: no port | connecting | open | no key) and the error that goes
+        # with it: an error belongs to the state it was set in (see last_error)
+        self._state, self._state_n, self._error = "waiting", 0, ("", 0)
         self.stats = collections.Counter[str]()
         self._scans: queue.Queue[tuple[int, bytes, int, float] | None] = queue.Queue()
         self._answered: collections.OrderedDict[tuple[int, bytes, int],
@@ -77,7 +93,7 @@ class DeviceLane:
         # from a random point with each hostd, so one after a restart is never taken for old
         self._macro_id = int.from_bytes(os.urandom(4), "big") >> 2
         self._threads: list[threading.Thread] = []
-        self._capture: Any = None  # a tools.capture.CaptureWriter while capturing
+        self._capture: CaptureWriter | None = None  # while capturing
         self._taps: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -89,10 +105,15 @@ class DeviceLane:
             self._threads.append(t)
         return self
 
+    def alive(self) -> bool:
+        """Whether the lane's link and redemption threads still run (True before start())."""
+        return all(t.is_alive() for t in self._threads)
+
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._capture is not None:
-            self.capture(None)
+            with contextlib.suppress(LookupError):  # the control socket may stop it first
+                self.stop_capture("hostd stopped")
         self._scans.put(None)
         with self._cond:
             link = self._link
@@ -113,34 +134,78 @@ class DeviceLane:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._backoff[1])
                 continue
-            try:
-                link = SerialLink.open(port, self._keystore, self._on_event, **self._link_args)
+            try:  # tied to this device: a session on its port is only ever its own
+                link = SerialLink.open(port, self._keystore, self._on_event, device=self._kid,
+                                       **self._link_args)
             except (OSError, ValueError) as e:  # serial.SerialException is an OSError
                 self.state, self.last_error = "waiting", f"{port}: {e}"
                 log.warning("port %s: %s", port, e)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._backoff[1])
                 continue
-            link.taps = self._taps
-            with self._cond:
+            with self._cond:  # with the taps under the lock: a capture starting now sees
+                link.taps = self._taps  # this link, or this link sees its taps
                 self._link, self.port, self.state = link, port, "connecting"
             if self._stop.is_set():
                 link.close()
                 break
             delay = self._backoff[0]
-            try:  # the device may still hold a session with a previous hostd: hello now
-                link.poke(self._kid)
-            except ValueError as e:
-                self.last_error = str(e)
-                log.warning("device %s: %s", self.id, e)
+            if not self._has_key():  # no session can open until it is there (PortTie re-reads)
+                why = (f"no key for device {self.id} in the keystore: "
+                       f"{self._provision or 'provision it (hexiao provision)'}")
+                log.warning("device %s: %s", self.id, why)
+                with self._cond:
+                    self.state, self.last_error = "no key", why
+            else:
+                try:  # the device may still hold a session with a previous hostd: hello now
+                    link.poke(self._kid)
+                except ValueError as e:
+                    self.last_error = str(e)
+                    log.warning("device %s: %s", self.id, e)
             link.run()  # until the port fails or close()
             link.close()
             with self._cond:
                 self._link, self.peer, self.state = None, None, "waiting"
                 self._cond.notify_all()
 
+    def _has_key(self) -> bool:
+        if self._keystore(self._kid) is not None:
+            return True
+        reload = getattr(self._keystore, "reload", None)  # provisioned since?
+        if reload is not None:
+            try:
+                reload()
+            except (KeystoreError, OSError) as e:
+                log.warning("device %s: keystore: %s", self.id, e)
+        return self._keystore(self._kid) is not None
+
+    def _alarms(self) -> dict[str, int]:
+        # this port's link: replayed hellos, other device ids, forged or replayed frames
+        link = self._link
+        c = link.counters if link is not None else {}
+        return {k: c.get(k, 0) for k in ("hello_replay", "foreign_device", "mac", "replay")}
+
+    def _on_foreign(self, kid: bytes, known: bool, frames: int) -> None:
+        # frames naming another device id on this device's port (serial_link.PortTie)
+        self.stats["foreign_device"] += frames
+        if not kid:
+            why = "frames naming many other device ids"
+        elif known:
+            why = (f"device {kid_text(kid)}, which has a key here, is talking on it: a mis-cabled "
+                   f"lane, or someone with {kid_text(kid)}'s key")
+        else:
+            why = (f"an unknown device id {kid_text(kid)} (no key here) is talking on it: an "
+                   f"unprovisioned device, or forged frames")
+        why = f"port {self.port} is device {self.id}'s; {why}; refused"
+        log.warning("device %s: %s (%d frame(s))", self.id, why, frames)
+        with self._cond:
+            self.last_error = why
+
     def _on_event(self, ev: tuple[Any, ...]) -> None:
         kind = ev[0]
+        if kind == EV_FOREIGN:
+            self._on_foreign(ev[1], ev[2], ev[3])
+            return
         if kind == EV_OPEN:
             with self._cond:
                 self.peer, self.state = dict(ev[1]), "open"
@@ -185,6 +250,8 @@ class DeviceLane:
                 self.stats["scans"] += 1
                 self._scans.put((msg["scan_id"], msg["data"], msg["time_ms"], self._clock()))
         else:
+            if t == "health":  # beside the device's own counters, the attacks hostd saw
+                msg = {**msg, "hostd": self._alarms()}
             with self._cond:
                 self._replies[t] = msg
                 self._cond.notify_all()
@@ -192,6 +259,12 @@ class DeviceLane:
     def _send(self, msg: dict[str, Any]) -> None:
         with self._cond:
             self._outbox.append(msg)
+
+    def tell(self, msg: dict[str, Any]) -> None:
+        """Send a message nobody asked for (the points a receipt earned: a verdict quoting the
+        member card's scan); it waits in the outbox, in order, like the verdicts."""
+        self._send(msg)
+        self._pump()
 
     def _pump(self) -> None:
         # the link thread (acks) and the worker (verdicts) both pump: one at a time, or both
@@ -237,7 +310,7 @@ class DeviceLane:
             code = data.decode("utf-8").strip()
         except UnicodeDecodeError:
             code = ""
-        if not code or any(ord(c) < 0x20 for c in code):
+        if not code or not code.isprintable():  # control bytes, DEL
             v = Verdict("refused", "invalid_code", "")
         else:
             origin = {"device": self.id, "scan_id": scan_id, "time_ms": time_ms}
@@ -246,8 +319,15 @@ class DeviceLane:
         answer = verdicts.verdict_message(scan_id, v)
         macro = None
         if v.outcome == "accepted":
-            self._macro_id += 1
-            macro = verdicts.keys_message(self._macro_id, v, self._macros)
+            # an entry's macro keeps its id (journal): a rescan ("redeemed here") offers it
+            # again, and a device that typed it already does not type it twice
+            mid = v.macro_id
+            if mid is None:
+                self._macro_id += 1
+                mid = self._macro_id
+            macro = verdicts.keys_message(mid, v, self._macros)
+            if macro is not None and v.macro_id is None and v.entry_id is not None:
+                engine.macro_sent(v.entry_id, mid, self._clock())
         with self._cond:
             self._answered[(scan_id, data, time_ms)] = answer
             self._outbox.append(answer)
@@ -277,30 +357,62 @@ class DeviceLane:
                 self._cond.wait(left)
             return self._replies.pop(answer)
 
-    def capture(self, path: str | None) -> dict[str, Any]:
-        """Start recording the raw link traffic to a new file `path` (0600), or stop (None).
-        The recording follows the device across reconnects until stopped."""
-        from hexiao.hostd.lanes.capture import CaptureWriter, record_pair
-
+    def start_capture(self, path: str, max_bytes: int = MAX_BYTES) -> CaptureWriter:
+        """Record the raw link traffic to a new file `path` (0600), at most max_bytes; it
+        follows the device across reconnects until stop_capture()."""
         with self._cond:
-            old, link = self._capture, self._link
-            if path is not None and old is not None:
+            old = self._capture
+            if old is not None:
                 raise FileExistsError(f"device {self.id} is already being captured to "
-                                      f"{old.path}")
-            if path is None:
-                self._capture = self._taps = None
-            else:
-                writer = CaptureWriter(path, self._kid)
-                writer.path = path
-                self._capture, self._taps = writer, record_pair(writer)
-            if link is not None:
-                link.taps = self._taps
-        if path is None:
-            if old is None:
+                                      f"{old.path}" + (" (it stopped: capture.stop ends it)"
+                                                       if old.stopped else ""))
+            writer = CaptureWriter(path, self._kid, max_bytes)
+            self._capture, self._taps = writer, record_pair(writer)
+            if self._link is not None:
+                self._link.taps = self._taps
+        return writer
+
+    def capturing(self, writer: CaptureWriter) -> bool:
+        """Whether `writer` is this lane's capture (stopped at its cap or not)."""
+        return self._capture is writer
+
+    def stop_capture(self, reason: str, only: CaptureWriter | None = None) -> dict[str, Any]:
+        """End the capture (only if it is `only`, when given); `reason` goes into its header.
+        LookupError if there is none to end."""
+        with self._cond:
+            old = self._capture
+            if old is None or (only is not None and old is not only):
                 raise LookupError(f"device {self.id} is not being captured")
-            old.close()
-            return {"device": self.id, "path": old.path, "stopped": True}
-        return {"device": self.id, "path": path, "started": True}
+            self._capture = self._taps = None
+            if self._link is not None:
+                self._link.taps = None
+        early = old.stopped  # the cap, before anyone asked
+        old.close(reason)
+        out: dict[str, Any] = {"device": self.id, "path": old.path, "stopped": True,
+                               "bytes": old.size}
+        if early:
+            out["stopped_early"] = early
+        return out
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        if state != self._state:
+            self._state, self._state_n = state, self._state_n + 1
+
+    @property
+    def last_error(self) -> str:
+        """What went wrong in the current state: "" once the state has changed since, so that
+        "open" never shows a stale "device not found", nor "waiting" an old lock failure."""
+        error, n = self._error
+        return error if n == self._state_n else ""
+
+    @last_error.setter
+    def last_error(self, error: str) -> None:
+        self._error = (error, self._state_n)  # set after the state it explains
 
     def info(self) -> dict[str, Any]:
         with self._cond:

@@ -12,7 +12,15 @@ Rules kept here:
   moves the timeout earlier or close() is called (on ports without a file descriptor, such as
   pyserial's loop:// or Windows ports, the wait is a short sleep instead);
 - a port that fails (device unplugged, pty closed) ends the loop with one EV_PORT_CLOSED event;
-  the session's own events (EV_EXPIRED for unconfirmed messages) are not invented here.
+  the session's own events (EV_EXPIRED for unconfirmed messages) are not invented here;
+- a port opened for one device (open(..., device=kid)) is tied to it: the link gets no key for
+  any other device id, so a session there can only be that device's (whose key, if missing,
+  is looked for again at most every RELOAD_S: one provisioned while hostd runs is picked up).
+  Frames naming another id are refused by the link (`kid`), counted as `foreign_device` and
+  reported as EV_FOREIGN, once per id at once and then at most every FOREIGN_REPORT_MS with the
+  frames since: whether the id has a key in the keystore (a mis-cabled lane, or someone with
+  that device's key) or not (an unprovisioned device, or a forgery: the kid is read before any
+  MAC).
 """
 
 from __future__ import annotations
@@ -26,10 +34,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import serial
+from hexiao.hostd.keystore import KeystoreError
 from hexiao.protocol.link import HOST, Link
 
 Event = tuple[Any, ...]
 EV_PORT_CLOSED = "port_closed"  # (EV_PORT_CLOSED, reason): the port failed or was closed
+# (EV_FOREIGN, kid, known, frames): frames naming a device id this port is not tied to; known:
+# that id has a key in the keystore
+EV_FOREIGN = "foreign_device"
+FOREIGN_REPORT_MS = 60_000
+_FOREIGN_IDS = 8  # ids tracked at once (a forger can name any); more are reported as b""
+RELOAD_S = 5.0  # the keystore re-read at most this often while the port's device has no key
 
 _READ_MAX = 4096
 _IDLE_WAIT_MS = 500  # longest wait with no link timeout pending (bounds close() latency w/o fd)
@@ -45,6 +60,67 @@ def keystore_from(keys: Mapping[bytes, bytes]) -> Callable[[bytes], bytes | None
     return lambda kid: keys.get(bytes(kid))
 
 
+def kid_text(kid: bytes) -> str:
+    """A kid as a config device id: its text ("hx-0001") if that reads back, else "hex:..."."""
+    try:
+        text = kid.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if text and text.isprintable() and not text.startswith("hex:"):
+        return text
+    return "hex:" + kid.hex()
+
+
+class PortTie:
+    """A Link keystore for a port tied to one device: that device's key, nothing for any other
+    id, whose frames are counted here (see the module's rules)."""
+
+    def __init__(self, kid: bytes, keystore: Callable[[bytes], bytes | None]) -> None:
+        self.kid, self.keystore = bytes(kid), keystore
+        self.counters: dict[str, int] = {}  # the link's, once SerialLink has it
+        self._pending: dict[bytes, int] = {}  # frames per foreign id since its last report
+        self._reported: dict[bytes, int] = {}  # id -> when it was last reported (ms)
+        self._reloaded = -RELOAD_S
+
+    def __call__(self, kid: bytes) -> bytes | None:
+        kid = bytes(kid)
+        if kid == self.kid:
+            key = self.keystore(kid)
+            return key if key is not None else self._reload(kid)
+        self.counters["foreign_device"] = self.counters.get("foreign_device", 0) + 1
+        if kid not in self._pending and len(self._pending) >= _FOREIGN_IDS:
+            kid = b""
+        self._pending[kid] = self._pending.get(kid, 0) + 1
+        return None
+
+    def _reload(self, kid: bytes) -> bytes | None:
+        # its key may have been provisioned since: re-read the keystore, at most every
+        # RELOAD_S, so that a device without a key costs no file read per frame
+        reload = getattr(self.keystore, "reload", None)
+        now = time.monotonic()
+        if reload is None or now - self._reloaded < RELOAD_S:
+            return None
+        self._reloaded = now
+        with contextlib.suppress(KeystoreError, OSError):  # the lane says what is wrong
+            reload()
+        return self.keystore(kid)
+
+    def report(self, now: int) -> list[Event]:
+        """EV_FOREIGN events that are due (under the caller's lock)."""
+        out: list[Event] = []
+        for kid, n in list(self._pending.items()):
+            last = self._reported.get(kid)
+            if last is not None and now - last < FOREIGN_REPORT_MS:
+                continue
+            del self._pending[kid]
+            self._reported[kid] = now
+            out.append((EV_FOREIGN, kid, bool(kid) and self.keystore(kid) is not None, n))
+        if len(self._reported) > 4 * _FOREIGN_IDS:  # forget the oldest reports
+            for kid in sorted(self._reported, key=self._reported.__getitem__)[:_FOREIGN_IDS]:
+                del self._reported[kid]
+        return out
+
+
 class SerialLink:
     """One host-side link session over one serial port."""
 
@@ -55,9 +131,13 @@ class SerialLink:
         on_event: Callable[[Event], None],
         *,
         clock: Callable[[], int] = monotonic_ms,
+        tie: PortTie | None = None,
     ) -> None:
         if link.role != HOST:
             raise ValueError("SerialLink drives the host end of a link")
+        self.tie = tie  # the link's keystore, when the port is tied to one device
+        if tie is not None:
+            tie.counters = link.counters
         self.port = port
         self.link = link
         self.on_event = on_event
@@ -79,12 +159,16 @@ class SerialLink:
         url: str,
         keystore: Callable[[bytes], bytes | None],
         on_event: Callable[[Event], None],
+        *,
+        device: bytes | None = None,
         **link_args: Any,
     ) -> SerialLink:
         """Open `url` (a device path or pyserial URL) raw and non-blocking, with a fresh host
-        Link using os.urandom for its nonces."""
+        Link using os.urandom for its nonces; tied to `device` (its kid) if given."""
+        tie = PortTie(device, keystore) if device is not None else None
         port = serial.serial_for_url(url, timeout=0, exclusive=True)
-        return cls(port, Link(HOST, os.urandom, keystore=keystore, **link_args), on_event)
+        link = Link(HOST, os.urandom, keystore=tie or keystore, **link_args)
+        return cls(port, link, on_event, tie=tie)
 
     # -- application side -------------------------------------------------------------------
 
@@ -135,6 +219,8 @@ class SerialLink:
                     events.extend(self.link.receive(data, now))
                 events.extend(self.link.poll(now))
                 self._write()
+                if self.tie is not None:
+                    events.extend(self.tie.report(now))
         except (serial.SerialException, OSError) as e:
             self._stop.set()
             events.append((EV_PORT_CLOSED, str(e) or type(e).__name__))

@@ -5,17 +5,27 @@ Rules this module keeps:
   and a text of at most 48 UTF-8 bytes (the device's display line) that says what the coupon is
   worth or exactly why not; it never holds more of the code than its last 4 characters;
 - money is in fen on the wire from WeChat and shown in yuan (¥12.50);
+- "verify manually" (amber) only for a consume whose outcome is unknown; what is known not to
+  be redeemed says "scan again", a setup problem says "call support" and what to look at;
+- a code this lane consumed, scanned again, is green "本机已核销" with how long ago and its
+  value (the CASH condition gives way first when the line is full);
 - a keystroke macro is rendered only for an accepted coupon whose card type has one; its text
   items are templates over MACRO fields and each rendered text must still fit the `keys`
   message (48 bytes), or no macro is sent (a wrong discount typed into a POS is worse than none).
+- an accepted ticket shows what the cashier checks instead of "核销成功" (green says accepted):
+  film: screening time, seat, title, hall; meeting: time, zone, entrance, seat; boarding pass:
+  passenger, flight, seat, departure, route; attraction: the day (or "至" the last day) and
+  class. The most important come first; the line is cut at the end. Times are China time
+  (UTC+8), as printed on the tickets.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from hexiao.hostd.config import Macro
-from hexiao.hostd.redeem import Verdict
+from hexiao.hostd.redeem import TICKETS, Verdict
 from hexiao.protocol import messages
 
 TEXT_MAX = 48  # bytes of UTF-8 in verdict.text and in each keys item
@@ -43,6 +53,9 @@ _REASON_TEXT = {
     "offline": "网络离线 offline",
     "in_progress": "处理中 in progress",
     "unknown": "请人工核实 verify manually",
+    "not_redeemed": "未核销 请重扫 not redeemed",
+    "quota": "额度用完 quota used up till 0:00",
+    "setup": "配置错误 call support:",
 }
 
 
@@ -62,12 +75,49 @@ def fit(text: str, limit: int = TEXT_MAX) -> str:
     return raw[:limit].decode("utf-8", errors="ignore")
 
 
-def value_text(v: Verdict) -> str:
-    """What an accepted coupon is worth, in a few words."""
+def ago(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s}秒前" if s < 60 else f"{s // 60}分钟前" if s < 3600 else f"{s // 3600}小时前"
+
+
+_CHINA = 8 * 3600
+
+
+def when(t: Any, fmt: str = "%m-%d %H:%M") -> str:
+    """A Unix time as China time ("12-08 19:30"), "" if it is not a time."""
+    if not isinstance(t, int) or isinstance(t, bool):
+        return ""
+    return time.strftime(fmt, time.gmtime(t + _CHINA))
+
+
+def ticket_text(v: Verdict) -> str:
+    """What the cashier checks on an accepted ticket, most important first (module rules)."""
+    val, title = v.value or {}, v.title or ""
+    parts: list[Any]
+    if v.card_type == "MOVIE_TICKET":
+        parts = [when(val.get("show_time")), val.get("seat_number"), title,
+                 val.get("screening_room")]
+    elif v.card_type == "MEETING_TICKET":
+        parts = [when(val.get("begin_time")), val.get("zone"), val.get("entrance"),
+                 val.get("seat_number"), title]
+    elif v.card_type == "BOARDING_PASS":
+        route = f"{val.get('from', '')}-{val.get('to', '')}".strip("-")
+        parts = [val.get("passenger_name"), val.get("flight"), val.get("seat"),
+                 when(val.get("departure_time")), route]
+    else:  # SCENIC_TICKET: the day it is for, or the last day of a longer window
+        start, end = val.get("valid_from"), val.get("valid_until")
+        day = when(start, "%m-%d") if isinstance(start, int) and isinstance(end, int) and \
+            end - start <= 86_400 else (f"至{when(end, '%m-%d')}" if when(end) else "")
+        parts = [day, val.get("ticket_class"), title]
+    return " ".join(str(p) for p in parts if p) or title
+
+
+def value_text(v: Verdict, short: bool = False) -> str:
+    """What an accepted coupon is worth, in a few words (short: without a CASH condition)."""
     val, ctype = v.value or {}, v.card_type
     if ctype == "CASH":
         least = val.get("least_cost")
-        cond = f" 满{yuan(least)}" if least else ""
+        cond = f" 满{yuan(least)}" if least and not short else ""
         return f"减{yuan(val.get('reduce_cost'))}{cond}"
     if ctype == "DISCOUNT":
         off = val.get("discount")
@@ -78,22 +128,38 @@ def value_text(v: Verdict) -> str:
         return f"团购 {val.get('deal_detail', '')}".strip()
     if ctype == "GENERAL_COUPON":
         return f"{val.get('default_detail', '')}".strip() or "优惠券"
+    if ctype in TICKETS:
+        return ticket_text(v)
     return ""
 
 
 def text_of(v: Verdict) -> str:
     tail = v.code_tail
-    if v.outcome == "accepted":
+    room = TEXT_MAX - (len(tail.encode()) + 1 if tail else 0)
+    if v.outcome == "accepted" and v.reason == "redeemed_here":
+        head = f"本机已核销 {ago(v.age_s or 0)}"
+        body = f"{head} {value_text(v)}".strip()
+        if len(body.encode()) > room:
+            body = f"{head} {value_text(v, short=True)}".strip()
+    elif v.outcome == "accepted" and v.card_type in TICKETS:
+        body = ticket_text(v)
+    elif v.outcome == "accepted":
         body = f"核销成功 {value_text(v)}".strip()
     elif v.outcome == "identified":
         body = f"会员卡 {v.title or ''}".strip()
+    elif v.outcome == "verify_manually":
+        body = _REASON_TEXT["unknown"]
     else:
-        body = _REASON_TEXT.get(v.reason or "unknown", _REASON_TEXT["unknown"])
+        # refused: never "verify manually" (that is an unknown consume's, amber)
+        body = _REASON_TEXT.get(v.reason or "", "") if v.reason != "unknown" else ""
+        body = body or _REASON_TEXT["not_redeemed"]
+        if v.reason == "setup":
+            body = f"{body} {v.why or '?'}"
     if not tail:
         return fit(body)
     # the code's tail always shows (the cashier matches it to the customer's phone): the
     # description gives way when the line is full
-    return f"{fit(body, TEXT_MAX - len(tail.encode()) - 1).rstrip()} {tail}"
+    return f"{fit(body, room).rstrip()} {tail}"
 
 
 def verdict_message(scan_id: int, v: Verdict) -> dict[str, Any]:

@@ -16,11 +16,12 @@ import itertools
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from hexiao.hostd.redeem import Outcome, Reason
+from hexiao.hostd.redeem import Outcome, Reason, quota_reset_after
 from hexiao.protocol import errors
 from prometheus_client import (
     CollectorRegistry,
@@ -37,14 +38,19 @@ OTHER = "other"
 NONE = "none"
 OUTCOMES = frozenset(Outcome.__args__)  # type: ignore[attr-defined]
 REASONS = frozenset(Reason.__args__)  # type: ignore[attr-defined]
-CARD_TYPES = frozenset({"CASH", "DISCOUNT", "GIFT", "GROUPON", "GENERAL_COUPON", "MEMBER_CARD"})
+CARD_TYPES = frozenset({"CASH", "DISCOUNT", "GIFT", "GROUPON", "GENERAL_COUPON", "MEMBER_CARD",
+                        "MOVIE_TICKET", "SCENIC_TICKET", "MEETING_TICKET", "BOARDING_PASS"})
 ENDPOINTS = frozenset({"token", "card/code/get", "card/code/consume", "card/code/decrypt",
                        "card/get", "busifavor/use", "busifavor/query"})
 TAP_RESULTS = ("passed", "injected", "failed_open")
+# how a POS connection to the tap ended (proxy.ConnRecord.end); "error" is a bug caught
+TAP_ENDS = frozenset({"closed", "stalled", "printer-refused", "printer-lost", "error"})
+TAP_PRINTER = ("unknown", "reachable", "lost")
 # the link's counters: its error codes (crc, mac, replay ...) and its events (errors.py)
 LINK_ERRORS = frozenset(name for name, _ in errors.CODES)
 LINK_EVENTS = frozenset(itertools.takewhile(
-    lambda n: n != "unknown", (errors.counter_name(64 + i) for i in range(64))))
+    lambda n: n != "unknown", (errors.counter_name(64 + i) for i in range(64)))) | {
+    "hello_replay", "foreign_device"}  # the host's alone: link_host.py, serial_link.PortTie
 LINK_FRAMES = {"rx_frames": "rx", "tx_frames": "tx"}
 MAX_DEVICES = 64  # a shop has a handful of lanes; more means a bug minting device ids
 
@@ -106,11 +112,35 @@ class Metrics:
             "hexiao_journal_attention_entries",
             "Journal entries needing attention (verify manually: consume outcome unknown).",
             registry=r)
+        self._quota = Gauge(
+            "hexiao_backend_quota_exhausted_until_seconds",
+            "Alarm: the backend's daily quota (45009) is used up until this Unix time (midnight "
+            "China time); 0 when not seen. No rescan helps before then: alert on > time().",
+            registry=r)
+        self._token_refused = Counter(
+            "hexiao_backend_token_refused_total", "API calls refused for hostd's access token "
+            "(40001: invalidated, e.g. another till or process replaced it; 42001: expired).",
+            ["errcode"], registry=r)
+        self._setup = Counter(
+            "hexiao_setup_problems_total", "Alarm: verdicts refused for a setup problem "
+            "(token, API errcode, custom-code card ids, journal): call support.",
+            registry=r)
         self._tap = Counter(
             "hexiao_tap_receipts_total", "Receipts through the tap by result.",
             ["result"], registry=r)
         for result in TAP_RESULTS:  # present at 0 so rate() works from the first scrape
             self._tap.labels(result)
+        self._tap_failopen = Counter(
+            "hexiao_tap_failopen_total", "Fail-open events: the tap passed the rest of a "
+            "print stream on unchanged after an error.", registry=r)
+        self._tap_conns = Counter(
+            "hexiao_tap_connections_total", "POS connections to the tap by how they ended.",
+            ["end"], registry=r)
+        self._tap_up = Gauge(
+            "hexiao_tap_listening", "1 while the receipt tap listens for the POS.", registry=r)
+        self._tap_printer = Gauge(
+            "hexiao_tap_printer_state", "The tap's printer: 1 for its current state "
+            "(unknown, reachable, lost).", ["state"], registry=r)
         self._lock = threading.Lock()
         self._seen: dict[str, dict[str, int]] = {}  # device -> the link's last absolute counters
 
@@ -123,6 +153,14 @@ class Metrics:
         self._redemptions.labels(o, _pick(reason, REASONS, "reason"),
                                  _pick(card_type, CARD_TYPES, "card_type")).inc()
         self._verdict.labels(o).observe(seconds)
+        if reason == "quota":
+            self._quota.set(quota_reset_after(time.time()))
+        elif reason == "setup":
+            self._setup.inc()
+
+    def token_refused(self, errcode: int) -> None:
+        """The API refused hostd's access token (backends' TokenCache.on_refused)."""
+        self._token_refused.labels(errcode_label(errcode)).inc()
 
     def backend_call(self, endpoint: str, seconds: float, errcode: int | None = 0) -> None:
         """One backend call: errcode 0 ok, an int the service's errcode, None no errcode."""
@@ -180,6 +218,21 @@ class Metrics:
         if result not in TAP_RESULTS:
             raise ValueError(f"tap result must be one of {', '.join(TAP_RESULTS)}")
         self._tap.labels(result).inc(n)
+
+    def tap_failopen(self, n: int = 1) -> None:
+        self._tap_failopen.inc(n)
+
+    def tap_connection(self, end: str) -> None:
+        """A POS connection to the tap ended (closed, stalled, printer-lost ...)."""
+        self._tap_conns.labels(_pick(end, TAP_ENDS, "tap end")).inc()
+
+    def tap_state(self, listening: bool, printer: str) -> None:
+        """The tap listens or not; its printer is unknown, reachable or lost."""
+        if printer not in TAP_PRINTER:
+            raise ValueError(f"tap printer state must be one of {', '.join(TAP_PRINTER)}")
+        self._tap_up.set(1 if listening else 0)
+        for state in TAP_PRINTER:
+            self._tap_printer.labels(state).set(1 if state == printer else 0)
 
     def render(self) -> bytes:
         """The text exposition format (version 0.0.4)."""

@@ -17,6 +17,10 @@ Rules this module keeps (sans-I/O: bytes and the time go in, bytes come out):
   other error forwards every byte not yet forwarded unchanged and passes the rest of the stream
   through untouched. Nothing raises out of `feed`, `idle` or `close`.
 - Holding is bounded by `hold_limit` bytes and by the job end the caller signals (`idle`).
+- Memory is bounded whatever the stream: no input bytes are kept past forwarding, a receipt's
+  text is bounded (receipt.py), and the records of only the last `keep` receipts and blocks are
+  kept (`counters` count them all): a job that never cuts, or a million tiny receipts, cost
+  no more than `keep` receipts.
 """
 
 from __future__ import annotations
@@ -176,12 +180,30 @@ class TokenInfo:
     digest: str       # hex of the receipt digest prefix
 
 
-def verify_token(keys: Iterable[bytes], token: str) -> TokenInfo:
-    """Check the MAC (constant time) under any of `keys`; TokenError if it does not verify."""
+def _decode_canonical(token: str) -> bytes:
+    """The bytes of a token in its one encoding (base64url, no padding, zero trailing bits).
+
+    base64 decoders accept padding, ignored characters and nonzero unused bits of the last
+    character, so several strings decode to the same bytes; a token is accepted only if it is
+    exactly what make_token would produce for them (anything that deduplicates tokens by string,
+    a points claim say, then sees one token per receipt).
+    """
+    if not isinstance(token, str) or not token.isascii():
+        raise TokenError("not base64url")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except ValueError as exc:
         raise TokenError("not base64url") from exc
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != token.encode("ascii"):
+        raise TokenError("not the canonical encoding of a token (padding, a stray character "
+                         "or altered trailing bits)")
+    return raw
+
+
+def verify_token(keys: Iterable[bytes], token: str) -> TokenInfo:
+    """Check the MAC (constant time) under any of `keys`; TokenError if it does not verify.
+    Only the canonical encoding verifies: one receipt, one token string."""
+    raw = _decode_canonical(token)
     if len(raw) < 7 + _DIGEST_LEN + _MAC_LEN:
         raise TokenError("too short for a receipt token")
     body, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
@@ -276,10 +298,13 @@ class Injector:
     existing_qr: str = "inject"    # or "skip": leave receipts that print their own QR alone
     hold_limit: int = 4096
     enabled: bool = True           # False: only assemble and record receipts (dry run)
+    keep: int = 1000               # receipt records and injections kept: the most recent ones
 
     def __post_init__(self) -> None:
         if self.existing_qr not in ("inject", "skip"):
             raise ValueError("existing_qr must be inject|skip")
+        if self.keep < 1:
+            raise ValueError("keep must be at least 1 receipt")
         check_template(self.style.caption)
         self.style.caption.encode(self.profile.encoding)
         self._parser = Parser()
@@ -343,7 +368,10 @@ class Injector:
             self._sent += len(out)
             return bytes(out)
         del self._unsent[:forwarded]
-        self.injections += [(self._sent + off, n) for off, n in blocks]
+        if blocks:
+            self.injections += [(self._sent + off, n) for off, n in blocks]
+            if len(self.injections) > self.keep:
+                del self.injections[:-self.keep]
         self._sent += len(out)
         return bytes(out)
 
@@ -414,6 +442,8 @@ class Injector:
             return
         rc.digest = self._hash.hexdigest()
         self.receipts.append(rc)
+        if len(self.receipts) > self.keep:
+            del self.receipts[0]
         self.counters["receipts"] += 1
         reason = ("dry run" if not self.enabled else
                   "uncertain framing (unknown or truncated command)" if rc.uncertain else

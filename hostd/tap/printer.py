@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-import select
+import selectors
 import socket
 import time
 from dataclasses import dataclass
@@ -53,20 +53,23 @@ class _TcpConn:
 
     def close(self, linger: float) -> bytes:
         got = bytearray()
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + linger
-            while (left := deadline - time.monotonic()) > 0:
-                if not select.select([self.sock], [], [], left)[0]:
-                    break
-                chunk = self.sock.recv(4096)
-                if not chunk:
-                    break
-                got += chunk
-        except OSError:
-            pass
-        finally:
-            self.sock.close()
+        # a selector, not select(): a busy tap has descriptors above select's 1023 limit
+        with selectors.DefaultSelector() as sel:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+                sel.register(self.sock, selectors.EVENT_READ)
+                deadline = time.monotonic() + linger
+                while (left := deadline - time.monotonic()) > 0:
+                    if not sel.select(left):
+                        break
+                    chunk = self.sock.recv(4096)
+                    if not chunk:
+                        break
+                    got += chunk
+            except OSError:
+                pass
+            finally:
+                self.sock.close()
         return bytes(got)
 
 

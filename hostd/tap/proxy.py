@@ -3,11 +3,21 @@
 Rules this module keeps:
 - Threads, not asyncio: the injector is blocking CPU-bound sans-I/O code and the printer is one
   blocking resource (socket, serial port or file), so one thread per POS connection plus a FIFO
-  printer turn is the simplest design that keeps jobs whole.
+  printer turn is the simplest design that keeps jobs whole. One more, the door thread, accepts
+  connections and watches those waiting for a job's first bytes (one selector).
 - A job is what a POS connection sends while it holds the printer: from its first byte to its
-  close, or to an idle gap of `idle_timeout` at a command boundary. Jobs take the printer in the
-  order their first byte arrived; a waiting connection's bytes stay in the kernel, never
-  interleaved with another job's.
+  close, or to an idle gap of `idle_timeout` at a command boundary. A connection takes the
+  printer's turn only once its first bytes have arrived, so connections that send nothing never
+  delay a receipt; jobs take the printer in the order their first bytes arrived, and a waiting
+  connection's further bytes stay in the kernel, never interleaved with another job's. A status
+  request (DLE EOT) is a job's first bytes like any other: it is answered in its turn.
+- Hostile or broken clients cannot stop the tap: running out of descriptors (EMFILE) or memory
+  in accept() is logged once per burst and retried every ACCEPT_BACKOFF seconds, never the end
+  of the accept loop; at `max_connections` (by default half the descriptor limit, at most 1024)
+  the oldest connection that has never sent a byte is closed to make room ("shed"), and when
+  there is none the new connection is closed at once. Selectors (epoll/poll) only: select()
+  breaks on descriptors above 1023. What is kept per connection is bounded: the last
+  `keep_receipts` receipt records (inject.py and receipt.py bound each one).
 - No delay added: every byte goes out as soon as the injector releases it (it holds at most the
   tail before a cut, never a status request), and printer -> POS bytes (DLE EOT / GS r / GS a / ASB
   replies) go straight back, both directions served by one selector loop per job.
@@ -27,8 +37,9 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import errno
 import logging
-import select
+import resource
 import selectors
 import socket
 import threading
@@ -45,6 +56,15 @@ from hexiao.hostd.tap.receipt import Receipt
 log = logging.getLogger("hexiao.tap")
 
 DEFAULT_PORT = 9100
+ACCEPT_BACKOFF = 0.05   # seconds between accept() retries while descriptors or memory run out
+_LISTENER_GONE = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
+
+
+def default_max_connections() -> int:
+    """Half the descriptor limit (each job also needs a printer connection and a selector),
+    at most 1024 (a thread each)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(8, min(1024, (soft if soft != resource.RLIM_INFINITY else 2048) // 2))
 
 
 class PrinterLost(Exception):
@@ -90,7 +110,7 @@ class ConnRecord:
     bytes_in: int = 0
     bytes_out: int = 0          # to the printer, injected blocks included
     replies: int = 0            # printer -> POS bytes
-    end: str = ""               # closed | printer-lost | printer-refused | stalled | error
+    end: str = ""               # closed | shed | printer-lost | printer-refused | stalled | error
     injections: list[tuple[int, int]] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -103,6 +123,27 @@ class ConnRecord:
                 "receipts": [rc.as_json() for rc in self.receipts], "errors": self.errors}
 
 
+class _Waiter:
+    """A POS connection as the door loop and its thread share it."""
+
+    def __init__(self, pos: socket.socket, peer: str) -> None:
+        self.pos, self.peer = pos, peer
+        self.ready = threading.Event()
+        self.ticket: int | None = None   # the printer's turn for the bytes that came
+        self.silent = True               # has never sent a byte
+        self.shed = False                # closed to make room for a new connection
+
+    def wake(self, ticket: int | None) -> None:
+        self.ticket = ticket
+        self.ready.set()
+
+    def end_of_stream(self) -> None:
+        """Stopping: the thread reads what the POS sent, then the end; never blocks."""
+        with suppress(OSError):
+            self.pos.shutdown(socket.SHUT_RD)
+        self.wake(None)
+
+
 class TapProxy:
     """Listen for POS connections; see the module rules. `start()`, then `stop()`."""
 
@@ -111,10 +152,15 @@ class TapProxy:
                  idle_timeout: float = 2.0, connect_timeout: float = 5.0,
                  stall_timeout: float = 30.0, linger: float = 1.0,
                  keep: int = 1000,
-                 on_finish: Callable[[ConnRecord], None] | None = None) -> None:
+                 on_finish: Callable[[ConnRecord], None] | None = None,
+                 max_connections: int | None = None, keep_receipts: int = 20) -> None:
         self.target, self.make_injector, self.listen_addr = target, make_injector, listen
         self.idle_timeout, self.connect_timeout = idle_timeout, connect_timeout
         self.stall_timeout, self.linger = stall_timeout, linger
+        self.max_connections = max_connections or default_max_connections()
+        self.keep_receipts = keep_receipts  # receipt records kept per connection (the last)
+        if keep_receipts < 1 or self.max_connections < 1:
+            raise ValueError("keep_receipts and max_connections must be at least 1")
         self.counters: Counter[str] = Counter()
         self.errors: deque[str] = deque(maxlen=keep)
         self.finished: deque[ConnRecord] = deque(maxlen=keep)  # the last `keep` connections
@@ -122,6 +168,9 @@ class TapProxy:
         self.on_finish = on_finish      # called (in the connection's thread) as each one ends
         self._conns: set[socket.socket] = set()
         self._lock = threading.Condition()
+        self._door_open = True
+        self._returning: list[_Waiter] = []   # connections handed back to the door loop
+        self._wake_r, self._wake_w = socket.socketpair()
         self._turn = _Turn()
         self._sock: socket.socket | None = None
         self._threads: set[threading.Thread] = set()
@@ -135,9 +184,10 @@ class TapProxy:
         sock.bind(self.listen_addr)
         sock.listen(64)
         self._sock = sock
-        t = threading.Thread(target=self._accept_loop, name="tap-accept", daemon=True)
-        t.start()
+        sock.setblocking(False)  # the door loop accepts only when the selector says so
+        t = threading.Thread(target=self._door_loop, name="tap-door", daemon=True)
         self._threads.add(t)
+        t.start()
         log.info("tap listening on %s:%d, printing to %s", *self.address,
                  self.target.describe())
         return self.address
@@ -154,18 +204,22 @@ class TapProxy:
         return self._turn.waiting
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._sock is not None:
-            with suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
         with self._lock:
             conns = list(self._conns)
         for conn in conns:  # each POS looks closed: what it sent is flushed, then the thread ends
             with suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)
-        for t in list(self._threads):
+        self._stopping.set()
+        with suppress(OSError):
+            self._wake_w.send(b"\0")  # the door loop ends and wakes the waiting connections
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(timeout=self.idle_timeout + self.linger + 5)
+        if self._sock is not None:
+            self._sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def __enter__(self) -> TapProxy:
         self.start()
@@ -182,22 +236,156 @@ class TapProxy:
             return list(self.finished)
 
     # -- connections --
+    # One "door" thread owns the listening socket and every connection that waits for its next
+    # job's first bytes (one selector). It sees bytes arrive, takes the printer's ticket for them
+    # in that order and hands the connection to its thread; the thread serves the job, then hands
+    # the connection back. So silent connections never hold a turn, and jobs still print in the
+    # order their bytes arrived (a POS that prints, closes and prints again gets its receipts in
+    # order, whatever the thread scheduler does).
 
-    def _accept_loop(self) -> None:
+    def _door_loop(self) -> None:
         assert self._sock is not None
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        sel.register(self._sock, selectors.EVENT_READ, self._sock)
+        failed = 0              # accept() failures in this burst: logged at its start and end
+        paused_until = 0.0      # the listener is out of the selector until then (backing off)
+        try:
+            while not self._stopping.is_set():
+                timeout = None
+                if paused_until:
+                    if (left := paused_until - time.monotonic()) <= 0:
+                        sel.register(self._sock, selectors.EVENT_READ, self._sock)
+                        paused_until, timeout = 0.0, None
+                    else:
+                        timeout = left
+                for key, _ in sel.select(timeout):
+                    try:
+                        if key.data is None:
+                            self._take_back(sel)
+                        elif key.data is self._sock:
+                            failed, paused = self._accept(sel, failed)
+                            if paused:
+                                sel.unregister(self._sock)
+                                paused_until = time.monotonic() + ACCEPT_BACKOFF
+                        else:
+                            self._bytes_or_end(sel, key.data)
+                    except Exception:  # a bug here must not stop the door for everyone
+                        log.exception("tap: the door loop failed on one event")
+                        if isinstance(key.data, _Waiter):
+                            with suppress(KeyError, ValueError):
+                                sel.unregister(key.fileobj)
+                            key.data.end_of_stream()
+        finally:
             with self._lock:
-                self._conns.add(conn)
-            t = threading.Thread(target=self._connection,
-                                 args=(conn, f"{peer[0]}:{peer[1]}", self._turn.take()),
-                                 name=f"tap-{peer[1]}", daemon=True)
+                self._door_open = False
+                waiting = [key.data for key in sel.get_map().values()
+                           if isinstance(key.data, _Waiter)] + self._returning
+                self._returning = []
+            sel.close()
+            for w in waiting:  # stopping: each thread ends its connection (what came is printed)
+                w.end_of_stream()
+
+    def _take_back(self, sel: selectors.BaseSelector) -> None:
+        with suppress(OSError):
+            self._wake_r.recv(4096)
+        with self._lock:
+            back, self._returning = self._returning, []
+        for w in back:
+            sel.register(w.pos, selectors.EVENT_READ, w)
+
+    def _accept(self, sel: selectors.BaseSelector, failed: int) -> tuple[int, bool]:
+        """Accept one connection; (failures in this burst, whether to back off)."""
+        assert self._sock is not None
+        try:
+            conn, peer = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return failed, False
+        except OSError as exc:
+            if self._stopping.is_set():
+                return failed, False
+            if exc.errno in _LISTENER_GONE:
+                log.error("tap: the listening socket is gone (%s): no more POS connections", exc)
+                self._stopping.set()
+                return failed, False
+            with self._lock:
+                self.counters["accept_failed"] += 1
+                if not failed:  # once per burst: a flood must not flood the log as well
+                    self.errors.append(f"accept: {exc.strerror or exc}")
+            if not failed:
+                log.warning("tap: cannot accept POS connections: %s (%d open); retrying "
+                            "every %.2fs", exc.strerror or exc, len(self._conns), ACCEPT_BACKOFF)
+            return failed + 1, True
+        if failed:
+            log.warning("tap: accepting POS connections again after %d failed attempts", failed)
+        self._admit(sel, conn, f"{peer[0]}:{peer[1]}")
+        return 0, False
+
+    def _admit(self, sel: selectors.BaseSelector, conn: socket.socket, peer: str) -> None:
+        with self._lock:
+            full = len(self._conns) >= self.max_connections
+        if full:
+            victim = next((key.data for key in sel.get_map().values()
+                           if isinstance(key.data, _Waiter) and key.data.silent), None)
+            if victim is None:  # every connection has sent something: they keep the room
+                with self._lock:
+                    self.counters["refused_full"] += 1
+                conn.close()
+                return
+            # the oldest connection that never sent a byte makes room (selector keys keep
+            # registration order; silent ones are never re-registered)
+            sel.unregister(victim.pos)
+            victim.shed = True
+            with self._lock:
+                self.counters["shed"] += 1
+            with suppress(OSError):
+                victim.pos.shutdown(socket.SHUT_RDWR)
+            victim.wake(None)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(True)
+        except OSError:  # reset before we got to it
+            conn.close()
+            return
+        w = _Waiter(conn, peer)
+        t = threading.Thread(target=self._connection, args=(w,),
+                             name=f"tap-{peer.rsplit(':', 1)[1]}", daemon=True)
+        with self._lock:
+            self._conns.add(conn)
             self._threads.add(t)
+        try:
             t.start()
+        except RuntimeError as exc:  # no thread to be had: this connection only is turned away
+            with self._lock:
+                self._conns.discard(conn)
+                self._threads.discard(t)
+                self.counters["accept_failed"] += 1
+            log.warning("tap: cannot serve %s: %s", peer, exc)
+            conn.close()
+            return
+        sel.register(conn, selectors.EVENT_READ, w)
+
+    def _bytes_or_end(self, sel: selectors.BaseSelector, w: _Waiter) -> None:
+        try:
+            peek = w.pos.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            peek = b""  # reset: its thread finds out and ends the connection
+        sel.unregister(w.pos)
+        w.silent = w.silent and not peek
+        w.wake(self._turn.take() if peek else None)  # the ticket: arrival order
+
+    def _hand_back(self, w: _Waiter) -> None:
+        """Between jobs: the door loop watches the connection again."""
+        with self._lock:
+            if self._door_open:
+                self._returning.append(w)
+            else:
+                w.end_of_stream()
+                return
+        with suppress(OSError):
+            self._wake_w.send(b"\0")
 
     def _count(self, rec: ConnRecord, name: str, error: str | None = None) -> None:
         with self._lock:
@@ -208,42 +396,49 @@ class TapProxy:
         if error:
             log.warning("tap %s: %s", rec.peer, error)
 
-    def _connection(self, pos: socket.socket, peer: str, ticket: int | None) -> None:
-        # the first ticket was taken at accept, so jobs print in the order POS connections were
-        # made; a connection with nothing to send within idle_timeout gives its turn away
-        rec = ConnRecord(peer)
+    def _recv(self, pos: socket.socket) -> bytes:
+        try:
+            return pos.recv(65536)
+        except OSError:
+            return b""
+
+    def _connection(self, w: _Waiter) -> None:
+        pos = w.pos
+        rec = ConnRecord(w.peer)
         self._count(rec, "connections")
         inj: Injector | None = None
         try:
             try:
                 inj = self.make_injector()
+                inj.keep = min(inj.keep, self.keep_receipts)
             except Exception as exc:  # fail-open: no injector, a plain pipe to the printer
+                inj = None
                 rec.counters["proxy_failopen"] += 1
                 self._count(rec, "proxy_failopen", f"no injector, passing through: {exc!r}")
             while not rec.end:
-                if ticket is None:
-                    try:
-                        first = pos.recv(65536)  # between jobs: the printer is not held
-                    except OSError:
-                        first = b""
-                    with self._turn.hold(self._turn.take()):
-                        self._start_job(pos, rec, inj, first)
+                w.ready.wait()
+                w.ready.clear()
+                ticket, w.ticket = w.ticket, None
+                first = b""
+                # an end (or stop, or shed): bytes may still have come
+                if ticket is None and (first := self._recv(pos)):
+                    ticket = self._turn.take()
+                if ticket is not None:
+                    with self._turn.hold(ticket):
+                        if first := first or self._recv(pos):
+                            self._job(pos, rec, inj, first)
+                        else:
+                            self._end(pos, rec, inj, w.shed)
+                    if not rec.end:
+                        self._hand_back(w)
                     continue
-                mine, ticket = ticket, None
-                with self._turn.hold(mine):
-                    if select.select([pos], [], [], self.idle_timeout)[0]:
-                        try:
-                            first = pos.recv(65536)
-                        except OSError:
-                            first = b""
-                        self._start_job(pos, rec, inj, first)
+                # closed between jobs: only what the injector still holds (normally nothing;
+                # an idle end released it) needs the printer's turn
+                self._end(pos, rec, inj, w.shed, take_turn=True)
         except Exception as exc:  # a bug here must not take the proxy down
             rec.end = "error"
             self._count(rec, "errors", f"{type(exc).__name__}: {exc}")
         finally:
-            if ticket is not None:  # never leave a ticket unserved: the queue would stop
-                with self._turn.hold(ticket):
-                    pass
             self._close_pos(pos)
             if inj is not None:
                 rec.receipts, rec.injections = inj.receipts, inj.injections
@@ -256,13 +451,23 @@ class TapProxy:
                 self.finished.append(rec)
                 self.ended += 1
                 self._conns.discard(pos)
+                self._threads.discard(threading.current_thread())
                 self._lock.notify_all()
-            self._threads.discard(threading.current_thread())
             if self.on_finish is not None:
                 try:
                     self.on_finish(rec)
                 except Exception:
                     log.exception("tap: the on_finish callback failed")
+
+    def _end(self, pos: socket.socket, rec: ConnRecord, inj: Injector | None, shed: bool,
+             take_turn: bool = False) -> None:
+        rec.end = "shed" if shed else "closed"
+        if tail := self._safe(rec, inj, None, time.time()):
+            if take_turn:
+                with self._turn.hold(self._turn.take()):
+                    self._job(pos, rec, inj, tail, already_processed=True)
+            else:
+                self._job(pos, rec, inj, tail, already_processed=True)
 
     def _safe(self, rec: ConnRecord, inj: Injector | None, data: bytes | None,
               now: float, idle: bool = False) -> bytes:
@@ -278,15 +483,6 @@ class TapProxy:
             rec.counters["proxy_failopen"] += 1
             self._count(rec, "proxy_failopen", f"injector raised, passing through: {exc!r}")
             return data or b""
-
-    def _start_job(self, pos: socket.socket, rec: ConnRecord, inj: Injector | None,
-                   first: bytes) -> None:
-        if first:
-            self._job(pos, rec, inj, first)
-            return
-        rec.end = "closed"  # closed between jobs; an idle end normally left nothing held
-        if tail := self._safe(rec, inj, None, time.time()):
-            self._job(pos, rec, inj, tail, already_processed=True)
 
     def _job(self, pos: socket.socket, rec: ConnRecord, inj: Injector | None, first: bytes,
              already_processed: bool = False) -> None:

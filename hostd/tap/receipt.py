@@ -16,6 +16,10 @@ Rules this module keeps:
   a cutter so does ESC @ after printed content; the end of a job (end of stream, connection
   close, idle) ends whatever is open. A receipt after an unknown command is `uncertain` until the
   next ESC @ (re-initialisation is the only point where framing is known again).
+- What a receipt keeps is bounded whatever the stream: LINE_MAX characters of a line (the rest
+  is not even decoded, the line ends in "…"), and its first LINES_HEAD and last LINES_TAIL lines
+  (`lines_dropped` counts the middle; totals sit near the end). A job of any length that never
+  cuts costs the same memory as a long receipt; the bytes themselves are not kept here at all.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -34,6 +39,11 @@ PRINTS, NEUTRAL, URGENT, CUT, BOUNDARY, BARRIER = (
     "prints", "neutral", "urgent", "cut", "boundary", "barrier")
 
 LF, CR, HT, FF = 0x0A, 0x0D, 0x09, 0x0C
+
+# what one receipt keeps of its text: an 80 mm line holds 48-64 characters, a long supermarket
+# receipt a few hundred lines; anything beyond is hostile or broken and is summarised, not kept
+LINE_MAX = 256
+LINES_HEAD, LINES_TAIL = 150, 100   # at most 64K characters a receipt
 
 # ESC t n -> Python codec, for single-byte mode (Chinese mode off)
 CODE_PAGES = {0: "cp437", 2: "cp850", 3: "cp860", 4: "cp863", 5: "cp865", 16: "cp1252",
@@ -86,6 +96,7 @@ class Receipt:
     has_qr: bool = False         # the POS printed its own QR (GS ( k print, or ESC Z)
     uncertain: bool = False      # unknown or truncated command: framing not guaranteed
     end: str = ""                # "cut", "init" (ESC @ on a cutter-less printer), "job"
+    lines_dropped: int = 0       # lines between the kept head and tail (see LINES_HEAD)
     # filled by the injector
     digest: str = ""             # SHA-256 (hex) of the bytes up to the injection point
     injected: bool = False
@@ -94,6 +105,7 @@ class Receipt:
 
     def as_json(self) -> dict[str, object]:
         return {"index": self.index, "end": self.end, "lines": self.lines,
+                "lines_dropped": self.lines_dropped,
                 "totals": [[name, str(v)] for name, v in self.totals],
                 "total": None if self.total is None else str(self.total),
                 "printed": self.printed, "has_qr": self.has_qr, "uncertain": self.uncertain,
@@ -113,12 +125,13 @@ def parse_amount(text: str) -> Decimal | None:
     return -value if m.group(0).lstrip().startswith(("-", "−")) else value
 
 
-def find_totals(lines: list[str], patterns: Iterable[tuple[str, str]] = DEFAULT_TOTALS
-                ) -> tuple[list[tuple[str, Decimal]], Decimal | None]:
+def find_totals(lines: list[str], patterns: Iterable[tuple[str, str]] = DEFAULT_TOTALS,
+                gap: int | None = None) -> tuple[list[tuple[str, Decimal]], Decimal | None]:
     """Every labelled amount, and the receipt total (first pattern in priority order).
 
     The amount is the last number after the label on its line (columns put quantities first),
-    or on the next line when the label's line has none.
+    or on the next line when the label's line has none. `gap`: lines were left out before
+    `lines[gap]`, so the line before it has no next line.
     """
     compiled = [(name, re.compile(rx)) for name, rx in patterns]
     found: list[tuple[str, Decimal]] = []
@@ -129,7 +142,7 @@ def find_totals(lines: list[str], patterns: Iterable[tuple[str, str]] = DEFAULT_
             if not m:
                 continue
             amount = parse_amount(line[m.end():])
-            if amount is None and i + 1 < len(lines) and not any(
+            if amount is None and i + 1 < len(lines) and i + 1 != gap and not any(
                     r.search(lines[i + 1]) for _, r in compiled):
                 amount = parse_amount(lines[i + 1])
             if amount is not None:
@@ -141,42 +154,65 @@ def find_totals(lines: list[str], patterns: Iterable[tuple[str, str]] = DEFAULT_
 
 
 class TextBuilder:
-    """Decoded lines of text; multibyte sequences survive any split of the Text events."""
+    """Decoded lines of text; multibyte sequences survive any split of the Text events.
+    Bounded: LINE_MAX characters a line, the first LINES_HEAD and last LINES_TAIL lines."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.lines: list[str] = []       # the head
+        self.dropped = 0                 # lines left out between head and tail
+        self._tail: deque[str] = deque(maxlen=LINES_TAIL)
         self._parts: list[str] = []
+        self._size = 0                   # characters in _parts
+        self._over = False               # the line went past LINE_MAX: the rest is skipped
         self._encoding = ""
         self._decoder: codecs.IncrementalDecoder | None = None
 
     def text(self, raw: bytes, encoding: str) -> None:
+        if self._size >= LINE_MAX:  # not decoded at all: the line is cut at LINE_MAX anyway
+            self._over = True
+            return
         if encoding != self._encoding:
             self._finish_decoder()
             self._encoding = encoding
             self._decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
         assert self._decoder is not None
-        self._parts.append(self._decoder.decode(raw))
+        self._add(self._decoder.decode(raw))
 
     def tab(self) -> None:
-        self._parts.append("\t")
+        self._add("\t")
+
+    def _add(self, piece: str) -> None:
+        room = LINE_MAX - self._size
+        if len(piece) > room:
+            piece, self._over = piece[:room], True
+        if piece:
+            self._parts.append(piece)
+            self._size += len(piece)
 
     def _finish_decoder(self) -> None:
         if self._decoder is not None:
             rest = self._decoder.decode(b"", final=True)  # an unfinished character: U+FFFD
             if rest:
-                self._parts.append(rest)
+                self._add(rest)
             self._decoder.reset()
 
     def newline(self) -> None:
         self._finish_decoder()
         if self._parts:  # a line of only bit-image bands (ESC *) is no text line
-            self.lines.append("".join(self._parts).rstrip())
+            line = "".join(self._parts).rstrip() + ("…" if self._over else "")
+            if len(self.lines) < LINES_HEAD:
+                self.lines.append(line)
+            else:
+                self.dropped += len(self._tail) == LINES_TAIL
+                self._tail.append(line)
         self._parts.clear()
+        self._size, self._over = 0, False
 
     def end(self) -> list[str]:
+        """All lines kept: the head, then the tail (`dropped` lines were between them)."""
         if self._parts:
             self.newline()
-        return self.lines
+        return self.lines + list(self._tail)
 
 
 class Assembler:
@@ -320,6 +356,8 @@ class Assembler:
         if rc.printed:  # receipts are numbered from 0; an empty stretch gets no number
             rc.index, self._count = self._count, self._count + 1
         rc.lines = self._text.end()
-        rc.totals, rc.total = find_totals(rc.lines, self.totals)
+        rc.lines_dropped = self._text.dropped
+        rc.totals, rc.total = find_totals(rc.lines, self.totals,
+                                          LINES_HEAD if rc.lines_dropped else None)
         self._new_receipt()
         return rc

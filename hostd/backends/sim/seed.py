@@ -32,7 +32,31 @@ VALUE_FIELDS: dict[str, dict[str, tuple[type, Any]]] = {
     "GROUPON": {"deal_detail": (str, _REQUIRED)},
     "GENERAL_COUPON": {"default_detail": (str, _REQUIRED)},
     "MEMBER_CARD": {"prerogative": (str, _REQUIRED), "supply_bonus": (bool, False),
-                    "supply_balance": (bool, False)},
+                    "supply_balance": (bool, False), "bonus_rule": (dict, None)},
+    # tickets (特殊票券): the card's own fields; a code's seat, passenger... are in its `ticket`
+    "MOVIE_TICKET": {"detail": (str, _REQUIRED)},
+    "SCENIC_TICKET": {"ticket_class": (str, ""), "guide_url": (str, "")},
+    "MEETING_TICKET": {"meeting_detail": (str, _REQUIRED), "map_url": (str, "")},
+    "BOARDING_PASS": {"from": (str, _REQUIRED), "to": (str, _REQUIRED),
+                      "flight": (str, _REQUIRED), "departure_time": (int, _REQUIRED),
+                      "landing_time": (int, None), "gate": (str, ""),
+                      "boarding_time": (int, None), "air_model": (str, "")},
+}
+# seed times (Unix seconds or "+2h") among the value fields and a code's ticket fields
+TIME_FIELDS = frozenset({"departure_time", "landing_time", "boarding_time", "show_time",
+                         "begin_time", "end_time"})
+# member_card.bonus_rule's fields (all integers >= 0; money in fen)
+BONUS_RULE = ("cost_money_unit", "increase_bonus", "max_increase_bonus", "init_increase_bonus",
+              "cost_bonus_unit", "reduce_money", "least_money_to_use_bonus", "max_reduce_bonus")
+# a code's own ticket details, by card type: what the issuer sets with card/movieticket/
+# updateuser, card/meetingticket/updateuser and card/boardingpass/checkin (int: a number)
+TICKET_FIELDS: dict[str, dict[str, type]] = {
+    "MOVIE_TICKET": {"ticket_class": str, "show_time": int, "duration": int,
+                     "screening_room": str, "seat_number": str},
+    "MEETING_TICKET": {"begin_time": int, "end_time": int, "zone": str, "entrance": str,
+                       "seat_number": str},
+    "BOARDING_PASS": {"passenger_name": str, "class": str, "etkt_nbr": str, "seat": str},
+    "SCENIC_TICKET": {},
 }
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
 _RELATIVE = re.compile(r"^([+-])(\d+)([smhd])$")
@@ -48,6 +72,8 @@ class App:
     secret: str
     token_daily_quota: int
     api_daily_quota: int | None
+    stable_token_daily_quota: int = 500_000
+    force_refresh_daily_quota: int = 20
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,12 @@ class Code:
     encrypt_code: str | None
     received_at: int
     outer_str: str | None
+    begin_time: int | None = None  # a FIX_TERM card's code may have its own window
+    end_time: int | None = None
+    bonus: int = 0  # a member card's points (积分) and balance (fen)
+    balance: int = 0
+    membership_number: str | None = None
+    ticket: dict[str, Any] | None = None  # a ticket's own details (TICKET_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -186,10 +218,15 @@ def when(value: Any, now: float, where: str) -> int:
 
 def _app(raw: Any, where: str) -> App:
     obj = _obj(raw, where)
-    _keys(obj, {"appid", "secret", "token_daily_quota", "api_daily_quota"}, where)
+    _keys(obj, {"appid", "secret", "token_daily_quota", "api_daily_quota",
+                "stable_token_daily_quota", "force_refresh_daily_quota"}, where)
     return App(appid=_get(obj, "appid", str, where), secret=_get(obj, "secret", str, where),
                token_daily_quota=_get(obj, "token_daily_quota", int, where, 2000, minimum=0),
-               api_daily_quota=_get(obj, "api_daily_quota", int, where, None, minimum=0))
+               api_daily_quota=_get(obj, "api_daily_quota", int, where, None, minimum=0),
+               stable_token_daily_quota=_get(obj, "stable_token_daily_quota", int, where,
+                                             500_000, minimum=0),
+               force_refresh_daily_quota=_get(obj, "force_refresh_daily_quota", int, where, 20,
+                                              minimum=0))
 
 
 _CARD_KEYS = {"card_id", "appid", "card_type", "title", "brand_name", "date_info",
@@ -204,13 +241,20 @@ def _card(raw: Any, where: str, apps: dict[str, App], now: float) -> Card:
                         f"got {json.dumps(card_type)} (other card types are not simulated)")
     spec = VALUE_FIELDS[card_type]
     _keys(obj, _CARD_KEYS | set(spec), where)
-    values = {}
+    values: dict[str, Any] = {}
     for key, (kind, default) in spec.items():
+        if key in TIME_FIELDS:
+            if obj.get(key) is None and default is _REQUIRED:
+                raise SeedError(f"{where}.{key}: missing; expected Unix seconds or \"+2h\"")
+            values[key] = None if obj.get(key) is None else when(obj[key], now, f"{where}.{key}")
+            continue
         what = {"least_cost": "an integer (fen, 1 yuan = 100) >= 0",
                 "reduce_cost": "an integer (fen, 1 yuan = 100) >= 0",
                 "discount": "an integer percent off, 1..99 (30 means 30% off)"}.get(key, "")
         values[key] = _get(obj, key, kind, where, default, minimum=0 if kind is int else None,
                            what=what)
+    if values.get("bonus_rule") is not None:
+        values["bonus_rule"] = _bonus_rule(values["bonus_rule"], f"{where}.bonus_rule")
     if card_type == "DISCOUNT" and not 1 <= values["discount"] <= 99:
         raise SeedError(f"{where}.discount: expected an integer percent off, 1..99, "
                         f"got {values['discount']}")
@@ -254,22 +298,71 @@ def _card(raw: Any, where: str, apps: dict[str, App], now: float) -> Card:
         base_info=_get(obj, "base_info", dict, where, {}))
 
 
+def _bonus_rule(raw: dict[str, Any], where: str) -> dict[str, int]:
+    _keys(raw, set(BONUS_RULE), where)
+    rule = {k: _get(raw, k, int, where, minimum=0, what="an integer >= 0")
+            for k in BONUS_RULE if raw.get(k) is not None}
+    if rule.get("cost_money_unit") == 0:
+        raise SeedError(f"{where}.cost_money_unit: expected fen per unit >= 1, got 0")
+    return rule
+
+
+def ticket_entry(raw: Any, card_type: str, where: str, now: float) -> dict[str, Any]:
+    """A code's `ticket` object (also what the ticket update APIs take), times resolved."""
+    obj = _obj(raw, where)
+    fields = TICKET_FIELDS[card_type]
+    _keys(obj, set(fields), where)
+    out: dict[str, Any] = {}
+    for key, kind in fields.items():
+        if obj.get(key) is None:
+            continue
+        out[key] = when(obj[key], now, f"{where}.{key}") if key in TIME_FIELDS else \
+            _get(obj, key, kind, where, minimum=0 if kind is int else None)
+    return out
+
+
 def code_entry(raw: Any, where: str, cards: dict[str, Card], now: float, index: int) -> Code:
     """One `codes[]` entry (also what POST /_sim/codes takes)."""
     obj = _obj(raw, where)
     _keys(obj, {"code", "card_id", "state", "openid", "encrypt_code", "received_at",
-                "outer_str"}, where)
+                "outer_str", "begin_time", "end_time", "bonus", "balance",
+                "membership_number", "ticket"}, where)
     card_id = _get(obj, "card_id", str, where)
     if card_id not in cards:
         raise SeedError(f"{where}.card_id: {json.dumps(card_id)} is not a card in the seed")
+    ctype = cards[card_id].card_type
+    # (0 is every code's default: POST /_sim/codes merges a code's current fields back in)
+    member = {k: obj[k] for k in ("bonus", "balance", "membership_number")
+              if obj.get(k) not in (None, 0)}
+    if member and ctype != "MEMBER_CARD":
+        raise SeedError(f"{where}.{next(iter(member))}: only a MEMBER_CARD's codes have it; "
+                        f"{card_id} is {ctype}")
+    ticket = None
+    if obj.get("ticket") is not None:
+        if ctype not in TICKET_FIELDS:
+            raise SeedError(f"{where}.ticket: only ticket codes have one "
+                            f"({sorted(TICKET_FIELDS)}); {card_id} is {ctype}")
+        ticket = ticket_entry(obj["ticket"], ctype, f"{where}.ticket", now)
     state = _get(obj, "state", str, where, "NORMAL", what=f"one of {list(STATES)}")
     if state not in STATES:
         raise SeedError(f"{where}.state: expected one of {list(STATES)}, got {json.dumps(state)}")
+    own = {k: when(obj[k], now, f"{where}.{k}") for k in ("begin_time", "end_time")
+           if obj.get(k) is not None}
+    if own and cards[card_id].date_type != FIX_TERM:
+        raise SeedError(f"{where}.{next(iter(own))}: only codes of a {FIX_TERM} card have "
+                        f"their own dates; {card_id} has {cards[card_id].date_type}")
+    if own.get("end_time", 1 << 62) < own.get("begin_time", 0):
+        raise SeedError(f"{where}.end_time: expected a time after begin_time")
     return Code(code=_get(obj, "code", str, where), card_id=card_id, state=state,
                 openid=_get(obj, "openid", str, where, f"oHexiaoSimUser{index:014d}"),
                 encrypt_code=_get(obj, "encrypt_code", str, where, None),
                 received_at=when(obj.get("received_at", "-1d"), now, f"{where}.received_at"),
-                outer_str=_get(obj, "outer_str", str, where, None))
+                outer_str=_get(obj, "outer_str", str, where, None),
+                begin_time=own.get("begin_time"), end_time=own.get("end_time"),
+                bonus=_get(obj, "bonus", int, where, 0, minimum=0),
+                balance=_get(obj, "balance", int, where, 0, minimum=0),
+                membership_number=_get(obj, "membership_number", str, where, None),
+                ticket=ticket)
 
 
 def _behaviour(raw: Any) -> Behaviour:

@@ -6,7 +6,39 @@ expire tokens without sleeping. One lock guards everything: handler threads may 
 and a consume's check-and-commit is atomic, which is what makes the consume counts exact.
 
 What the real service does, as far as public docs and observed replies show, is what this does;
-where they are silent the choice is noted here and in the README section.
+where they are silent the choice is noted here and in the README section:
+- Access tokens come from two isolated endpoints. cgi-bin/token (GET): each fetch replaces the
+  appid's token, the old one working for `grace_seconds` more; 2000 a day. cgi-bin/stable_token
+  (POST JSON): in normal mode the appid's current token while more than `grace_seconds` of it
+  remain (then a new one; the old one lives out its own time), so expires_in is what is left;
+  10 000 calls a minute (45011), 500 000 a day (45009). force_refresh=true issues a new token
+  and the one it replaces keeps working for `grace_seconds` or until the next force refresh,
+  whichever comes first (so two forced calls 30 s apart kill a leaked token, as the platform
+  documents); forced calls closer than 30 s to the last refresh change nothing; 20 forced calls
+  a day (45009, inferred).
+- Consume refuses GIFT_TIMEOUT like the other abnormal states (40127), and member cards (40071,
+  invalid card type: they are identified, never consumed). card/code/unavailable makes a code
+  UNAVAILABLE (a consumed one: 40099; another abnormal one: 40127, inferred).
+- An unknown API path answers HTTP 200 with errcode 40066 (invalid url), as the platform does.
+- A DATE_TYPE_FIX_TERM card's code has its own window: from received_at plus the terms, or the
+  code's own begin_time/end_time from the seed.
+- /_sim/tokens/invalidate revokes tokens as a fault: stable_token's normal mode keeps handing
+  out a revoked current token (the API refuses it, 40001) until a force refresh replaces it.
+- Member cards: card/membercard/userinfo/get and card/membercard/updateuser take only a
+  MEMBER_CARD's code (another type: 40071, inferred) with its card_id (41012 without: the
+  documents mark it required); updateuser needs a NORMAL code (40127), sets `bonus`/`balance`
+  or adds `add_bonus`/`add_balance` (integers, else 47001) and answers result_bonus,
+  result_balance and openid; a change that would leave either below 0 is refused with 47001
+  (the real errcode is not documented: inferred). add_bonus is NOT idempotent, as on the
+  platform: each call adds. Every committed change is kept with its record_bonus text
+  (GET /_sim/state: bonus_records) and counts bonus_updates: the exactly-once proof for points.
+  drop_after_commit loses updateuser's reply as it does a consume's.
+- Tickets (MOVIE_TICKET, SCENIC_TICKET, MEETING_TICKET, BOARDING_PASS) are consumed like
+  coupons. card/movieticket/updateuser, card/meetingticket/updateuser and
+  card/boardingpass/checkin set a code's own details (seat, show time, passenger...);
+  card/code/get returns them under the lower-cased card type (e.g. "movie_ticket": {...}), an
+  extension the platform does not document (its card/code/get shows no seat): the merchant who
+  issued the ticket knows them; the simulator hands them to hexiao this way.
 """
 
 from __future__ import annotations
@@ -38,6 +70,8 @@ ERRMSG = {
     -1: "system error",
     40001: "invalid credential, access_token is invalid or not latest",
     40002: "invalid grant_type",
+    40066: "invalid url",
+    40071: "invalid card type",
     40013: "invalid appid",
     40056: "invalid serial code",
     40073: "invalid card id",
@@ -57,13 +91,24 @@ ERRMSG = {
     43001: "require GET method",
     43002: "require POST method",
     45009: "reach max api daily quota limit",
+    45011: "api minute-quota reach limit  mustslower  retry next minute",
     47001: "data format error",
 }
-API_PATHS = {"cgi-bin/token": "GET", "card/code/get": "POST", "card/code/consume": "POST",
-             "card/code/decrypt": "POST", "card/get": "POST"}
+API_PATHS = {"cgi-bin/token": "GET", "cgi-bin/stable_token": "POST", "card/code/get": "POST",
+             "card/code/consume": "POST", "card/code/decrypt": "POST", "card/get": "POST",
+             "card/code/unavailable": "POST", "card/membercard/userinfo/get": "POST",
+             "card/membercard/updateuser": "POST", "card/movieticket/updateuser": "POST",
+             "card/meetingticket/updateuser": "POST", "card/boardingpass/checkin": "POST"}
+# the ticket update APIs: path -> the card type whose codes they take
+TICKET_UPDATES = {"card/movieticket/updateuser": "MOVIE_TICKET",
+                  "card/meetingticket/updateuser": "MEETING_TICKET",
+                  "card/boardingpass/checkin": "BOARDING_PASS"}
+TOKEN_PATHS = ("cgi-bin/token", "cgi-bin/stable_token")
 ADMIN_PATHS = {"/_sim/state": "GET", "/_sim/faults": "GET POST", "/_sim/reset": "POST",
                "/_sim/clock": "POST", "/_sim/tokens/invalidate": "POST", "/_sim/codes": "POST"}
-CONSUMABLE = ("NORMAL", "GIFT_TIMEOUT")  # a gift that timed out is back with its owner
+CONSUMABLE = ("NORMAL",)  # GIFT_TIMEOUT too is refused (40127)
+STABLE_PER_MINUTE = 10_000  # stable_token calls per appid and minute (45011 past it)
+FORCE_INTERVAL_S = 30  # force refreshes closer than this to the last one change nothing
 JSON_TYPE = "application/json; encoding=utf-8"  # sic: the real service's header
 BEIJING = 8 * 3600  # daily quotas reset at midnight China time
 
@@ -115,7 +160,8 @@ def _aes_key(key: str) -> bytes:
 class _Token:
     appid: str
     expires: float
-    superseded: float | None = None  # when a newer token was issued for the same appid
+    stable: bool = False  # from cgi-bin/stable_token (isolated from cgi-bin/token's)
+    superseded: float | None = None  # when a newer token replaced it (its grace starts)
     revoked: bool = False
 
 
@@ -138,7 +184,14 @@ class SimState:
         self.codes: dict[str, Code] = {c.code: copy.copy(c) for c in self.seed.codes}
         self.consumes: Counter[str] = Counter()  # committed consumes per code: exactly-once proof
         self.attempts: Counter[str] = Counter()  # consume calls that reached a code
+        # committed updateuser changes per code: [{at, add_bonus, result_bonus, record_bonus...}]
+        self.bonus_log: dict[str, list[dict[str, Any]]] = {}
         self.tokens: dict[str, _Token] = {}
+        self._stable: dict[str, str] = {}  # appid -> its current stable token
+        self._stable_prev: dict[str, str] = {}  # appid -> the token the last force replaced
+        self._last_force: dict[str, float] = {}  # appid -> time of its last force refresh
+        self._minute: dict[str, tuple[int, int]] = {}  # appid -> (minute, stable_token calls)
+        self.token_refusals: Counter[int] = Counter()  # 40001/42001 answers: tills fighting
         self.requests: Counter[str] = Counter()
         self.dropped = 0
         self._quota: dict[tuple[str, str], tuple[int, int]] = {}  # (appid, path) -> (day, used)
@@ -166,8 +219,7 @@ class SimState:
         with self._lock:
             if name not in API_PATHS:
                 self.requests["(unknown)"] += 1
-                return _reply({"errcode": 404, "errmsg": f"no such API in the simulator: {path}; "
-                               f"it serves {sorted(API_PATHS)} and /_sim/ (admin)"}, 404)
+                return self._err(40066)  # HTTP 200, as the platform answers an unknown URL
             self.requests[name] += 1
             scripted = self._scripted(name)
             if scripted is not None:
@@ -178,6 +230,8 @@ class SimState:
                 return self._err(-1)
             if name == "cgi-bin/token":
                 return self._token(query)
+            if name == "cgi-bin/stable_token":
+                return self._stable_token(body)
             appid = self._auth(query.get("access_token", ""))
             if isinstance(appid, Reply):
                 return appid
@@ -189,8 +243,13 @@ class SimState:
                 return self._err(47001)
             if not isinstance(req, dict):
                 return self._err(47001)
+            if name in TICKET_UPDATES:
+                return self._ticket_update(appid, req, TICKET_UPDATES[name])
             handler = {"card/code/get": self._code_get, "card/code/consume": self._consume,
-                       "card/code/decrypt": self._decrypt, "card/get": self._card_get}[name]
+                       "card/code/decrypt": self._decrypt, "card/get": self._card_get,
+                       "card/code/unavailable": self._unavailable,
+                       "card/membercard/userinfo/get": self._userinfo,
+                       "card/membercard/updateuser": self._updateuser}[name]
             return handler(appid, req)
 
     def _err(self, errcode: int) -> Reply:
@@ -225,21 +284,81 @@ class SimState:
         if self._over_quota(app.appid, "cgi-bin/token", app.token_daily_quota):
             return self._err(45009)
         now, b = self.now(), self.seed.behaviour
-        for value, t in list(self.tokens.items()):
-            if t.appid == app.appid and t.superseded is None:
+        for t in self.tokens.values():
+            if t.appid == app.appid and not t.stable and t.superseded is None:
                 t.superseded = now  # still valid for grace_seconds, as the real one is
+        value = self._issue(app.appid, stable=False)
+        return _reply({"access_token": value, "expires_in": b.expires_in})
+
+    def _issue(self, appid: str, *, stable: bool) -> str:
+        now = self.now()
+        for value, t in list(self.tokens.items()):
             if now > t.expires + DAY:
                 del self.tokens[value]  # long dead: from now on it reads as unknown (40001)
         value = secrets.token_urlsafe(102)
-        self.tokens[value] = _Token(appid=app.appid, expires=now + b.expires_in)
-        return _reply({"access_token": value, "expires_in": b.expires_in})
+        self.tokens[value] = _Token(appid=appid, expires=now + self.seed.behaviour.expires_in,
+                                    stable=stable)
+        return value
+
+    def _stable_token(self, body: bytes) -> Reply:
+        """POST cgi-bin/stable_token {grant_type, appid, secret, force_refresh?}."""
+        try:
+            req = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return self._err(47001)
+        force = req.get("force_refresh", False) if isinstance(req, dict) else None
+        if not isinstance(req, dict) or not isinstance(force, bool) or any(
+                not isinstance(req.get(k, ""), str) for k in ("grant_type", "appid", "secret")):
+            return self._err(47001)
+        if req.get("grant_type") != "client_credential":
+            return self._err(40002)
+        if not req.get("appid"):
+            return self._err(41002)
+        if not req.get("secret"):
+            return self._err(41004)
+        app = self.seed.apps.get(req["appid"])
+        if app is None:
+            return self._err(40013)
+        if not hmac.compare_digest(req["secret"].encode(), app.secret.encode()):
+            return self._err(40125)
+        now, grace = self.now(), self.seed.behaviour.grace_seconds
+        minute, calls = self._minute.get(app.appid, (int(now // 60), 0))
+        calls = calls if minute == int(now // 60) else 0
+        if calls >= STABLE_PER_MINUTE:
+            return self._err(45011)
+        self._minute[app.appid] = (int(now // 60), calls + 1)
+        if self._over_quota(app.appid, "cgi-bin/stable_token", app.stable_token_daily_quota):
+            return self._err(45009)
+        if force and self._over_quota(app.appid, "stable_token/force",
+                                      app.force_refresh_daily_quota):
+            return self._err(45009)
+        current = self.tokens.get(self._stable.get(app.appid, ""))
+        last = self._last_force.get(app.appid)
+        if current is not None and force and (last is None or now - last >= FORCE_INTERVAL_S):
+            old = self.tokens.get(self._stable_prev.pop(app.appid, ""))
+            if old is not None:
+                old.revoked = True  # the token the previous force replaced dies now
+            current.superseded = now  # works for the grace, or until the next force
+            self._stable_prev[app.appid] = self._stable[app.appid]
+            self._last_force[app.appid] = now
+            current = None
+        elif force and current is None:
+            self._last_force[app.appid] = now
+        if current is None or now >= current.expires - grace:
+            self._stable[app.appid] = self._issue(app.appid, stable=True)  # old one lives on
+            current = self.tokens[self._stable[app.appid]]
+        return _reply({"access_token": self._stable[app.appid],
+                       "expires_in": int(current.expires - now)})
 
     def _auth(self, token: str) -> str | Reply:
         if not token:
             return self._err(41001)
         t = self.tokens.get(token)
         err = 40001 if t is None else self._token_error(t, self.now())
-        return self._err(err) if err else t.appid  # type: ignore[union-attr]
+        if err:
+            self.token_refusals[err] += 1
+            return self._err(err)
+        return t.appid  # type: ignore[union-attr]
 
     def _token_error(self, t: _Token, now: float) -> int | None:
         if t.revoked:
@@ -268,13 +387,17 @@ class SimState:
     # --- card/code/* and card/get ----------------------------------------------------------
 
     def window(self, code: Code, card: Card) -> tuple[int, int]:
-        """The code's usable [begin, end]: the card's range, or received + terms (FIX_TERM)."""
+        """The code's usable [begin, end]: the card's range, or (FIX_TERM) the code's own:
+        received + terms, or the begin_time/end_time the seed gave the code."""
         if card.date_type == FIX_RANGE:
             assert card.begin is not None and card.end is not None
             return card.begin, card.end
         begin = code.received_at + card.fixed_begin_term * DAY
         end = begin + card.fixed_term * DAY - 1
-        return begin, end if card.end is None else min(end, card.end)
+        if card.end is not None:
+            end = min(end, card.end)
+        return (begin if code.begin_time is None else code.begin_time,
+                end if code.end_time is None else code.end_time)
 
     def status(self, code: Code, card: Card) -> str:
         """user_card_status: the stored state, or EXPIRE once a usable code's window ended."""
@@ -329,6 +452,8 @@ class SimState:
         }
         if code.outer_str is not None:
             out["outer_str"] = code.outer_str
+        if card.card_type in seedmod.TICKET_FIELDS:
+            out[card.card_type.lower()] = dict(code.ticket or {})  # see the module rules
         return _reply(out)
 
     def _consume(self, appid: str, req: dict[str, Any]) -> Reply:
@@ -337,6 +462,8 @@ class SimState:
             return found
         code, card = found
         self.attempts[code.code] += 1
+        if card.card_type == "MEMBER_CARD":
+            return self._err(40071)  # a member card is identified, never consumed
         status = self.status(code, card)
         if status == "CONSUMED":
             return self._err(40099)
@@ -369,6 +496,88 @@ class SimState:
         busy = self._err(-1)
         busy.delay = delay
         return busy
+
+    # --- member cards and tickets -----------------------------------------------------------
+
+    def _member(self, appid: str, req: dict[str, Any]) -> tuple[Code, Card] | Reply:
+        if not req.get("card_id"):
+            return self._err(41012)  # documented as required for the membercard APIs
+        found = self._find(appid, req)
+        if isinstance(found, Reply):
+            return found
+        if found[1].card_type != "MEMBER_CARD":
+            return self._err(40071)
+        return found
+
+    def _userinfo(self, appid: str, req: dict[str, Any]) -> Reply:
+        """card/membercard/userinfo/get {card_id, code}: the member's points and balance."""
+        found = self._member(appid, req)
+        if isinstance(found, Reply):
+            return found
+        code, card = found
+        return _reply({"errcode": 0, "errmsg": "ok", "openid": code.openid, "nickname": "",
+                       "membership_number": code.membership_number or code.code,
+                       "bonus": code.bonus, "balance": code.balance, "sex": "",
+                       "user_info": {"common_field_list": [], "custom_field_list": []},
+                       "user_card_status": self.status(code, card)})
+
+    def _updateuser(self, appid: str, req: dict[str, Any]) -> Reply:
+        """card/membercard/updateuser: set or add points and balance; not idempotent."""
+        found = self._member(appid, req)
+        if isinstance(found, Reply):
+            return found
+        code, card = found
+        nums = {k: req[k] for k in ("bonus", "add_bonus", "balance", "add_balance")
+                if req.get(k) is not None}
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in nums.values()) or any(
+                not isinstance(req.get(k, ""), str) for k in ("record_bonus", "record_balance")):
+            return self._err(47001)
+        if self.status(code, card) not in CONSUMABLE:
+            return self._err(40127)
+        bonus = nums.get("bonus", code.bonus + nums.get("add_bonus", 0))
+        balance = nums.get("balance", code.balance + nums.get("add_balance", 0))
+        if bonus < 0 or balance < 0:
+            return self._err(47001)  # the real errcode is not documented (inferred)
+        code.bonus, code.balance = bonus, balance
+        if nums:
+            self.bonus_log.setdefault(code.code, []).append(
+                {"at": self.now(), **nums, "record_bonus": req.get("record_bonus", ""),
+                 "result_bonus": bonus, "result_balance": balance})
+        reply = _reply({"errcode": 0, "errmsg": "ok", "result_bonus": bonus,
+                        "result_balance": balance, "openid": code.openid})
+        return self._maybe_drop(code.code, reply)
+
+    def _ticket_update(self, appid: str, req: dict[str, Any], card_type: str) -> Reply:
+        """The ticket update APIs: a code's seat, show time, passenger... (TICKET_FIELDS)."""
+        found = self._find(appid, req)
+        if isinstance(found, Reply):
+            return found
+        code, card = found
+        if card.card_type != card_type:
+            return self._err(40071)
+        fields = {k: v for k, v in req.items() if k in seedmod.TICKET_FIELDS[card_type]}
+        try:
+            ticket = seedmod.ticket_entry(fields, card_type, "ticket", self.now())
+        except SeedError:
+            return self._err(47001)
+        code.ticket = {**(code.ticket or {}), **ticket}
+        return _reply({"errcode": 0, "errmsg": "ok"})
+
+    def _unavailable(self, appid: str, req: dict[str, Any]) -> Reply:
+        """card/code/unavailable {code, card_id?, reason?}: the code can never be used again."""
+        if not isinstance(req.get("reason", ""), str):
+            return self._err(47001)
+        found = self._find(appid, req)
+        if isinstance(found, Reply):
+            return found
+        code, card = found
+        status = self.status(code, card)
+        if status == "CONSUMED":
+            return self._err(40099)
+        if status not in CONSUMABLE and status != "GIFT_TIMEOUT":
+            return self._err(40127)
+        code.state = "UNAVAILABLE"
+        return _reply({"errcode": 0, "errmsg": "ok"})
 
     def _decrypt(self, appid: str, req: dict[str, Any]) -> Reply:
         encrypted = req.get("encrypt_code")
@@ -416,8 +625,9 @@ class SimState:
         if card.sub_merchant_id is not None:
             base["sub_merchant_info"] = {"merchant_id": card.sub_merchant_id}
         base.update(card.base_info)
+        values = {k: v for k, v in card.values.items() if v is not None}  # optional, unset
         return {"card_type": card.card_type,
-                card.card_type.lower(): {"base_info": base, **card.values}}
+                card.card_type.lower(): {"base_info": base, **values}}
 
     # --- admin (/_sim/...) ---------------------------------------------------------------
 
@@ -489,18 +699,31 @@ class SimState:
             "clock_offset": self._offset,
             "apps": {a: {"valid_tokens": valid[a],
                          "token_requests_today": self._used(a, "cgi-bin/token", day),
-                         "token_daily_quota": app.token_daily_quota}
+                         "token_daily_quota": app.token_daily_quota,
+                         "stable_token_requests_today": self._used(a, "cgi-bin/stable_token",
+                                                                   day),
+                         "force_refreshes_today": self._used(a, "stable_token/force", day)}
                      for a, app in self.seed.apps.items()},
+            # API calls refused for their token: 40001 (replaced, revoked), 42001 (expired)
+            "token_refusals": {str(k): n for k, n in sorted(self.token_refusals.items())},
             "codes": {c.code: {"card_id": c.card_id, "state": c.state,
                                "user_card_status": self.status(c, self.seed.cards[c.card_id]),
                                "openid": c.openid, "consume_count": self.consumes[c.code],
                                "consume_attempts": self.attempts[c.code],
-                               "encrypt_code": c.encrypt_code or encrypt_code(key, c.code)}
+                               "encrypt_code": c.encrypt_code or encrypt_code(key, c.code),
+                               **self._member_state(c)}
                       for c in self.codes.values()},
             "requests": dict(self.requests),
             "dropped_replies": self.dropped,
             "faults": dataclasses.asdict(self.faults),
         }
+
+    def _member_state(self, c: Code) -> dict[str, Any]:
+        if self.seed.cards[c.card_id].card_type != "MEMBER_CARD":
+            return {"ticket": c.ticket} if c.ticket is not None else {}
+        log = self.bonus_log.get(c.code, [])
+        return {"bonus": c.bonus, "balance": c.balance, "bonus_updates": len(log),
+                "bonus_records": [e["record_bonus"] for e in log]}
 
     def _used(self, appid: str, name: str, day: int) -> int:
         seen_day, used = self._quota.get((appid, name), (day, 0))
