@@ -29,7 +29,11 @@ DEVICE_FILES = {
     "hexiao/firmware/cdc_link.mpy", "hexiao/firmware/linkpeer.mpy",
     "hexiao/firmware/app.mpy", "hexiao/firmware/main.mpy", "hexiao/firmware/hal_sim.mpy",
     "hexiao/firmware/install_check.mpy", "hexiao/firmware/safe.mpy",
-    "hexiao/firmware/sim_boot.mpy",
+    "hexiao/firmware/boot.mpy",
+    # updates over the link (SPEC 6.8): the device's verifier, its boot side, a stable run's end
+    "hexiao/firmware/ed25519.mpy", "hexiao/firmware/fw_update.mpy",
+    "hexiao/firmware/stable.mpy", "hexiao/firmware/fw_trial.mpy",
+    "hexiao/protocol/messages_fw.mpy",
 } | {  # the application, in however many modules it is split (app.py, app_*.py)
     f"hexiao/firmware/{p.stem}.mpy"
     for p in (Path(__file__).resolve().parents[1] / "firmware").glob("app*.py")
@@ -113,7 +117,7 @@ def test_built_mpy_files_import_and_run_under_micropython(built, tmp_path: Path)
 def test_unsigned(built, tmp_path: Path) -> None:
     res = verify(built, forge(built, tmp_path, sig=None))
     assert res.exit_code == 11
-    assert "refused (unsigned): " in res.output and "is not signed (no manifest.sig)" in res.output
+    assert "Error: unsigned: " in res.output and "is not signed (no manifest.sig)" in res.output
 
 
 def test_signed_by_another_key(built, tmp_path: Path) -> None:
@@ -146,7 +150,7 @@ def test_tampered_manifest_field(built, tmp_path: Path, field: str) -> None:
     _edit(m, field)
     res = verify(built, forge(built, tmp_path, manifest=B.canonical(m)))
     assert res.exit_code == 12
-    assert "refused (bad-signature): " in res.output
+    assert "Error: bad-signature: " in res.output
     assert "the manifest signature does not verify" in res.output
 
 
@@ -157,7 +161,7 @@ def test_tampered_file_byte(built, tmp_path: Path) -> None:
     files["hexiao/protocol/link.mpy"] = bytes(data)
     res = verify(built, forge(built, tmp_path, files=files))
     assert res.exit_code == 13
-    assert res.output.strip() == (f"refused (tampered-file): {tmp_path / 'forged.tar'}: "
+    assert res.output.strip() == (f"Error: tampered-file: {tmp_path / 'forged.tar'}: "
                                   "hexiao/protocol/link.mpy does not match its SHA-256 in the "
                                   "signed manifest")
 
@@ -177,7 +181,7 @@ def test_missing_file(built, tmp_path: Path) -> None:
     del files["hexiao/firmware/linkpeer.mpy"]
     res = verify(built, forge(built, tmp_path, files=files))
     assert res.exit_code == 14
-    assert ("refused (missing-file): " in res.output and "file hexiao/firmware/linkpeer.mpy "
+    assert ("Error: missing-file: " in res.output and "file hexiao/firmware/linkpeer.mpy "
             "listed in the manifest is missing (1 missing)" in res.output)
 
 
@@ -186,7 +190,7 @@ def test_extra_file(built, tmp_path: Path) -> None:
     files["boot.py"] = b"import evil\n"
     res = verify(built, forge(built, tmp_path, files=files))
     assert res.exit_code == 15
-    assert "refused (extra-file): " in res.output
+    assert "Error: extra-file: " in res.output
     assert "file boot.py is not in the signed manifest (1 extra)" in res.output
 
 
@@ -196,7 +200,7 @@ def test_wrong_board(built, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     res = verify(built, tmp_path / "rp.tar", "--board", "sim")
     assert res.exit_code == 16
-    assert res.output.strip() == (f"refused (wrong-board): {tmp_path / 'rp.tar'} is built for "
+    assert res.output.strip() == (f"Error: wrong-board: {tmp_path / 'rp.tar'} is built for "
                                   "board 'rp2040', not 'sim'")
     assert verify(built, tmp_path / "rp.tar", "--board", "rp2040").exit_code == 0
 
@@ -204,7 +208,7 @@ def test_wrong_board(built, tmp_path: Path) -> None:
 def test_downgrade(built) -> None:
     res = verify(built, built["path"], "--min-counter", COUNTER + 1)
     assert res.exit_code == 17
-    assert res.output.strip() == (f"refused (downgrade): {built['path']}: bundle {VERSION} has "
+    assert res.output.strip() == (f"Error: downgrade: {built['path']}: bundle {VERSION} has "
                                   f"security counter {COUNTER}, below the minimum {COUNTER + 1} "
                                   "(a downgrade)")
 
@@ -217,9 +221,18 @@ def test_truncated_and_corrupt_containers(built, tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(data)
         res = verify(built, tmp_path / name)
         assert res.exit_code == 10, (name, res.output)
-        assert "refused (corrupt): " in res.output, name
+        assert "Error: corrupt: " in res.output, name
+    # a missing bundle, a folder, and a file that is no tar at all: each says what it is
     res = verify(built, tmp_path / "absent.tar")
-    assert res.exit_code == 10 and "cannot read bundle" in res.output
+    assert (res.exit_code, res.output.strip()) == (19, f"Error: not-found: no bundle "
+                                                       f"{tmp_path / 'absent.tar'}: give the .tar "
+                                                       "that `hexiao bundle build` wrote")
+    res = verify(built, tmp_path)
+    assert res.exit_code == 19 and "is not a file: give the bundle's .tar itself" in res.output
+    (tmp_path / "hostd.toml").write_text("[hostd]\n" * 200)
+    res = verify(built, tmp_path / "hostd.toml")
+    assert res.exit_code == 10 and "is not a hexiao firmware bundle (not a tar archive)" \
+        in res.output and "no end-of-archive" not in res.output
     # a well-formed tar that is not a bundle, and one with a path escaping the install dir
     files = dict(B.read_bundle(built["path"]).files)
     with tarfile.open(tmp_path / "plain.tar", "w") as tar:
@@ -331,3 +344,17 @@ def test_each_board_gets_its_own_hal_only() -> None:
     assert not names["sim"] & {"hal_rp2040.mpy", "hal_esp32s3.mpy", "hal_usb.mpy"}
     assert not names["rp2040"] & {"hal_sim.mpy", "hal_esp32s3.mpy", "linkpeer.mpy"}
     assert all("app.mpy" in n and "link.mpy" in n for n in names.values())
+
+
+def test_a_directory_given_as_a_key_is_one_line_not_a_traceback(built, tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    folder.mkdir(mode=0o700)
+    build = run(B.main, "build", "--board", "sim", "--version", "1.0.0", "--counter", "1",
+                "--key", folder, "--out", tmp_path)
+    check = run(B.main, "verify", built["path"], "--pubkey", folder)
+    for res in (build, check):
+        assert res.exit_code == 18, res.output
+        assert res.output.strip() == (f"Error: key: key file {folder} is a directory: give the "
+                                      "key file itself (make one with: hexiao keys generate "
+                                      "--out PATH)")
+        assert "Traceback" not in res.output

@@ -156,7 +156,7 @@ def test_bad_bundle_refused_before_anything_is_written(kit, tmp_path: Path, how,
     res = cli(path, "--pubkey", pub, "--sim-dir", dev, "--yes")
     assert res.exit_code == code
     kind = {"unsigned": "unsigned", "tampered": "tampered-file", "other-key": "bad-signature"}
-    assert res.stderr.startswith(f"refused ({kind[how]}): ")
+    assert res.stderr.startswith(f"Error: {kind[how]}: ")
     assert text in res.stderr
     assert tree(dev) == before and runs(dev) == "1.0.0"
 
@@ -166,13 +166,13 @@ def test_wrong_board(kit, tmp_path: Path) -> None:
     F.DirTarget.create(dev, board="rp2040")
     res = cli(kit["v2"], "--pubkey", kit["pub"], "--sim-dir", dev, "--yes")
     assert res.exit_code == 16
-    assert f"refused (wrong-board): {kit['v2']} is built for board 'sim', not 'rp2040'" \
+    assert f"Error: wrong-board: {kit['v2']} is built for board 'sim', not 'rp2040'" \
         in res.stderr
     sim = tmp_path / "sim"
     F.DirTarget.create(sim)
     res = cli(kit["v2"], "--pubkey", kit["pub"], "--sim-dir", sim, "--board", "rp2040", "--yes")
     assert res.exit_code == 16
-    assert "refused (wrong-board): the device reports board 'sim', not 'rp2040': is this the " \
+    assert "Error: wrong-board: the device reports board 'sim', not 'rp2040': is this the " \
         "right port?" in res.stderr
     assert sorted(os.listdir(dev)) == sorted(os.listdir(sim)) == ["board.json"]
 
@@ -193,7 +193,7 @@ def test_interrupted_copy_resumes_where_it_stopped(kit, tmp_path: Path) -> None:
     dev = tmp_path / "dev"
     installed(kit, dev, "v2")
     flaky = Wrap(F.DirTarget(dev), fail=("write_file", None, 6))
-    with pytest.raises(F.FlashError) as e:
+    with pytest.raises(F.InstallError) as e:
         F.flash(kit["v3"], kit["public"], flaky)
     assert (e.value.kind, e.value.exit_code) == ("connection-lost", 21)
     assert e.value.message == ("lost the device (unplugged during write_file); the previous "
@@ -219,7 +219,7 @@ def test_interrupted_commit_is_repaired_by_the_next_run(kit, tmp_path: Path, fai
                                                         left) -> None:
     dev = tmp_path / "dev"
     installed(kit, dev, "v2")
-    with pytest.raises(F.FlashError) as e:
+    with pytest.raises(F.InstallError) as e:
         F.flash(kit["v3"], kit["public"], Wrap(F.DirTarget(dev), fail=fail))
     assert e.value.kind == "connection-lost"
     assert {p.name for p in dev.iterdir()} - {"board.json"} == left
@@ -238,7 +238,7 @@ def test_interrupted_commit_with_an_unusable_staged_copy_rolls_back(kit, tmp_pat
                                                                    spoil) -> None:
     dev = tmp_path / "dev"
     installed(kit, dev, "v2")
-    with pytest.raises(F.FlashError):
+    with pytest.raises(F.InstallError):
         F.flash(kit["v3"], kit["public"], Wrap(F.DirTarget(dev), fail=("rename", F.NEW, 0)))
     pub = kit["public"]
     if spoil == "incomplete":
@@ -254,7 +254,7 @@ def test_full_filesystem_refused_before_writing(kit, tmp_path: Path) -> None:
     dev = tmp_path / "dev"
     installed(kit, dev, "v2")
     before = tree(dev)
-    with pytest.raises(F.FlashError) as e:
+    with pytest.raises(F.InstallError) as e:
         F.flash(kit["v3"], kit["public"], Wrap(F.DirTarget(dev), free=30000))
     assert (e.value.kind, e.value.exit_code) == ("no-space", 22)
     manifest = B.verify_bundle(B.read_bundle(kit["v3"]), kit["public"])
@@ -269,7 +269,7 @@ def test_full_filesystem_refused_before_writing(kit, tmp_path: Path) -> None:
 def test_write_error_midway_leaves_the_old_firmware(kit, tmp_path: Path) -> None:
     dev = tmp_path / "dev"
     installed(kit, dev, "v2")
-    with pytest.raises(F.FlashError) as e:
+    with pytest.raises(F.InstallError) as e:
         F.flash(kit["v3"], kit["public"], Wrap(F.DirTarget(dev), enospc_after=5))
     assert (e.value.kind, e.value.exit_code) == ("write-error", 23)
     assert e.value.message == ("the device filesystem is full; the partial copy was removed and "
@@ -280,7 +280,7 @@ def test_write_error_midway_leaves_the_old_firmware(kit, tmp_path: Path) -> None
 def test_read_back_mismatch_is_refused(kit, tmp_path: Path) -> None:
     dev = tmp_path / "dev"
     installed(kit, dev, "v2")
-    with pytest.raises(F.FlashError) as e:
+    with pytest.raises(F.InstallError) as e:
         F.flash(kit["v3"], kit["public"], Wrap(F.DirTarget(dev), corrupt="protocol/cbor.mpy"))
     assert (e.value.kind, e.value.exit_code) == ("verify-failed", 24)
     assert e.value.message.startswith("/hexiao.new/protocol/cbor.mpy reads back with a different "
@@ -294,7 +294,7 @@ def test_unreadable_installed_manifest(kit, tmp_path: Path) -> None:
     (dev / "hexiao" / "manifest.json").write_bytes(b"{broken")
     res = cli(kit["v3"], "--pubkey", kit["pub"], "--sim-dir", dev, "--yes")
     assert res.exit_code == 25
-    assert "refused (device-manifest): the installed /hexiao/manifest.json is unreadable" \
+    assert "Error: device-manifest: the installed /hexiao/manifest.json is unreadable" \
         in res.stderr
 
 
@@ -304,14 +304,27 @@ def test_declined_and_usage(kit, tmp_path: Path) -> None:
     res = cli(kit["v3"], "--pubkey", kit["pub"], "--sim-dir", dev, input="n\n")
     assert res.exit_code == 26
     assert "Install sim 1.1.0 (counter 3) over 1.0.0 (counter 2)? [y/N]" in res.stderr
-    assert "refused (declined): not confirmed: nothing was written" in res.stderr
+    assert "Error: declined: not confirmed: nothing was written" in res.stderr
     assert not (dev / "hexiao.new").exists() and runs(dev) == "1.0.0"
     res = cli(kit["v3"], "--pubkey", kit["pub"])
     assert res.exit_code == 2 and "give exactly one of --port PORT or --sim-dir DIR" in res.output
     res = cli(kit["v3"], "--pubkey", kit["pub"], "--sim-dir", tmp_path / "nope", "--yes")
-    assert res.exit_code == 20 and "refused (unreachable): sim board directory" in res.stderr
+    assert res.exit_code == 20 and "Error: unreachable: sim board directory" in res.stderr
     res = cli(kit["v3"], "--pubkey", kit["pub"], "--port", tmp_path / "ttyNONE", "--yes")
     assert res.exit_code == 20 and f"cannot open {tmp_path / 'ttyNONE'}" in res.stderr
+
+
+def test_a_key_folder_and_a_missing_bundle_are_one_line_each(kit, tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    installed(kit, dev, "v2")
+    res = cli(kit["v3"], "--pubkey", kit["dir"], "--sim-dir", dev, "--yes")
+    assert (res.exit_code, res.stderr.strip()) == (18, f"Error: key: key file {kit['dir']} is "
+                                                       "a directory: give the key file itself "
+                                                       "(make one with: hexiao keys generate "
+                                                       "--out PATH)")
+    res = cli(tmp_path / "absent.tar", "--pubkey", kit["pub"], "--sim-dir", dev, "--yes")
+    assert res.exit_code == 19 and res.stderr.startswith("Error: not-found: no bundle ")
+    assert runs(dev) == "1.0.0"  # nothing touched
 
 
 def test_mpremote_transport_against_the_unix_port_raw_repl_on_a_pty(kit, tmp_path: Path) -> None:

@@ -80,8 +80,8 @@ def test_refuses_to_reprovision_without_force_then_force_replaces_the_key(
     again = run(board, ks)
     assert again.exit_code == 3
     assert again.output == (
-        "refused: the device is already provisioned (id 'hx-0001', lane 'lane-1'); re-run with "
-        "--force to re-provision: a new key replaces the old one on the device and in the "
+        "Error: refused: the device is already provisioned (id 'hx-0001', lane 'lane-1'); re-run "
+        "with --force to re-provision: a new key replaces the old one on the device and in the "
         "keystore (restart hostd afterwards)\n")
     assert device_key(board) == first
     forced = run(board, ks, "--force", lane="lane-2")
@@ -109,7 +109,7 @@ def test_unsafe_keystore_is_refused_and_nothing_is_written(board: Path, tmp_path
     ks.chmod(0o644)
     r = run(board, ks)
     assert r.exit_code == 4
-    assert f"refused: {ks}: mode 0644 lets other users read it" in r.output
+    assert f"Error: refused: {ks}: mode 0644 lets other users read it" in r.output
     assert not (board / "config.json").exists() and not (board / "config.json.new").exists()
 
 
@@ -118,7 +118,7 @@ def test_no_firmware_on_the_board_is_refused(tmp_path: Path) -> None:
     bare.mkdir()
     r = run(bare, tmp_path / "ks.jsonl")
     assert r.exit_code == 4
-    assert (f"refused: no firmware on the sim board ({bare}/hexiao/firmware/main.mpy is "
+    assert (f"Error: refused: no firmware on the sim board ({bare}/hexiao/firmware/main.mpy is "
             f"missing): install it first with `hexiao flash BUNDLE --sim-dir {bare}`") in r.output
     assert list(bare.iterdir()) == [] and not (tmp_path / "ks.jsonl").exists()
 
@@ -156,7 +156,7 @@ def test_config_names_the_keystore_and_refuses_an_unknown_lane(board: Path,
     bad = CliRunner().invoke(main, ["--sim-dir", str(board), "--id", KID, "--lane", "back",
                                     "--config", str(toml)])
     assert bad.exit_code == 4
-    assert f"refused: lane 'back' is not a [[lane]] in {toml} (lanes: front)" in bad.output
+    assert f"Error: refused: lane 'back' is not a [[lane]] in {toml} (lanes: front)" in bad.output
     ok = CliRunner().invoke(main, ["--sim-dir", str(board), "--id", KID, "--lane", "front",
                                    "--config", str(toml)])
     assert ok.exit_code == 0, ok.output

@@ -50,7 +50,7 @@ def test_one_board_per_folder_and_ctrl_c_stops_it_promptly(mpy_stage: Path,
         assert f"a sim board (pid {first.pid}) is already running from {root}" in second.stderr
         assert first.poll() is None and (root / "tty").is_symlink()  # untouched
         first.send_signal(signal.SIGINT)
-        out, err = first.communicate(timeout=PROMPT_S)
+        _, err = first.communicate(timeout=PROMPT_S)
     finally:
         if first.poll() is None:
             first.kill()

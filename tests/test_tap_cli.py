@@ -77,8 +77,15 @@ def test_replay_usage_errors(tmp_path: Path) -> None:
     assert code == 2 and "ISO 8601" in err
     short = tmp_path / "short.key"
     short.write_text("abcd")
+    short.chmod(0o600)
     code, _, err = invoke("replay", capture, "--out", out, "--key-file", short)
     assert code == 2 and "16 bytes" in err
+    short.write_text("not a key at all, but long enough to pass for one\n")
+    code, _, err = invoke("replay", capture, "--out", out, "--key-file", short)
+    assert code == 2 and "not a tap key" in err and "long enough" not in err
+    short.chmod(0o640)
+    code, _, err = invoke("replay", capture, "--out", out, "--key-file", short)
+    assert code == 2 and f"chmod 600 {short}" in err
     assert not out.exists()
 
 
@@ -138,9 +145,12 @@ def test_verify_rejects_tampered_tokens_and_wrong_keys(tmp_path: Path, key_file:
     assert code == 1 and stdout.startswith("INVALID")
     other = tmp_path / "other.key"
     other.write_text("77" * 32)
-    other.chmod(0o644)
+    other.chmod(0o644)  # a key others can read is refused, as hostd refuses such secrets
     code, stdout, err = invoke("verify", token, "--key-file", other, "--json")
-    assert code == 1 and json.loads(stdout)["valid"] is False and "chmod 600" in err
+    assert code == 2 and stdout == "" and f"chmod 600 {other}" in err
+    other.chmod(0o600)
+    code, stdout, err = invoke("verify", token, "--key-file", other, "--json")
+    assert code == 1 and json.loads(stdout)["valid"] is False
     code, _, _ = invoke("verify", token, "--key-file", other, "--key-file", key_file)
     assert code == 0  # rotation: the old key still verifies old receipts
 
@@ -187,3 +197,25 @@ def test_hexiao_receipt_verify_is_the_same_check(tmp_path: Path, key_file: Path)
                                     str(key_file)])
     assert good.exit_code == 0 and good.output.startswith("valid: lane ")
     assert bad.exit_code == 1 and bad.output.startswith("INVALID: ")
+
+
+def test_keygen_makes_a_private_key_the_tap_reads_and_never_overwrites(tmp_path: Path) -> None:
+    out = tmp_path / "tap.key"
+    r = CliRunner().invoke(main, ["keygen", "--out", str(out)])
+    assert r.exit_code == 0 and "0600" in r.output
+    assert out.stat().st_mode & 0o777 == 0o600
+    text = out.read_text()
+    assert len(text.strip()) == 64 and int(text, 16) >= 0
+    before = out.read_bytes()
+    again = CliRunner().invoke(main, ["keygen", "--out", str(out)])
+    assert again.exit_code == 1 and "never overwritten" in again.output
+    assert out.read_bytes() == before
+    # the key it made is one the tap accepts: a replay signs tokens with it
+    capture = tmp_path / "in.bin"
+    capture.write_bytes("合计: ¥1.00\n".encode("gb18030") + b"\x1dV\x00")
+    replay = CliRunner().invoke(main, ["replay", str(capture), "--out", str(tmp_path / "o"),
+                                       "--key-file", str(out)])
+    assert replay.exit_code == 0, replay.output
+    missing_dir = CliRunner().invoke(main, ["keygen", "--out", str(tmp_path / "no" / "k")])
+    assert missing_dir.exit_code == 1 and "cannot create" in missing_dir.output
+    assert "Traceback" not in missing_dir.output

@@ -1,11 +1,31 @@
-"""The `hexiao` command: one click group; each subcommand lives in its own module."""
+"""The `hexiao` command: one click group; each subcommand lives in its own module.
+
+Rules this module keeps:
+- a subcommand's module is imported only when it runs, so `hexiao --help` stays fast;
+- shell completion sees every subcommand's own options and subcommands: while click completes
+  (resilient parsing) a lazy subcommand resolves to its real command. Enable it with
+  `eval "$(_HEXIAO_COMPLETE=bash_source hexiao)"` (zsh_source, fish_source for those shells).
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
+_REAL: dict[str, tuple[str, str]] = {}  # subcommand -> (module, attribute)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Group(click.Group):
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if ctx.resilient_parsing and cmd_name in _REAL:  # completing: the real command
+            module, attr = _REAL[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hexiao")
 def main() -> None:
     """hexiao (核销): redeem WeChat cards and coupons at an unchanged till."""
@@ -13,16 +33,16 @@ def main() -> None:
 
 def _lazy(name: str, module: str, help: str, attr: str = "main") -> None:
     # subcommands import their module only when run, so `hexiao --help` stays fast
+    _REAL[name] = (module, attr)
+
     @main.command(name, help=help, context_settings={"ignore_unknown_options": True},
                   add_help_option=False)
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def _cmd(args: tuple[str, ...]) -> None:
-        import importlib
-
         command = getattr(importlib.import_module(module), attr)
-        # -h as well as --help on every subcommand and its own subcommands (contexts inherit it)
-        command.main(args=list(args), prog_name=f"hexiao {name}",
-                     help_option_names=["-h", "--help"])
+        # each subcommand declares -h itself (tests/test_lint.py checks): click caches a
+        # command's help option the first time it is built, so passing it here is not enough
+        command.main(args=list(args), prog_name=f"hexiao {name}")
 
 
 _lazy("demo", "hexiao.tools.demo.run", "Run a lane on this machine and show it working.")
@@ -58,3 +78,7 @@ _lazy("udev", "hexiao.tools.install.system", "Install or show the udev rules for
 _lazy("service", "hexiao.tools.install.system",
       "Install or show the systemd unit for hexiao-hostd.",
       "service_main")
+_lazy("report", "hexiao.tools.report",
+      "Chain reports from headquarters' database: redemptions, settlement, duplicates, quiet.")
+_lazy("fleet", "hexiao.tools.fleet",
+      "Headquarters: stores, lanes, remote status and device diagnostics; bench.")

@@ -1,5 +1,5 @@
-"""Generate the golden vectors of the hexiao link: protocol/vectors/*.json (DESIGN.md, "Golden
-vectors").
+"""Generate the golden vectors of the hexiao link: protocol/vectors/*.json (protocol/SPEC.md §12,
+"Golden vectors").
 
 Deterministic: fixed keys, nonces, counters and payloads; no randomness, no clock. Each vector is
 checked against the implementation as it is built: a valid vector must verify and decode to the
@@ -287,6 +287,16 @@ def message_vectors() -> list[Json]:
           200, direction=messages.D2H),
         V("pong_d2h", "Device pong without data.", {"type": "pong"}, 300,
           direction=messages.D2H),
+        V("fw_status_resume", "Device holds 1536 bytes of a transfer: resume there.",
+          {"type": "fw_status", "state": 1, "offset": 1_536, "digest": bytes(range(32)),
+           "version": "0.2.0"}, 301, direction=messages.D2H),
+        V("fw_status_refused", "The last update was refused, and why (nothing held).",
+          {"type": "fw_status", "state": 6, "offset": 0,
+           "why": "bad signature: not signed by this device's key"}, 302,
+          direction=messages.D2H),
+        V("fw_result", "Verified: the device switches to the new firmware now.",
+          {"type": "fw_result", "ok": True, "why": "verified: switching to 0.2.0"}, 303,
+          direction=messages.D2H),
         # session, host to device (h2d key)
         V("verdict_accepted", "Coupon redeemed: ok beep, green LED, Chinese text.",
           {"type": "verdict", "scan_id": 1, "outcome": 0, "beep": 1, "led": 1,
@@ -331,6 +341,17 @@ def message_vectors() -> list[Json]:
           {"type": "ping"}, 0xFFFF_FFFF, direction=messages.H2D),
         V("pong_h2d", "Host pong echoing data.", {"type": "pong", "data": b"\xde\xad\xbe\xef"},
           12, direction=messages.H2D, alg=4),
+        # firmware update (SPEC 6.8)
+        V("fw_offer", "Offer a signed bundle: image digest and size, its manifest's size, the "
+          "Ed25519 signature, board, version, counter.",
+          {"type": "fw_offer", "digest": bytes(range(32)), "size": 61_440,
+           "manifest_size": 3_912, "signature": bytes(range(64, 128)), "board": "sim",
+           "version": "0.2.0", "counter": 7}, 30),
+        V("fw_chunk", "The 768 bytes of the image at offset 1536 (the third chunk).",
+          {"type": "fw_chunk", "seq": 2, "offset": 1_536, "data": bytes(range(256)) * 3}, 31),
+        V("fw_query", "Ask what the device holds of an update.", {"type": "fw_query"}, 32),
+        V("fw_commit", "Install the transfer with this digest.",
+          {"type": "fw_commit", "digest": bytes(range(32))}, 33),
         V("rules_largest", "A rule set at its limits: 8 rules, every field at its limit.",
           _largest_rules(), 20),
         V("verdict_largest", "The largest valid message: a verdict with a 768-byte slip.",
@@ -573,8 +594,8 @@ def error_vectors() -> list[Json]:
         F("replay_too_old", "Counter 5 after 21: older than the 16-frame window.", "replay",
           base, seen=[21]),
         # message types and fields (payload MAC'd as is)
-        P("unknown_type_19", "Type 19: not defined in version 1.", "unknown_type",
-          _map([(E(0), E(19)), (E(1), E(7))])),
+        P("unknown_type_99", "Type 99: not defined in version 1.", "unknown_type",
+          _map([(E(0), E(99)), (E(1), E(7))])),
         P("unknown_type_0", "Type 0 is not a message type.", "unknown_type", _map([(E(0), E(0))])),
         P("unknown_type_missing", "A map without key 0 (no type).", "unknown_type",
           _map(_scan_pairs()[1:])),

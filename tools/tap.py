@@ -1,15 +1,20 @@
-"""`hexiao tap`: the receipt tap's offline tools (replay, render, verify, bench), and the live
-proxy (`serve`, hostd/tap/proxy.py) with its latency benchmark (`proxybench`,
+"""`hexiao tap`: the receipt tap's key (`keygen`), its offline tools (replay, render, verify,
+bench), and the live
+tap (`serve`: options -> a [tap] config -> hostd/tap/service.py's TapService, the same tap
+hexiao-hostd runs with [tap] enabled) with its latency benchmark (`proxybench`,
 tools/bench/tap_proxy.py).
 
 `replay` runs a capture through the same streaming injector the proxy uses, fed in chunks; `render`
 draws what a stream prints; `verify` checks a signed per-receipt token. Verification lives here
-(not in a separate `hexiao receipt` group) because the tap mints the tokens with its key and a
-support engineer finds every receipt-tap tool in one place.
+because the tap mints the tokens with its key and a support engineer finds every receipt-tap
+tool in one place; `hexiao receipt verify` is the same command under the name a merchant's
+developer looks for.
 
-Exit codes: 0 done; 1 replay: some receipt lost its QR to an error or the stream failed open
-(the output is still the safe, unchanged print), verify: the token does not verify or the receipt
-does not match; 2 usage errors (bad option, unreadable key or profile).
+Exit codes: 0 done; 1 keygen: the file exists (never overwritten); replay: some receipt lost
+its QR to an error or the stream failed open (the output is still the safe, unchanged print);
+verify: the token does not verify or the receipt does not match; serve: cannot listen or open
+the serial POS port; 2 usage errors (bad option, profile, or a key file that is unreadable, not
+a key, or readable by others).
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import json
 import math
 import os
 import random
-import stat
 import sys
 import time
 from datetime import UTC, datetime
@@ -26,33 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import click
-from hexiao.hostd.tap import inject
+from hexiao.hostd.tap import inject, keys
 from hexiao.hostd.tap.escpos import Parser
 from hexiao.hostd.tap.inject import Content, Injector, PrinterProfile, QRStyle
 from hexiao.hostd.tap.receipt import DEFAULT_TOTALS
+from hexiao.hostd.tap.service import TapError, TapService
 
 BENCH_TARGET_MBPS = 20.0  # DESIGN.md "Quality bars": the parser on receipts with images
 
 
 def read_key(path: str) -> bytes:
-    """A tap key file: hex text (>= 32 hex digits) or raw bytes (>= 16)."""
-    p = Path(path)
+    """A tap key file (hostd/tap/keys.py: hex or raw bytes, 0600); a usage error if unusable."""
     try:
-        raw = p.read_bytes()
-        mode = p.stat().st_mode
-    except OSError as exc:
-        raise click.BadParameter(f"cannot read key file: {exc.strerror}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        click.echo(f"warning: {path} is readable by others; chmod 600 it", err=True)
-    text = raw.strip()
-    try:
-        key = bytes.fromhex(text.decode("ascii")) if len(text) >= 32 else b""
-    except (UnicodeDecodeError, ValueError):
-        key = b""
-    key = key or raw
-    if len(key) < 16:
-        raise click.BadParameter("a tap key needs at least 16 bytes (32 hex digits)")
-    return key
+        return keys.read_key(path)
+    except keys.KeyFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--key-file") from None
 
 
 def _profile(spec: str, overrides: dict[str, Any]) -> PrinterProfile:
@@ -128,6 +120,23 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="the key file to create (0600; never overwritten)")
+def keygen(out_path: str) -> None:
+    """Create a tap key: 32 random bytes as hex in a new 0600 file, for [tap] key_file."""
+    try:
+        keys.new_key_file(out_path)
+    except FileExistsError:
+        raise click.ClickException(
+            f"{out_path} exists: a tap key is never overwritten (tokens it signed would stop "
+            f"verifying); choose another path") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot create {out_path}: {exc.strerror}") from None
+    click.echo(f"tap key written to {out_path} (0600); set [tap] key_file = \"{out_path}\" "
+               f"and keep a copy where the receipt tokens are verified")
+
+
+@main.command()
 @click.argument("capture", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="where to write the stream the printer would get")
@@ -183,7 +192,7 @@ def replay(capture: str, out_path: str, profile_spec: str, qr: str | None, raste
         click.echo(f"{len(inj.receipts)} receipts, {inj.counters['injected']} QR blocks added; "
                    f"{len(data)} -> {len(out)} bytes written to {out_path}")
         for err in inj.errors:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"Error: {err}", err=True)
     if inj.counters["errors"] or inj.counters["failopen"]:
         sys.exit(1)
 
@@ -407,61 +416,33 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
           width: int | None, cutter: bool | None, content: str, caption: str, lane: str,
           key_file: str | None, existing_qr: str, idle_timeout: float, connect_timeout: float,
           stall_timeout: float, as_json: bool) -> None:
-    """Run the tap: POS -> this proxy (QR injected, fail-open) -> the printer, until SIGTERM."""
+    """Run the tap: POS -> this proxy (QR injected, fail-open) -> the printer, until SIGTERM.
+
+    The same tap hexiao-hostd runs with [tap] enabled (hostd/tap/service.py)."""
+    import queue
     import signal
     import threading
 
-    from hexiao.hostd.tap.printer import parse_target
-    from hexiao.hostd.tap.proxy import ConnRecord, TapProxy
+    from hexiao.hostd.config.types import Tap
+    from hexiao.hostd.tap.proxy import ConnRecord
 
-    serial_pos = listen if listen == "pty" or listen.startswith(("pty:", "serial:")) else None
-    host, _, port = ("127.0.0.1:0" if serial_pos else listen).rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("use HOST:PORT (e.g. 127.0.0.1:9100), serial:DEVICE[@BAUD] "
-                                 "or pty[:LINK]", param_hint="--listen")
-    try:
-        target = parse_target(printer_spec)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--printer") from exc
-    profile = _profile(profile_spec, _overrides(qr, raster, width, cutter))
-    key = read_key(key_file) if key_file else None
-    try:
-        args = (profile, QRStyle(caption=caption), Content(content, lane, key))
-        Injector(*args, existing_qr=existing_qr)
-    except ValueError as exc:
-        raise click.UsageError(f"{exc} (give --key-file, or a --content without {{token}})"
-                               if "key" in str(exc) else str(exc)) from exc
-    import queue
-
+    cfg = Tap(enabled=True, listen=listen, printer=printer_spec, profile=profile_spec,
+              content=content, caption=caption, lane=lane,
+              key_file=Path(key_file) if key_file else None, existing_qr=existing_qr,
+              idle_timeout_s=idle_timeout, connect_timeout_s=connect_timeout,
+              stall_timeout_s=stall_timeout)
     done: queue.Queue[ConnRecord] = queue.Queue()
-    proxy = TapProxy(target, lambda: Injector(*args, existing_qr=existing_qr),
-                     (host.strip("[]"), int(port)), idle_timeout=idle_timeout,
-                     connect_timeout=connect_timeout, stall_timeout=stall_timeout,
-                     on_finish=done.put)
+    tap = TapService(cfg, on_finish=done.put,
+                     profile=_profile(profile_spec, _overrides(qr, raster, width, cutter)))
     try:
-        addr = proxy.start()
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror}") from exc
-    bridge = None
-    where = f"{addr[0]}:{addr[1]}"
-    if serial_pos is not None:
-        from hexiao.hostd.tap.pos_serial import SerialBridge
-
-        kind, _, rest = serial_pos.partition(":")
-        dev, _, baud = rest.rpartition("@") if "@" in rest else (rest, "", "")
-        try:
-            bridge = SerialBridge("pty" if kind == "pty" else dev, addr,
-                                  baud=int(baud) if baud.isdigit() else 9600,
-                                  link=(rest or None) if kind == "pty" else None,
-                                  idle_close_s=2 * idle_timeout).start()
-        except (OSError, ValueError) as exc:
-            proxy.stop()
-            raise click.ClickException(f"cannot open {serial_pos}: {exc}") from exc
-        where = bridge.path
+        tap.start()
+    except TapError as exc:
+        raise _tap_error(exc) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    click.echo(json.dumps({"listening": where, "printer": target.describe()}) if as_json else
-               f"listening on {where}, printing to {target.describe()} (Ctrl-C to stop)")
+    printer = tap.state()["printer"]["target"]
+    click.echo(json.dumps({"listening": tap.where, "printer": printer}) if as_json else
+               f"listening on {tap.where}, printing to {printer} (Ctrl-C to stop)")
     try:
         while not stop.is_set():
             try:
@@ -474,13 +455,28 @@ def serve(listen: str, printer_spec: str, profile_spec: str, qr: str | None, ras
                            f"; error: {e}" for e in rec.errors))
     except KeyboardInterrupt:
         pass
-    if bridge is not None:
-        bridge.stop()
-    proxy.stop()
-    summary = dict(proxy.counters)
+    tap.stop()
+    summary = dict(tap.proxy.counters) if tap.proxy is not None else {}
     click.echo(json.dumps({"summary": summary}) if as_json else
                "stopped: " + ", ".join(f"{k.replace('_', ' ')} {v}"
                                        for k, v in sorted(summary.items())))
+
+
+_OPTION = {"listen": "--listen", "printer": "--printer", "profile": "--profile",
+           "key_file": "--key-file"}
+
+
+def _tap_error(exc: TapError) -> click.ClickException:
+    """A TapError as the CLI reports it: a bad option is a usage error (exit 2), the machine's
+    refusal (a port taken, no such serial port) an error (exit 1)."""
+    msg = str(exc)
+    if exc.key is None:
+        return click.ClickException(msg)
+    if exc.key == "key_file" and "{token}" in msg:  # no key given, not a bad key file
+        return click.UsageError(f"{msg} (give --key-file, or a --content without {{token}})")
+    if exc.key in _OPTION:
+        return click.BadParameter(msg, param_hint=_OPTION[exc.key])
+    return click.UsageError(msg)
 
 
 @main.command()

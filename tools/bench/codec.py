@@ -32,7 +32,7 @@ from typing import Any
 import cbor2
 import click
 from cobs import cobs as cobs_c
-from hexiao.protocol import cose, frame, messages
+from hexiao.protocol import codecs, cose, frame, messages
 from hexiao.protocol.errors import ProtocolError
 from hexiao.tools import micropython
 
@@ -66,12 +66,12 @@ PATHS = ("ours", "bare", "pycose")
 
 
 def _wire(msg: dict[str, Any]) -> bytes:
-    return frame.encode(cose.mac0(KEY, ALG, KID, COUNTER, messages.encode(msg)))
+    return frame.encode(codecs.mac0(KEY, ALG, KID, COUNTER, codecs.encode(msg)))
 
 
 def _ours(msg: dict[str, Any]) -> tuple[Fn, Fn]:
     def build() -> bytes:
-        return frame.encode(cose.mac0(KEY, ALG, KID, COUNTER, messages.encode(msg)))
+        return frame.encode(codecs.mac0(KEY, ALG, KID, COUNTER, codecs.encode(msg)))
 
     wire = build()
     deframer = frame.Deframer()  # one per stream, as a receiver keeps it
@@ -80,9 +80,9 @@ def _ours(msg: dict[str, Any]) -> tuple[Fn, Fn]:
         (item,) = deframer.feed(wire)
         if isinstance(item, ProtocolError):
             raise item
-        m = cose.parse(item)
+        m = codecs.parse(item)
         m.verify(KEY)
-        return messages.decode(m.payload)
+        return codecs.decode(m.payload)
 
     if parse() != msg:
         raise RuntimeError(f"ours: parse(build(msg)) != msg for {msg['type']}")
@@ -215,21 +215,21 @@ def measure_steps(frames: int | None, seconds: float, rounds: int) -> dict[str, 
     fns: dict[Key, Fn] = {}
     for name, msg in MESSAGES.items():
         w = messages.to_wire(msg)
-        payload = messages.encode(msg)
-        c = cose.mac0(KEY, ALG, KID, COUNTER, payload)
+        payload = codecs.encode(msg)
+        c = codecs.mac0(KEY, ALG, KID, COUNTER, payload)
         wire = frame.encode(c)
-        m = cose.parse(c)
+        m = codecs.parse(c)
         deframer = frame.Deframer()
         tag = hmac.digest(KEY, payload, "sha256")
         stuffed = cobs_c.encode(payload + tag)
         stages: dict[str, Fn] = {
-            "build: messages.encode": lambda msg=msg: messages.encode(msg),
-            "build: cose.mac0": lambda p=payload: cose.mac0(KEY, ALG, KID, COUNTER, p),
+            "build: messages.encode": lambda msg=msg: codecs.encode(msg),
+            "build: cose.mac0": lambda p=payload: codecs.mac0(KEY, ALG, KID, COUNTER, p),
             "build: frame.encode": lambda c=c: frame.encode(c),
             "parse: Deframer.feed": lambda d=deframer, x=wire: d.feed(x),
-            "parse: cose.parse": lambda c=c: cose.parse(c),
+            "parse: cose.parse": lambda c=c: codecs.parse(c),
             "parse: Mac0.verify": lambda m=m: m.verify(KEY),
-            "parse: messages.decode": lambda p=payload: messages.decode(p),
+            "parse: messages.decode": lambda p=payload: codecs.decode(p),
             "bare: cbor2.dumps": lambda w=w: cbor2.dumps(w),
             "bare: hmac.digest": lambda p=payload: hmac.digest(KEY, p, "sha256"),
             "bare: cobs.encode": lambda x=payload + tag: cobs_c.encode(x),
@@ -476,7 +476,7 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--seconds", type=click.FloatRange(min=0.1), default=None,
               help=f"Time to spend measuring each part (host, steps, MicroPython); "

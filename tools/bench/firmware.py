@@ -24,10 +24,11 @@ import json
 import os
 import random
 import select
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,15 @@ def board(stage: Path, tmp: Path, heap: str) -> Iterator[Board]:
             b.close()
 
 
-def latency(stage: Path, tmp: Path, heap: str, n: int, seed: int) -> dict[str, Any]:
+Progress = Callable[[int], None]  # called with the number of scans just done
+
+
+def _quiet(done: int) -> None:
+    pass
+
+
+def latency(stage: Path, tmp: Path, heap: str, n: int, seed: int,
+            progress: Progress = _quiet) -> dict[str, Any]:
     rng = random.Random(seed)
     first: list[float] = []
     last: list[float] = []
@@ -237,6 +246,7 @@ def latency(stage: Path, tmp: Path, heap: str, n: int, seed: int) -> dict[str, A
                 first.append(t1 - t0)
                 last.append(t2 - t0)
             time.sleep(0.002)  # a pause: the firmware back in its poll wait, as between scans
+            progress(1)
         rc = b.close()
         exact = b.hid.read_bytes() == want and rc == 0
     return {"scans": n, "warmup": WARMUP, "barcode": "EAN-13 (]E0, 13 digits + Enter: 28 reports)",
@@ -245,7 +255,8 @@ def latency(stage: Path, tmp: Path, heap: str, n: int, seed: int) -> dict[str, A
             "typed_exactly": exact}
 
 
-def mixed(stage: Path, tmp: Path, heap: str, n: int, every: int, seed: int) -> dict[str, Any]:
+def mixed(stage: Path, tmp: Path, heap: str, n: int, every: int, seed: int,
+          progress: Progress = _quiet) -> dict[str, Any]:
     rng = random.Random(seed)
     kinds = rng.choices([k for k, _ in MIX], [w for _, w in MIX], k=n)
     want = b""
@@ -275,6 +286,7 @@ def mixed(stage: Path, tmp: Path, heap: str, n: int, every: int, seed: int) -> d
                 b.next_event("log", text="scan over 512 bytes dropped")
             if i % every == 0 or i == n:
                 samples.append({"scans": i, **_heap(b.host.health_get())})
+            progress(1)
         rc = b.close()
         final = b.device.of("heap")
         verdicts = [(v["scan_id"], v["outcome"], v["text"]) for v in b.device.of("verdict")]
@@ -320,21 +332,28 @@ def default_dir() -> Path | None:
 
 
 def run(scans: int, every: int, seed: int = 1, heap: str = micropython.HEAP,
-        stage: Path | None = None, where: Path | None = None) -> dict[str, Any]:
+        stage: Path | None = None, where: Path | None = None,
+        progress: Progress = _quiet) -> dict[str, Any]:
     """Both parts; `stage`: device modules already compiled (micropython.stage), else done here;
-    `where`: the folder for the FIFO and HID file (default: tmpfs, see default_dir)."""
+    `where`: the folder for the FIFO and HID file (default: tmpfs, see default_dir); `progress`
+    is told of every scan done (total_scans(scans) in all)."""
     with tempfile.TemporaryDirectory(prefix="hexiao-fwbench-", dir=where or default_dir()) as d:
         tmp = Path(d)
         fs = fs_type(tmp)
         staged = stage or micropython.stage(tmp / "stage")
         (tmp / "lat").mkdir()
         (tmp / "mix").mkdir()
-        lat = latency(staged, tmp / "lat", heap, scans, seed)
-        mix = mixed(staged, tmp / "mix", heap, scans, every, seed)
+        lat = latency(staged, tmp / "lat", heap, scans, seed, progress)
+        mix = mixed(staged, tmp / "mix", heap, scans, every, seed, progress)
     ok = lat["typed_exactly"] and all(mix["exact"].values())
     lat["hid_fs"] = fs
     load = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows in the tail
     return {"latency": lat, "heap": mix, "ok": ok, "load_avg": load}
+
+
+def total_scans(scans: int) -> int:
+    """What `progress` is told in all: the latency part (with its warm-up) and the mixed part."""
+    return WARMUP + 2 * scans
 
 
 def render(r: dict[str, Any]) -> str:
@@ -380,10 +399,14 @@ def render(r: dict[str, Any]) -> str:
 def main(scans: int, every: int, seed: int, heap: str, where: Path | None,
          as_json: bool) -> None:
     """Measure the firmware's scan-to-HID latency and its heap over a long mixed run."""
-    try:
-        r = run(scans, every, seed, heap, where=where)
-    except TimeoutError as e:  # the device stopped answering, or died, mid-run
-        raise click.ClickException(str(e)) from None
+    # a run of 10 000 scans takes about a minute: show how far it is (on stderr; hidden when
+    # stderr is not a terminal, or for --json)
+    with click.progressbar(length=total_scans(scans), label="scanning", file=sys.stderr,
+                           hidden=as_json or not sys.stderr.isatty()) as bar:
+        try:
+            r = run(scans, every, seed, heap, where=where, progress=bar.update)
+        except TimeoutError as e:  # the device stopped answering, or died, mid-run
+            raise click.ClickException(str(e)) from None
     click.echo(json.dumps(r, indent=2) if as_json else render(r))
     if not r["ok"]:
         raise SystemExit(1)

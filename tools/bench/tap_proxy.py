@@ -1,10 +1,11 @@
 """What the receipt tap proxy adds to a print job, measured on loopback (a benchmark, not a test).
 
 Rules this module keeps:
-- Real sockets on 127.0.0.1 only: a POS client, the proxy (in its own process, as deployed: in
-  one process its threads and the harness's would queue on the GIL's 5 ms switch interval), and
-  a sink printer that records when each job's cut arrives. The same jobs are timed straight to
-  the sink and through the proxy; the added latency is the difference of the p50s and p99s.
+- Real sockets on 127.0.0.1 only: a POS client, the tap as hostd runs it (TapService, in its own
+  process, as deployed: in one process its threads and the harness's would queue on the GIL's
+  5 ms switch interval), and a sink printer that records when each job's cut arrives. The same
+  jobs are timed straight to the sink and through the tap; the added latency is the difference
+  of the p50s and p99s.
 - A job is timed from the POS connecting to the printer receiving the receipt's cut: the moment
   paper comes out. The figure includes the proxy's extra connection to the printer, the parse,
   the QR block and (with a key) the signed token.
@@ -23,9 +24,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from hexiao.hostd.tap.inject import Content, Injector, load_profile, remove_blocks
-from hexiao.hostd.tap.printer import TcpTarget
-from hexiao.hostd.tap.proxy import ConnRecord, TapProxy
+from hexiao.hostd.config.types import Tap
+from hexiao.hostd.tap.inject import remove_blocks
+from hexiao.hostd.tap.proxy import ConnRecord
+from hexiao.hostd.tap.service import TapService
 
 CUT = b"\x1dV\x00"
 URL = "https://hexiao.example/r/{token}"
@@ -108,16 +110,16 @@ def _run(port: int, sink: _Sink, receipt: bytes, jobs: int,
 
 
 def _proxy_child(printer_port: int, profile: str) -> None:
-    """The proxy in its own process, as deployed: its threads never share a GIL with the
-    harness. Prints its port, then one JSON line per finished connection; exits on stdin EOF."""
-    prof = load_profile(profile)
+    """The tap in its own process, as deployed (hostd's TapService): its threads never share a
+    GIL with the harness. Prints its port, then one JSON line per finished connection; exits on
+    stdin EOF."""
     def report(rec: ConnRecord) -> None:
         print(json.dumps({"injections": rec.injections, "end": rec.end}), flush=True)
 
-    proxy = TapProxy(TcpTarget("127.0.0.1", printer_port),
-                     lambda: Injector(prof, content=Content(URL, "lane-1", KEY)),
-                     ("127.0.0.1", 0), idle_timeout=5.0, keep=1, on_finish=report)
-    print(json.dumps({"port": proxy.start()[1]}), flush=True)
+    cfg = Tap(enabled=True, listen="127.0.0.1:0", printer=f"tcp:127.0.0.1:{printer_port}",
+              profile=profile, content=URL, idle_timeout_s=5.0)
+    tap = TapService(cfg, on_finish=report, key=KEY, keep=1).start()
+    print(json.dumps({"port": tap.address[1]}), flush=True)
     sys.stdin.read()
     os._exit(0)
 

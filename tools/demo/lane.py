@@ -2,8 +2,8 @@
 MicroPython) on a relay.Cable pty, `hexiao-hostd` as a subprocess (so it can be SIGKILLed), the
 WeChat simulator in this process (it outlives hostd's kill), a scanner FIFO the demo writes scan
 lines to, and a fake POS that reads the device's HID reports and shows them as typed text.
-The receipt tap (started on first use): a TapProxy as `hexiao tap serve` runs it, in front of a
-loopback fake printer, with a POS that prints over TCP through it.
+The receipt tap (started on first use): the TapService hexiao-hostd runs with [tap] enabled, in
+front of a loopback fake printer, with a POS that prints over TCP through it.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from typing import Any
 
 import httpx
 from hexiao.hostd.backends.sim.seed import EXAMPLE, read
+from hexiao.hostd.config.types import Tap
 from hexiao.hostd.control.server import ControlClient, ControlError
 from hexiao.hostd.keystore import Keystore
 from hexiao.hostd.tap.escpos import Command, Payload, parse
-from hexiao.hostd.tap.inject import PROFILES, Content, Injector, QRStyle
-from hexiao.hostd.tap.printer import TcpTarget
+from hexiao.hostd.tap.keys import read_key
 from hexiao.hostd.tap.proxy import ConnRecord, TapProxy
+from hexiao.hostd.tap.service import TapError, TapService
 from hexiao.tools import micropython
 from hexiao.tools.sim import relay
-from hexiao.tools.tap import read_key
 
 DEVICE_ID = "lane-1"
 # hostd's backend timeout and how long reconcile leaves an in-flight consume alone (> timeout)
@@ -78,9 +78,12 @@ class SetupError(Exception):
 
 class Lane:
     def __init__(self, workdir: Path, timeout: float, backend_url: str | None = None,
-                 heap: str = micropython.HEAP) -> None:
+                 heap: str = micropython.HEAP, appid: str | None = None,
+                 secret_file: Path | None = None) -> None:
         self.dir, self.timeout, self.heap = workdir, timeout, heap
-        self.backend_url = backend_url
+        # backend_url: any card-API server, driven through its API only (never /_sim/*);
+        # appid and secret_file (a 0600 file hostd reads): its credentials
+        self.backend_url, self.appid, self.secret_file = backend_url, appid, secret_file
         self.sim: Any = None
         self.cable: relay.Cable | None = None
         self.device: relay.DeviceProcess | None = None
@@ -101,8 +104,8 @@ class Lane:
             from hexiao.hostd.backends.sim.server import WeChatSim
 
             self.sim = WeChatSim(seed).start()
-        app = seed["apps"][0]
-        appid, secret = app["appid"], app["secret"]  # the example seed's (fake) credentials
+        app = seed["apps"][0]  # the example seed's (fake) credentials unless given
+        appid, secret_file = self.appid or app["appid"], self.secret_file
         staged = micropython.stage(self.dir / "device")
         key = os.urandom(32)  # this run's device key: 0600 files only, never printed
         state = self.dir / "state"
@@ -111,11 +114,12 @@ class Lane:
         cfg = self.dir / "device.json"
         cfg.touch(mode=0o600)
         cfg.write_text(json.dumps({"id": DEVICE_ID, "key": key.hex()}))
-        secret_file = self.dir / "wechat.secret"
-        secret_file.touch(mode=0o600)
-        secret_file.write_text(secret)
+        if secret_file is None:
+            secret_file = self.dir / "wechat.secret"
+            secret_file.touch(mode=0o600)
+            secret_file.write_text(app["secret"])
         self.cable = relay.Cable().start()
-        self._write_hostd_config(appid, self.cable.host_port)
+        self._write_hostd_config(appid, self.cable.host_port, secret_file.absolute())
         fifo = self.dir / "scanner"
         os.mkfifo(fifo)
         flash = self.dir / "flash"
@@ -127,13 +131,15 @@ class Lane:
         self.scanner = self._open_scanner(fifo)
         self.start_hostd()
 
-    def _write_hostd_config(self, appid: str, port: str) -> None:
-        url = self.backend_url or self.sim.url
+    def _write_hostd_config(self, appid: str, port: str, secret_file: Path) -> None:
+        # user-given strings as TOML basic strings (JSON's escapes are TOML's)
+        url, appid_s = json.dumps(self.backend_url or self.sim.url), json.dumps(appid)
         (self.dir / "hostd.toml").write_text(
             f'[hostd]\nstate_dir = "state"\ncontrol_socket = "{self.sock}"\n'
             f'log_level = "info"\n'
-            f'[backend]\nkind = "wechat_card"\nbase_url = "{url}"\nappid = "{appid}"\n'
-            f'secret_file = "wechat.secret"\ntimeout_s = {BACKEND_TIMEOUT_S}\nretries = 1\n'
+            f'[backend]\nkind = "wechat_card"\nbase_url = {url}\nappid = {appid_s}\n'
+            f'secret_file = {json.dumps(str(secret_file))}\n'
+            f'timeout_s = {BACKEND_TIMEOUT_S}\nretries = 1\n'
             f'backoff_s = 0.05\nsettle_after_s = {SETTLE_AFTER_S}\n'
             f'[[device]]\nid = "{DEVICE_ID}"\nlane = "lane-1"\nport = "{port}"\n'
             # F9, the amount in yuan, Enter: the POS's own cash-discount key
@@ -271,6 +277,9 @@ class Lane:
         return self.backend_url or self.sim.url
 
     def sim_state(self) -> dict[str, Any] | None:
+        """The built-in simulator's state; None with --backend-url: /_sim/* is ours alone."""
+        if self.sim is None:
+            return None
         try:
             r = httpx.get(f"{self.url}/_sim/state", timeout=self.timeout)
         except httpx.HTTPError:
@@ -279,11 +288,13 @@ class Lane:
 
     def consume_count(self, code: str) -> int | None:
         state = self.sim_state()
-        if state is None or code not in state["codes"]:
+        if state is None or code not in state.get("codes", {}):
             return None
         return int(state["codes"][code]["consume_count"])
 
     def faults(self, **faults: Any) -> None:
+        if self.sim is None:
+            raise RuntimeError("fault injection needs the built-in simulator, not --backend-url")
         r = httpx.post(f"{self.url}/_sim/faults", json=faults, timeout=self.timeout)
         if r.status_code != 200:
             raise RuntimeError(f"the simulator refused faults {faults}: {r.text}")
@@ -380,25 +391,31 @@ class FakePrinter:
 
 
 class ReceiptTap:
-    """A fake printer with the tap in front, as `hexiao tap serve --printer tcp:HOST:PORT
-    --key-file KEY --content URL` runs it; the POS prints through `print_receipt`."""
+    """A fake printer with the tap in front, assembled as hexiao-hostd runs it with [tap]
+    enabled (TapService), its key in a 0600 file; the POS prints through `print_receipt`."""
 
     def __init__(self, workdir: Path, timeout: float, lane: str = DEVICE_ID) -> None:
         self.timeout, self.lane = timeout, lane
         self.key_file = workdir / "tap.key"
         self.printer: FakePrinter | None = None
+        self.service: TapService | None = None
         self.proxy: TapProxy | None = None
 
     def start(self) -> None:
         self.key_file.touch(mode=0o600)  # the key is written to a 0600 file, never printed
         self.key_file.write_text(os.urandom(32).hex() + "\n")
-        self.key = read_key(str(self.key_file))
+        self.key = read_key(self.key_file)
         self.printer = FakePrinter()
-        args = (PROFILES["generic-80"], QRStyle(), Content(TAP_CONTENT, self.lane, self.key))
-        self.proxy = TapProxy(TcpTarget("127.0.0.1", self.printer.port, self.timeout),
-                              lambda: Injector(*args), ("127.0.0.1", 0),
-                              connect_timeout=self.timeout)
-        self.proxy.start()
+        cfg = Tap(enabled=True, listen="127.0.0.1:0",
+                  printer=f"tcp:127.0.0.1:{self.printer.port}", profile="generic-80",
+                  content=TAP_CONTENT, lane=self.lane, key_file=self.key_file,
+                  connect_timeout_s=self.timeout, printer_timeout_s=self.timeout)
+        self.service = TapService(cfg)
+        try:
+            self.service.start()
+        except TapError as e:  # the demo reports a tap that cannot start as an OSError
+            raise OSError(e.where()) from None
+        self.proxy = self.service.proxy
 
     def print_receipt(self, data: bytes) -> tuple[bytes, ConnRecord, bytes]:
         """The POS connects, asks for the printer's status, prints `data` and closes. Returns
@@ -417,7 +434,7 @@ class ReceiptTap:
         return status, rec, job
 
     def close(self) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
+        if self.service is not None:
+            self.service.stop()
         if self.printer is not None:
             self.printer.close()

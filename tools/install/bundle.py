@@ -13,10 +13,12 @@ an installer copies a single file and `tar tf` can inspect it. Members, in order
 Only regular files with plain relative names are accepted; the manifest is parsed only after
 its signature verifies. Equal counters are accepted (reinstall); lower ones are a downgrade.
 
-`verify` exit codes (one per refusal, also BundleError.kind / EXIT_CODES):
+`verify` exit codes (one per refusal: InstallError.kind, a key of EXIT_CODES):
   0 ok   2 usage   10 corrupt (unreadable container or malformed manifest)   11 unsigned
   12 bad-signature (includes any tampered manifest field)   13 tampered-file   14 missing-file
   15 extra-file   16 wrong-board   17 downgrade   18 key (key file unusable or unsafe)
+  19 not-found (no such bundle file)
+Refusals print one line on stderr, `Error: KIND: MESSAGE` (--json: the result object).
 """
 
 from __future__ import annotations
@@ -38,21 +40,22 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hexiao.tools import micropython
 from hexiao.tools.install import keys
+from hexiao.tools.install.errors import InstallError
 
 FORMAT = 1
 BOARDS = ("sim", "rp2040", "esp32s3")
 PARTS = ("protocol", "firmware")
 # host-only modules that never go to a device
 HOST_ONLY = {
-    "protocol": {"codec_fast.py", "cose_fast.py", "messages_fast.py", "link_host.py",
-                 "check.py"},
+    "protocol": {"codec_fast.py", "codecs.py", "cose_fast.py", "messages_fast.py", "link_host.py",
+                 "check.py", "fw_image.py"},
     "firmware": {"bench_device.py"},
 }
 # the board HALs and entry point each board gets (firmware files listed for other boards only
 # stay out of its bundle); the sim board also carries linkpeer, the scripted peer its
 # self-tests run, and its entry point is main (run as -m hexiao.firmware.main)
 BOARD_FILES = {
-    "sim": {"hal_sim.py", "linkpeer.py", "main.py", "sim_boot.py"},
+    "sim": {"hal_sim.py", "linkpeer.py", "main.py"},
     "rp2040": {"hal_rp2040.py", "hal_usb.py", "board_main.py"},
     # hal_esp32s3 is hal_rp2040's Board with other pins: it needs hal_rp2040 too
     "esp32s3": {"hal_esp32s3.py", "hal_rp2040.py", "hal_usb.py", "board_main.py"},
@@ -69,22 +72,15 @@ MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 MAX_BUNDLE = 8 * 1024 * 1024  # boards have 2-16 MB of flash; a bigger bundle is not ours
 EXIT_CODES = {
     "corrupt": 10, "unsigned": 11, "bad-signature": 12, "tampered-file": 13, "missing-file": 14,
-    "extra-file": 15, "wrong-board": 16, "downgrade": 17, "key": 18,
+    "extra-file": 15, "wrong-board": 16, "downgrade": 17, "key": 18, "not-found": 19,
 }
 _VERSION = re.compile(r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class BundleError(Exception):
-    """A refused or unusable bundle; kind is a key of EXIT_CODES."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind, self.message = kind, message
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.kind]
+def refused(kind: str, message: str) -> InstallError:
+    """A bundle refusal: kind is a key of EXIT_CODES."""
+    return InstallError(message, EXIT_CODES[kind], kind)
 
 
 @dataclass(frozen=True)
@@ -221,39 +217,48 @@ def _safe_name(name: str) -> bool:
 
 
 def read_bundle(path: Path | str) -> Bundle:
-    """Read a container into memory; BundleError("corrupt") if it is not a well-formed one."""
+    """Read a container into memory; refused("corrupt") if it is not a well-formed one."""
     path = Path(path)
+    if not path.exists():
+        raise refused("not-found", f"no bundle {path}: give the .tar that `hexiao bundle "
+                                   "build` wrote")
+    if not path.is_file():
+        raise refused("not-found", f"{path} is not a file: give the bundle's .tar itself")
     try:
         if path.stat().st_size > MAX_BUNDLE:
-            raise BundleError("corrupt", f"{path} is larger than any firmware bundle")
+            raise refused("corrupt", f"{path} is larger than any firmware bundle")
         members: dict[str, bytes] = {}
         with path.open("rb") as raw:  # a copy cut at a block boundary still reads as a tar
+            if raw.read(512)[257:262] != b"ustar":  # every bundle is a POSIX (ustar) tar
+                raise refused("corrupt", f"{path} is not a hexiao firmware bundle (not a tar "
+                                         "archive): give the .tar that `hexiao bundle build` "
+                                         "wrote")
             size = raw.seek(0, 2)
             raw.seek(max(0, size - 1024))
             if size % 512 or raw.read(1024) != bytes(1024):
-                raise BundleError("corrupt", f"{path} is truncated (no end-of-archive "
+                raise refused("corrupt", f"{path} is truncated (no end-of-archive "
                                              "marker): copy the bundle again")
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
                 if not info.isreg() or not _safe_name(info.name):
-                    raise BundleError("corrupt", f"{path}: unexpected member {info.name!r}")
+                    raise refused("corrupt", f"{path}: unexpected member {info.name!r}")
                 if info.name in members:
-                    raise BundleError("corrupt", f"{path}: member {info.name!r} appears twice")
+                    raise refused("corrupt", f"{path}: member {info.name!r} appears twice")
                 f = tar.extractfile(info)
                 data = f.read() if f else b""
                 if len(data) != info.size:
-                    raise BundleError("corrupt", f"{path}: member {info.name!r} is truncated")
+                    raise refused("corrupt", f"{path}: member {info.name!r} is truncated")
                 members[info.name] = data
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise BundleError("corrupt", f"cannot read bundle {path}: {e}") from None
+        raise refused("corrupt", f"cannot read bundle {path}: {e}") from None
     if MANIFEST not in members:
-        raise BundleError("corrupt", f"{path} has no {MANIFEST}: not a hexiao firmware bundle")
+        raise refused("corrupt", f"{path} has no {MANIFEST}: not a hexiao firmware bundle")
     manifest, signature = members.pop(MANIFEST), members.pop(SIGNATURE, None)
     return Bundle(path, manifest, signature, members)
 
 
 def _parse(raw: bytes) -> Manifest:
-    bad = BundleError("corrupt", "manifest is signed but malformed (built by another tool?)")
+    bad = refused("corrupt", "manifest is signed but malformed (built by another tool?)")
     try:
         m = json.loads(raw)
     except ValueError:
@@ -261,7 +266,7 @@ def _parse(raw: bytes) -> Manifest:
     if not isinstance(m, dict) or not isinstance(m.get("format"), int):
         raise bad
     if m["format"] != FORMAT:
-        raise BundleError("corrupt", f"manifest format {m['format']} is not supported "
+        raise refused("corrupt", f"manifest format {m['format']} is not supported "
                                      f"(this hexiao reads format {FORMAT}): upgrade hexiao")
     files = m.get("files")
     ok = (isinstance(m.get("board"), str) and isinstance(m.get("version"), str)
@@ -281,39 +286,39 @@ def _parse(raw: bytes) -> Manifest:
 
 def verify_bundle(bundle: Bundle, pubkey: Ed25519PublicKey, board: str | None = None,
                   min_counter: int | None = None) -> Manifest:
-    """The verified manifest, or BundleError naming the first refusal: signature, then
+    """The verified manifest, or InstallError naming the first refusal: signature, then
     files (missing, extra, tampered), then board, then counter."""
     if bundle.signature is None:
-        raise BundleError("unsigned", f"{bundle.path} is not signed (no {SIGNATURE}); "
+        raise refused("unsigned", f"{bundle.path} is not signed (no {SIGNATURE}); "
                                       "refusing to install an unsigned bundle")
     try:
         pubkey.verify(bundle.signature, bundle.manifest)
     except InvalidSignature:
-        raise BundleError("bad-signature", f"{bundle.path}: the manifest signature does not "
+        raise refused("bad-signature", f"{bundle.path}: the manifest signature does not "
                           f"verify with key {keys.fingerprint(pubkey)} (tampered manifest, "
                           "or signed by another key)") from None
     m = _parse(bundle.manifest)
     missing = sorted(set(m.files) - set(bundle.files))
     if missing:
-        raise BundleError("missing-file", f"{bundle.path}: file {missing[0]} listed in the "
+        raise refused("missing-file", f"{bundle.path}: file {missing[0]} listed in the "
                           f"manifest is missing ({len(missing)} missing)")
     extra = sorted(set(bundle.files) - set(m.files))
     if extra:
-        raise BundleError("extra-file", f"{bundle.path}: file {extra[0]} is not in the signed "
+        raise refused("extra-file", f"{bundle.path}: file {extra[0]} is not in the signed "
                           f"manifest ({len(extra)} extra)")
     for name, entry in sorted(m.files.items()):
         data = bundle.files[name]
         if len(data) != entry.size:
-            raise BundleError("tampered-file", f"{bundle.path}: {name} is {len(data)} bytes, "
+            raise refused("tampered-file", f"{bundle.path}: {name} is {len(data)} bytes, "
                               f"the signed manifest says {entry.size}")
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise BundleError("tampered-file", f"{bundle.path}: {name} does not match its "
+            raise refused("tampered-file", f"{bundle.path}: {name} does not match its "
                               "SHA-256 in the signed manifest")
     if board is not None and m.board != board:
-        raise BundleError("wrong-board", f"{bundle.path} is built for board {m.board!r}, "
+        raise refused("wrong-board", f"{bundle.path} is built for board {m.board!r}, "
                           f"not {board!r}")
     if min_counter is not None and m.counter < min_counter:
-        raise BundleError("downgrade", f"{bundle.path}: bundle {m.version} has security counter "
+        raise refused("downgrade", f"{bundle.path}: bundle {m.version} has security counter "
                           f"{m.counter}, below the minimum {min_counter} (a downgrade)")
     return m
 
@@ -352,7 +357,7 @@ def build_cmd(board: str, version: str, counter: int, key_path: Path, out: Path,
     try:
         key = keys.load_private_key(key_path)
     except keys.KeyFileError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"Error: key: {e}", err=True)
         raise SystemExit(EXIT_CODES["key"]) from None
     path = build_bundle(board, version, counter, key, out, source)
     m = verify_bundle(read_bundle(path), key.public_key())
@@ -375,11 +380,11 @@ def verify_cmd(bundle_path: Path, pubkey: Path, board: str | None, min_counter: 
         try:
             public = keys.load_public_key(pubkey)
         except keys.KeyFileError as e:
-            raise BundleError("key", str(e)) from None
+            raise refused("key", str(e)) from None
         m = verify_bundle(read_bundle(bundle_path), public, board, min_counter)
-    except BundleError as e:
+    except InstallError as e:
         result.update(kind=e.kind, message=e.message, exit_code=e.exit_code)
-        click.echo(canonical(result).decode() if as_json else f"refused ({e.kind}): {e.message}",
+        click.echo(canonical(result).decode() if as_json else f"Error: {e.kind}: {e.message}",
                    err=not as_json)
         raise SystemExit(e.exit_code) from None
     result.update(ok=True, board=m.board, version=m.version, counter=m.counter, built=m.built,

@@ -11,12 +11,14 @@ bundle's root member, staged with the rest), remove /hexiao.old -> reset. A run 
 leaves the previous firmware in /hexiao or /hexiao.old; the next run finishes the commit if the
 staged copy is complete and signed by the key given, else rolls back.
 
-Exit codes (FlashError.kind / EXIT_CODES): 0 ok, 2 usage, 10-18 bundle refusals as in
-`hexiao bundle verify` (16 wrong-board also when --board differs from the device, 17 downgrade
-against the device's installed counter), 20 unreachable (no such port or sim dir),
-21 connection-lost (re-run to resume), 22 no-space (nothing written), 23 write-error (staging
-removed, previous firmware active), 24 verify-failed (device-side hash differs after rewriting),
-25 device-manifest (installed manifest unreadable: the counter cannot be checked), 26 declined.
+Exit codes (InstallError.kind / EXIT_CODES): 0 ok, 2 usage, 10-19 bundle refusals as in `hexiao
+bundle verify` (16 wrong-board also when --board differs from the device, 17 downgrade against
+the device's installed counter, 19 not-found: no such bundle file), 20 unreachable (no such
+port or sim dir), 21 connection-lost (re-run to resume), 22 no-space (nothing written), 23
+write-error (staging removed, previous firmware active), 24 verify-failed (device-side hash
+differs after rewriting), 25 device-manifest (installed manifest unreadable: the counter cannot
+be checked), 26 declined.
+A refusal prints one line on stderr, `Error: KIND: MESSAGE` (--json: the result object).
 
 This module is the pipeline and the CLI; the targets it writes through (Target, DirTarget,
 MpremoteTarget) and its errors live in flash_targets and are re-exported here.
@@ -43,10 +45,11 @@ from hexiao.tools.install.flash_targets import (
     EXIT_CODES,
     PLATFORM_BOARDS,
     DirTarget,
-    FlashError,
+    InstallError,
     MpremoteTarget,
     Target,
     TargetGone,
+    refused,
 )
 
 CUR, NEW, OLD = "/hexiao", "/hexiao.new", "/hexiao.old"
@@ -77,7 +80,7 @@ def _installed(target: Target, base: str = CUR) -> tuple[bytes, dict[str, Any]] 
                 and isinstance(m.get("files"), dict)):
             raise ValueError
     except ValueError:
-        raise FlashError("device-manifest", f"the installed {base}/manifest.json is unreadable, "
+        raise refused("device-manifest", f"the installed {base}/manifest.json is unreadable, "
                          "so its security counter cannot be checked; refusing to flash") from None
     return raw, m
 
@@ -87,7 +90,7 @@ def _rel(name: str) -> str:
     /hexiao/protocol/x.mpy once installed, /hexiao.new/protocol/x.mpy while staged)."""
     top, _, rest = name.partition("/")
     if top != "hexiao" or not rest:
-        raise B.BundleError("corrupt", f"bundle file {name!r} is not under hexiao/")
+        raise refused("corrupt", f"bundle file {name!r} is not under hexiao/")
     return rest
 
 
@@ -120,9 +123,9 @@ def _staged_ok(target: Target, pubkey: Ed25519PublicKey) -> bool:
     try:
         pubkey.verify(sig, raw)
         _, m = _installed(target, NEW) or (b"", {})
-    except (InvalidSignature, FlashError):
+    except (InvalidSignature, InstallError):
         return False
-    with contextlib.suppress(B.BundleError):
+    with contextlib.suppress(InstallError):
         return bool(m) and _matches(target, NEW, m["files"])
     return False
 
@@ -162,14 +165,14 @@ def flash(bundle_path: Path | str, pubkey: Ed25519PublicKey, target: Target,
           board: str | None = None, confirm: Callable[[str], bool] | None = None,
           progress: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
           ) -> FlashResult:
-    """Install a bundle on target; FlashError / BundleError say why not (nothing half-active)."""
+    """Install a bundle on target; InstallError says why not (nothing half-active)."""
     bundle = B.read_bundle(bundle_path)
     for name in B.verify_bundle(bundle, pubkey).files:  # before anything touches the device
         _path(name, CUR)
     try:
         return _flash(bundle, pubkey, target, board, confirm, progress)
     except TargetGone as e:
-        raise FlashError("connection-lost", f"lost the device ({e}); {_KEEP} or the staged "
+        raise refused("connection-lost", f"lost the device ({e}); {_KEEP} or the staged "
                          "copy is kept: run the same command again to resume") from None
 
 
@@ -179,7 +182,7 @@ def _flash(bundle: B.Bundle, pubkey: Ed25519PublicKey, target: Target, board: st
            ) -> FlashResult:
     device_board = target.board()
     if board is not None and board != device_board:
-        raise B.BundleError("wrong-board", f"the device reports board {device_board!r}, "
+        raise refused("wrong-board", f"the device reports board {device_board!r}, "
                             f"not {board!r}: is this the right port?")
     repaired = recover(target, pubkey)
     inst = _installed(target)
@@ -196,7 +199,7 @@ def _flash(bundle: B.Bundle, pubkey: Ed25519PublicKey, target: Target, board: st
     what = f"{m.board} {m.version} (counter {m.counter})"
     if confirm and not confirm(f"Install {what}" + (
             f" over {prev['version']} (counter {prev['counter']})" if prev else "") + "?"):
-        raise FlashError("declined", "not confirmed: nothing was written")
+        raise refused("declined", "not confirmed: nothing was written")
     # staging complete is marked by manifest.json: drop a stale one before anything else
     target.remove(f"{NEW}/manifest.json")
     staged = set(_walk(target, NEW))  # hash only what is there: a round trip per file
@@ -206,7 +209,7 @@ def _flash(bundle: B.Bundle, pubkey: Ed25519PublicKey, target: Target, board: st
     need = sum(-(-m.files[n].size // BLOCK) * BLOCK for n in todo) + 2 * BLOCK
     free = target.free_bytes()
     if need > free:
-        raise FlashError("no-space", f"the device has {free} bytes free, {what} needs {need}: "
+        raise refused("no-space", f"the device has {free} bytes free, {what} needs {need}: "
                          f"nothing was written, {_KEEP}")
     ours = {_rel(n) for n in m.files if n not in B.ROOT_FILES}
     for stale in staged - ours - {"manifest.sig", "manifest.json"}:
@@ -228,7 +231,7 @@ def _flash(bundle: B.Bundle, pubkey: Ed25519PublicKey, target: Target, board: st
         with contextlib.suppress(OSError, TargetGone):
             target.remove(NEW)  # give the space back; the installed firmware was not touched
         why = "the device filesystem is full" if e.errno == errno.ENOSPC else f"write failed: {e}"
-        raise FlashError("write-error", f"{why}; the partial copy was removed and {_KEEP}"
+        raise refused("write-error", f"{why}; the partial copy was removed and {_KEEP}"
                          + (f" ({prev['version']})" if prev else "")) from None
     if inst:
         target.rename(CUR, OLD)
@@ -244,7 +247,7 @@ def _copy(target: Target, path: str, data: bytes, sha: str) -> None:
         target.write_file(path, data)
         if target.sha256(path) == sha:
             return
-    raise FlashError("verify-failed", f"{path} reads back with a different SHA-256 on the device "
+    raise refused("verify-failed", f"{path} reads back with a different SHA-256 on the device "
                      f"after two writes; {_KEEP}: check the cable and the board's flash")
 
 
@@ -276,13 +279,13 @@ def main(bundle_path: Path, pubkey: Path, port: str | None, sim_dir: Path | None
         try:
             public = keys.load_public_key(pubkey)
         except keys.KeyFileError as e:
-            raise B.BundleError("key", str(e)) from None
+            raise refused("key", str(e)) from None
         target: Target = MpremoteTarget(port) if port else DirTarget(sim_dir or ".")
         r = flash(bundle_path, public, target, board, ask, None if as_json else bar)
-    except (B.BundleError, FlashError) as e:
+    except InstallError as e:
         code = e.exit_code
         out.update(kind=e.kind, message=e.message, exit_code=code)
-        click.echo(B.canonical(out).decode() if as_json else f"refused ({e.kind}): {e.message}",
+        click.echo(B.canonical(out).decode() if as_json else f"Error: {e.kind}: {e.message}",
                    err=not as_json)
         raise SystemExit(code) from None
     out.update(ok=True, **asdict(r))
@@ -299,7 +302,7 @@ def main(bundle_path: Path, pubkey: Path, port: str | None, sim_dir: Path | None
 
 
 __all__ = ["BLOCK", "CUR", "EXIT_CODES", "NEW", "OLD", "PLATFORM_BOARDS", "DirTarget",
-           "FlashError", "FlashResult", "MpremoteTarget", "Target", "TargetGone", "flash",
+           "FlashResult", "InstallError", "MpremoteTarget", "Target", "TargetGone", "flash",
            "main", "recover"]
 
 

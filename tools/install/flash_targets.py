@@ -7,7 +7,7 @@ Rules this module keeps:
 - Paths are absolute device paths; a target never interprets what it stores (no manifests here).
 - SHA-256 is computed on the device itself, so a hash proves what the device will read.
 - A device that stops answering raises TargetGone (the pipeline turns it into "re-run to
-  resume"); a refusal before anything is written raises FlashError with an EXIT_CODES kind.
+  resume"); a refusal before anything is written raises InstallError with an EXIT_CODES kind.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from hexiao.tools import micropython
 from hexiao.tools.install import bundle as B
+from hexiao.tools.install.errors import InstallError
 
 EXIT_CODES = {**B.EXIT_CODES, "unreachable": 20, "connection-lost": 21, "no-space": 22,
               "write-error": 23, "verify-failed": 24, "device-manifest": 25, "declined": 26}
@@ -34,14 +35,9 @@ class TargetGone(Exception):
     """The device stopped answering (unplugged, reset): a re-run resumes."""
 
 
-class FlashError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind, self.message = kind, message
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.kind]
+def refused(kind: str, message: str) -> InstallError:
+    """A flash refusal: kind is a key of EXIT_CODES (the bundle's refusals included)."""
+    return InstallError(message, EXIT_CODES[kind], kind)
 
 
 class Target(Protocol):
@@ -78,7 +74,7 @@ class DirTarget:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FlashError("unreachable", f"sim board directory {self.root} does not exist")
+            raise refused("unreachable", f"sim board directory {self.root} does not exist")
         self.resets = 0
 
     @staticmethod
@@ -177,7 +173,7 @@ class MpremoteTarget:
             try:
                 transport = SerialTransport(port, baudrate=115200)
             except (TransportError, SerialException, OSError) as e:
-                raise FlashError("unreachable", f"cannot open {port}: {e}") from None
+                raise refused("unreachable", f"cannot open {port}: {e}") from None
         self.t = transport
         self._call(self.t.enter_raw_repl, soft_reset=soft_reset)
 

@@ -43,10 +43,13 @@ def _read(path: Path, private: bool) -> bytes:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
+    st = os.fstat(fd)  # the mode of the file we read, not of a path that may change
+    if not stat.S_ISREG(st.st_mode):  # a directory opens, then fails every read
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise KeyFileError(f"key file {path} is {what}: give the key file itself (make one "
+                           "with: hexiao keys generate --out PATH)")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())  # the mode of the file we read, not of a path that may change
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
         if private and st.st_mode & 0o077:
             raise KeyFileError(
                 f"signing key {path} is accessible by other users (mode "

@@ -14,7 +14,7 @@ add is printed (a TOML file edited without a TOML writer would lose its comments
 The sim board (--sim-dir, the folder `hexiao flash --sim-dir` installs into) runs its firmware
 (hexiao.firmware.main) under MicroPython on a pty for the self-test, with a test scan written to
 its scanner and the host's answer shown by its buzzer and LED. The self-test lives in
-provision_selftest.py.
+selftest.py; the device and the checklist both use, in device.py.
 
 Exit codes:
   0  provisioned (or --check), every required check passed
@@ -30,53 +30,23 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import click
 from hexiao.hostd.config import ConfigError, kid_bytes
 from hexiao.hostd.config import load as load_config
-from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError, write_private
+from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError
+from hexiao.tools.install.device import CONFIG_PATH, Board, Check, Report
+from hexiao.tools.install.errors import InstallError
 from hexiao.tools.install.selftest import SIM_MODULE, TEST_CODE, self_test
 
-CONFIG_PATH = "/config.json"
 EXIT_FAILED, EXIT_PROVISIONED, EXIT_REFUSED = 1, 3, 4
 
 
-class Refused(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass
-class Check:
-    name: str
-    status: str  # pass | fail | n/a | skipped
-    detail: str = ""
-    required: bool = True
-
-
-@dataclass
-class Report:
-    device: str
-    lane: str
-    target: str
-    checks: list[Check] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    hostd_config: str = ""
-
-    def add(self, name: str, status: str, detail: str = "", required: bool = True) -> bool:
-        self.checks.append(Check(name, status, detail, required))
-        return status == "pass"
-
-    @property
-    def ok(self) -> bool:
-        return all(c.status == "pass" for c in self.checks if c.required)
-
-
-# -- writing the device's config ----------------------------------------------------------------
+def refused(exit_code: int, message: str) -> InstallError:
+    """A refusal of provision's: exit_code is EXIT_PROVISIONED or EXIT_REFUSED."""
+    return InstallError(message, exit_code)
 
 
 def _sim_firmware(root: Path) -> Path | None:
@@ -84,61 +54,13 @@ def _sim_firmware(root: Path) -> Path | None:
     return next((p for p in (base / "main.mpy", base / "main.py") if p.is_file()), None)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create `path` 0600 from the first byte (a key must never be readable, even briefly)."""
-    path.unlink(missing_ok=True)
-    write_private(path, data)
-
-
-class Board:
-    """The device's filesystem: the sim board's folder, or a USB board through mpremote."""
-
-    def __init__(self, sim_dir: Path | None, port: str | None) -> None:
-        from hexiao.tools.install.flash_targets import DirTarget, FlashError, MpremoteTarget
-
-        self.sim_dir, self.port = sim_dir, port
-        try:
-            self.target: Any = DirTarget(sim_dir) if sim_dir else MpremoteTarget(str(port))
-        except FlashError as e:
-            raise Refused(EXIT_REFUSED, e.message) from None
-
-    def read_config(self) -> dict[str, Any] | None:
-        raw = self.target.read_file(CONFIG_PATH)
-        if raw is None:
-            return None
-        try:
-            cfg = json.loads(raw)
-        except ValueError:
-            return {}  # unreadable, but present: still provisioned, as far as we can tell
-        return cfg if isinstance(cfg, dict) else {}
-
-    def stage(self, data: bytes) -> None:
-        if self.sim_dir:
-            _write_private(self.sim_dir / "config.json.new", data)
-        else:
-            self.target.write_file(CONFIG_PATH + ".new", data)
-
-    def commit(self) -> None:
-        self.target.rename(CONFIG_PATH + ".new", CONFIG_PATH)
-        if self.sim_dir:
-            fd = os.open(self.sim_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def discard(self) -> None:
-        with contextlib.suppress(Exception):
-            self.target.remove(CONFIG_PATH + ".new")
-
-
 def _check_id(device_id: str, lane: str) -> bytes:
     kid = kid_bytes(device_id)
     if device_id.startswith("hex:") or not kid or len(kid) > KID_MAX:
-        raise Refused(EXIT_REFUSED, f"--id {device_id!r}: a device id is 1..{KID_MAX} bytes of "
+        raise refused(EXIT_REFUSED, f"--id {device_id!r}: a device id is 1..{KID_MAX} bytes of "
                                     f'text, e.g. "hx-0001" (the firmware sends it as text)')
     if not re.fullmatch(r"[\w.-]{1,32}", lane):
-        raise Refused(EXIT_REFUSED, f"--lane {lane!r}: a lane name is 1..32 letters, digits, "
+        raise refused(EXIT_REFUSED, f"--lane {lane!r}: a lane name is 1..32 letters, digits, "
                                     f"_ . or -")
     return kid
 
@@ -149,16 +71,16 @@ def provision(board: Board, device_id: str, lane: str, keystore: Path, force: bo
     try:
         ks = Keystore(keystore, create=True)
     except KeystoreError as e:
-        raise Refused(EXIT_REFUSED, str(e)) from None
+        raise refused(EXIT_REFUSED, str(e)) from None
     old = board.read_config()
     how = ("re-run with --force to re-provision: a new key replaces the old one on the device "
            "and in the keystore (restart hostd afterwards)")
     if old is not None and not force:
         what = (f"id {old.get('id')!r}, lane {old.get('lane')!r}" if old
                 else "its config.json is unreadable")
-        raise Refused(EXIT_PROVISIONED, f"the device is already provisioned ({what}); {how}")
+        raise refused(EXIT_PROVISIONED, f"the device is already provisioned ({what}); {how}")
     if kid in ks and old is None and not force:
-        raise Refused(EXIT_PROVISIONED, f"device id {device_id!r} already has a key in "
+        raise refused(EXIT_PROVISIONED, f"device id {device_id!r} already has a key in "
                                         f"{keystore} (another device with this id?); {how}")
     key = os.urandom(KEY_LEN)
     board.stage(json.dumps({"id": device_id, "key": key.hex(), "lane": lane}).encode())
@@ -166,7 +88,7 @@ def provision(board: Board, device_id: str, lane: str, keystore: Path, force: bo
         ks.add(kid, key, replace=True)
     except (KeystoreError, ValueError, OSError) as e:
         board.discard()
-        raise Refused(EXIT_REFUSED, f"cannot record the key in {keystore}: {e}") from None
+        raise refused(EXIT_REFUSED, f"cannot record the key in {keystore}: {e}") from None
     board.commit()
     return "re-provisioned (new key)" if old is not None or force else "provisioned"
 
@@ -200,9 +122,9 @@ def _hostd(config: Path | None, device_id: str, lane: str, keystore: Path | None
     try:
         cfg = load_config(config)
     except ConfigError as e:
-        raise Refused(EXIT_REFUSED, "\n".join(e.errors)) from None
+        raise refused(EXIT_REFUSED, "\n".join(e.errors)) from None
     if cfg.lane(lane) is None:
-        raise Refused(EXIT_REFUSED, f"lane {lane!r} is not a [[lane]] in {config} (lanes: "
+        raise refused(EXIT_REFUSED, f"lane {lane!r} is not a [[lane]] in {config} (lanes: "
                                     f"{', '.join(la.name for la in cfg.lanes)})")
     hostd_ks = Path(cfg.keystore.path or "")
     if keystore is not None and keystore.resolve() != hostd_ks.resolve():
@@ -266,14 +188,17 @@ def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
     try:
         ks_path, listed = _hostd(config, device_id, lane, keystore, report)
         if sim_dir is not None and _sim_firmware(sim_dir) is None and sim_dir.is_dir():
-            raise Refused(EXIT_REFUSED, f"no firmware on the sim board ({sim_dir}/hexiao/"
+            raise refused(EXIT_REFUSED, f"no firmware on the sim board ({sim_dir}/hexiao/"
                                         f"firmware/main.mpy is missing): install it first "
                                         f"with `hexiao flash BUNDLE --sim-dir {sim_dir}`")
-        board = Board(sim_dir, port)
+        try:
+            board = Board(sim_dir, port)
+        except InstallError as e:  # no such board: flash's code for it, provision's here
+            raise refused(EXIT_REFUSED, e.message) from None
         if check:
             cfg = board.read_config()
             if not cfg or cfg.get("id") != device_id:
-                raise Refused(EXIT_REFUSED, f"the device is not provisioned as {device_id!r} "
+                raise refused(EXIT_REFUSED, f"the device is not provisioned as {device_id!r} "
                               f"(its id: {(cfg or {}).get('id')!r}); provision it first")
             report.add("device config", "pass", f"{CONFIG_PATH}: id {device_id!r}, "
                        f"lane {cfg.get('lane')!r}")
@@ -282,12 +207,12 @@ def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
             report.add("device key written", "pass", f"{done}: {CONFIG_PATH} with id and lane"
                        + (" (0600)" if sim_dir else ""))
             report.add("key recorded", "pass", f"{ks_path} (0600)")
-    except Refused as e:
+    except InstallError as e:
         if as_json:
             click.echo(json.dumps({"device": device_id, "ok": False, "refused": e.message,
-                                   "exit_code": e.code}, ensure_ascii=False))
-        click.echo(f"refused: {e.message}", err=True)
-        raise SystemExit(e.code) from None
+                                   "exit_code": e.exit_code}, ensure_ascii=False))
+        click.echo(f"Error: refused: {e.message}", err=True)
+        raise SystemExit(e.exit_code) from None
     if not listed:
         report.hostd_config = _snippet(device_id, lane, board)
     self_test(board, device_id, ks_path, report, timeout)
@@ -297,8 +222,8 @@ def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
 
 
 __all__ = ["CONFIG_PATH", "EXIT_FAILED", "EXIT_PROVISIONED", "EXIT_REFUSED",
-           "SIM_MODULE", "TEST_CODE", "Board", "Check", "Refused", "Report", "main", "provision",
-           "self_test"]
+           "SIM_MODULE", "TEST_CODE", "Board", "Check", "InstallError", "Report", "main",
+           "provision", "refused", "self_test"]
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # provision.py imports this module: its types only for annotations
-    from hexiao.tools.install.provision import Board, Report
+if TYPE_CHECKING:
+    from hexiao.tools.install.device import Board, Report
 
 SIM_MODULE = "hexiao.firmware.main"  # the application the sim board runs
 TEST_CODE = "HEXIAO-TEST"  # what the printed test code carries (QR): ]Q1HEXIAO-TEST

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from hexiao.tools.install.errors import InstallError
 
 EXIT_UNAVAILABLE = 69
 EXIT_CANTCREAT = 73
@@ -38,14 +39,6 @@ SERVICE_USER = "hexiao"
 # Directories only root may write. /run/user/<uid> belongs to its user.
 _SYSTEM_DIRS = (Path("/etc"), Path("/usr"), Path("/lib"), Path("/run"))
 _USER_RUN = Path("/run/user")
-
-
-class InstallError(Exception):
-    """A refusal or failure with a message that says what to do, and its exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hexiao.protocol import cobs, cose, frame, messages
+from hexiao.protocol import cobs, codecs, cose, frame
 
 H2D, D2H = "h2d", "d2h"
 DIRECTIONS = (H2D, D2H)
@@ -63,7 +63,7 @@ def forge(msg: dict[str, Any], kid: bytes, counter: int, alg: int = cose.ALG_HMA
     """A well-formed frame (valid COBS, CRC and COSE structure) whose MAC is made with a key the
     attacker has: a random one unless given. A receiver must reject it as `mac`."""
     mac_key = key if key is not None else os.urandom(32)
-    return frame.encode(cose.mac0(mac_key, alg, kid, counter, messages.encode(msg)))
+    return frame.encode(codecs.mac0(mac_key, alg, kid, counter, codecs.encode(msg)))
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ class Seen:
 def peek(wire: bytes) -> Seen:
     """What anyone on the cable can read in a frame (the link authenticates, it does not
     encrypt). Raises ProtocolError if the frame is damaged."""
-    m = cose.parse(frame.decode(wire.rstrip(b"\x00")))
-    return Seen(m.kid, m.counter, m.alg, messages.decode(m.payload))
+    m = codecs.parse(frame.decode(wire.rstrip(b"\x00")))
+    return Seen(m.kid, m.counter, m.alg, codecs.decode(m.payload))
 
 
 def corrupt_copy(wire: bytes, rng: random.Random) -> bytes:

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hexiao.hostd.control.client import ControlError
-
-LEVELS = ("emergency", "alert", "critical", "error", "warning", "notice", "info", "debug")
+from hexiao.tools.support.render import LEVELS
 
 
 def _kid_text(kid: bytes) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 from hexiao.hostd.lanes.capture import D2H, H2D, CaptureError, kid_text, read_capture
-from hexiao.protocol import cose, frame, messages
+from hexiao.protocol import codecs, frame, messages
 from hexiao.protocol.crypto import session_keys
 from hexiao.protocol.errors import ProtocolError
 from hexiao.protocol.errors import name as error_name
@@ -109,7 +109,7 @@ class _Decoder:
 
     def classify(self, d: str, c: bytes, t_us: int) -> dict[str, Any]:
         try:
-            m = cose.parse(bytes(c))
+            m = codecs.parse(bytes(c))
         except ProtocolError as e:
             return {"status": "cose", "error": e.code, "detail": e.detail}
         out: dict[str, Any] = {"alg": m.alg, "kid": kid_text(m.kid), "counter": m.counter}
@@ -132,7 +132,7 @@ class _Decoder:
             return out | {"status": "mac", "error": "mac",
                           "detail": f"MAC under {what} failed: wrong key or tampered"}
         try:
-            msg = messages.decode(m.payload)
+            msg = codecs.decode(m.payload)
             messages.check_epoch(m.counter, msg)
             if messages.info(msg["type"])[1] not in (d, messages.BOTH):
                 raise ProtocolError("unknown_type", f"{msg['type']} is not sent {d}")
@@ -306,7 +306,7 @@ def _keys(keystore: str | None, key: str | None, kid: str | None) -> Keystore | 
     return lambda k: one.get(k) or store.get(k)
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--keystore", type=click.Path(dir_okay=False), help="hostd's keystore file.")
 @click.option("--key", help="A device key (64 hex digits), with --kid.")

@@ -8,10 +8,12 @@ hostd.discovery), this user may open its port, its key is in the keystore, its h
 (through hostd's device.info when hostd runs, else directly on the port: hostd holds the port
 while it runs); the backend answers HTTP, the WeChat card API gives a token (45009 = the daily
 token quota is used up), this machine's clock agrees with the backend's Date header within
-60 s; the tap's printer accepts a connection. Every check is ok / fail / warn / n/a with a
-one-line fix. The token check fetches a new access token: one of the appid's daily quota
-(2000), and without a central backend.token_url it supersedes the token hostd holds (hostd
-fetches another when WeChat refuses the old one).
+60 s; the tap's printer accepts a connection, and (when hostd runs) hostd's tap is listening
+and has not lost that printer. Every check is ok / fail / warn / n/a with a one-line fix that
+fits the port: a sim board's DIR/tty is started with `hexiao sim board`, a USB board is
+cabled and in the udev rules.
+The token check asks the token endpoint as hostd does (cgi-bin/stable_token in normal mode:
+the tills' shared token, never invalidated by asking; a central backend.token_url otherwise).
 
 Exit codes: 0 nothing failed (warnings allowed), 1 at least one check failed, 2 usage error.
 """
@@ -64,13 +66,27 @@ class Doctor:
             return self.results
         self.add("config", "ok", f"{self.config_path}: {len(cfg.devices)} device(s), "
                  f"lanes {', '.join(la.name for la in cfg.lanes)}")
+        self.private_files(cfg)
         self.hostd(cfg)
         self.modemmanager()
         for dev in cfg.devices:
             self.device(cfg, dev)
         self.backend(cfg)
         self.printer(cfg)
+        self.tap(cfg)
         return self.results
+
+    def private_files(self, cfg: Config) -> None:
+        """The rule --check-config and hostd's start apply (hostd/config/private.py)."""
+        from hexiao.hostd.config import private
+
+        unsafe = private.problems(cfg)
+        if unsafe:
+            self.add("private files", "fail", "; ".join(unsafe),
+                     "run the chmod each line names; replace any secret others may have read")
+        else:
+            self.add("private files", "ok", "keys, secrets and the journal are 0600, the state "
+                     "folder 0700")
 
     # -- hostd --------------------------------------------------------------------------------
 
@@ -134,10 +150,7 @@ class Doctor:
         if self.hostd_up:
             info = self._hostd_device(cfg, dev)
         if port is None:
-            self.add(f"{name}: present", "fail", f"not found ({where})",
-                     "plug the device in and check its cable; `hexiao device list` shows what "
-                     "hostd sees" + ("" if dev.port else "; udev rules: sudo hexiao udev "
-                                     "install"))
+            self.add(f"{name}: present", "fail", f"not found ({where})", _absent_fix(dev))
         else:
             self.add(f"{name}: present", "ok", port)
         self._permission(name, port, info)
@@ -208,10 +221,19 @@ class Doctor:
         if info is not None:  # through hostd
             state, err = info.get("state"), info.get("error") or ""
             peer = info.get("peer") or {}
+            foreign = (info.get("counters") or {}).get("foreign_device") or (
+                info.get("stats") or {}).get("foreign_device")
+            wrong_port = ("check which device is cabled to which port (hexiao device ports), "
+                          "then fix the cabling or this [[device]]'s port")
             if state == "open":
                 self.add(n, "ok", f"session open via hostd; firmware {peer.get('firmware')}")
             elif state == "unknown":
                 self.add(n, "fail", f"hostd: {err}", "restart hostd to load the config")
+            elif state == "no key":  # hostd leaves the port alone until the key is there
+                self.add(n, "fail", f"hostd has no key for {dev.id}: it waits",
+                         err.partition("keystore: ")[2] or "provision it: hexiao provision")
+            elif foreign and "refused" in err:  # another device id talks on this port
+                self.add(n, "fail", f"hostd: {err}", wrong_port)
             elif (info.get("counters") or {}).get("mac"):
                 self.add(n, "fail", mismatch, reprovision)
             elif state == "connecting":
@@ -219,7 +241,8 @@ class Doctor:
                          "is hexiao firmware running? replug the device or check `hexiao "
                          f"device logs {dev.id}`")
             else:
-                self.add(n, "fail", f"hostd: {state}: {err}", "see the checks above")
+                self.add(n, "fail", f"hostd: {state}" + (f": {err}" if err else ""),
+                         "see the checks above")
             return
         if port is None:
             self.add(n, "n/a", "the device is not present")
@@ -263,6 +286,7 @@ class Doctor:
 
     def _token(self, cfg: Config) -> None:
         from hexiao.hostd.backends import wechat_card as wc
+        from hexiao.hostd.backends.base import QuotaExceeded, WeChatError
 
         try:
             args = {**cfg.backend.card_client_args(), "retries": 0, "timeout_s": self.timeout}
@@ -270,11 +294,11 @@ class Doctor:
                 client.token(force=True)
         except ConfigError as e:
             self.add("backend token", "fail", "; ".join(e.errors), "run as hostd's user")
-        except wc.QuotaExceeded as e:
+        except QuotaExceeded as e:
             self.add("backend token", "fail", f"token quota exhausted ({e})",
                      "wait for the daily reset (midnight, China time); share one token "
                      "between tills with backend.token_url so they stop using it up")
-        except wc.WeChatError as e:
+        except WeChatError as e:
             self.add("backend token", "fail", f"no access token: {e}",
                      "check backend.appid and the secret file (WeChat: 40125 = wrong secret, "
                      "40164 = this IP is not whitelisted)")
@@ -323,6 +347,61 @@ class Doctor:
         else:
             self.add("printer", "fail", f"printer offline: {path} is missing or not writable",
                      fix)
+
+
+    def tap(self, cfg: Config) -> None:
+        """The tap as hostd runs it (its `status`): listening, and its printer not lost."""
+        if not cfg.tap.enabled or not self.hostd_up:
+            return  # off: the printer check said so; hostd down: the hostd check did
+        from hexiao.hostd.control.client import ControlError
+
+        try:
+            tap = self._ask(cfg, "status").get("tap") or {"state": "off"}
+        except ControlError as e:
+            self.add("tap", "fail", f"hostd did not answer: {e.message}",
+                     "see hostd's log: journalctl -u hexiao-hostd")
+            return
+        if tap["state"] == "off":
+            self.add("tap", "fail", "hostd runs without the tap (started before tap.enabled "
+                     "was set, or with another config)",
+                     "restart hostd: systemctl restart hexiao-hostd")
+            return
+        if tap["state"] != "listening":
+            self.add("tap", "fail", f"hostd's tap is not running: {tap.get('error')}",
+                     "fix what it names: hostd tries again every 10 s, redeeming meanwhile")
+            return
+        printer, n = tap["printer"], tap["counters"]
+        if printer["state"] == "lost":
+            self.add("tap", "warn", f"listening on {tap['listening']}, but hostd last found "
+                     f"the printer lost: {printer['error']}",
+                     f"switch the printer on, check its cable/network and tap.printer "
+                     f"({printer['target']}); receipts print unchanged when it is back")
+            return
+        self.add("tap", "ok", f"hostd's tap listens on {tap['listening']}, printer "
+                 f"{printer['target']} {printer['state']}; {n['receipts']} receipt(s), "
+                 f"{n['injections']} QR code(s) added")
+
+
+def sim_board_dir(port: str | None) -> Path | None:
+    """The sim board folder whose link `port` is (DIR/tty, DIR flashed), else None."""
+    if not port or "://" in port:
+        return None
+    p = Path(port)
+    return p.parent if p.name == "tty" and (p.parent / "hexiao" / "firmware").is_dir() else None
+
+
+def _absent_fix(dev: Device) -> str:
+    """What to do about a device that is not there, for its kind of port."""
+    board = sim_board_dir(dev.port)
+    if board is not None:
+        return (f"the sim board is not running: start it with `hexiao sim board --dir "
+                f"{board}` (hostd connects by itself)")
+    if dev.port and "://" not in dev.port and not dev.port.startswith("/dev/"):
+        return (f"start whatever serves {dev.port} (a pty or link); `hexiao device list` shows "
+                "what hostd sees")
+    return ("plug the device in and check its USB cable (a data cable, not charge-only); "
+            "`hexiao device ports` lists the boards on USB, `hexiao device list` what hostd "
+            "sees" + ("" if dev.port else "; udev rules: sudo hexiao udev install"))
 
 
 def _mentions(path: Path, text: str) -> bool:
