@@ -80,3 +80,12 @@ def test_ten_thousand_mixed_scans_exact_and_no_heap_growth(mpy_stage: Path) -> N
     # one byte per 40 scans.
     assert h["growth_after_warmup"] <= 256, h["samples"]
     assert max(s["heap_free"] for s in h["samples"][1:]) - h["free_end"] <= 256, h["samples"]
+
+
+def test_progress_is_told_of_every_scan() -> None:
+    """Issue 16: `bench-firmware` was silent for 40 s; it now shows a progress bar on a terminal,
+    fed by run()'s progress callback with every scan of both parts."""
+    seen: list[int] = []
+    r = run(20, 10, progress=seen.append)
+    assert r["ok"] is True
+    assert sum(seen) == fw_bench.total_scans(20) == fw_bench.WARMUP + 40
