@@ -231,13 +231,7 @@ class WeChatCardClient:
         an unknown result is OutcomeUnknown (settle it with member_info())."""
         body = {"card_id": card_id, "code": code, "add_bonus": add, "record_bonus": record,
                 "notify_optional": {"is_notify_bonus": True}}
-        try:
-            with base.deadline(self._limits):
-                r = self._call("card/membercard/updateuser", body, sent_matters=True)
-        except Busy as e:
-            raise OutcomeUnknown("updateuser answered busy", settled=True, cause=e) from e
-        except BackendError as e:
-            raise OutcomeUnknown("updateuser reply unreadable", settled=True, cause=e) from e
+        r = self._once("card/membercard/updateuser", body, "updateuser")
         result = r.get("result_bonus")
         if not isinstance(result, int) or isinstance(result, bool):
             raise OutcomeUnknown("updateuser reply without result_bonus", settled=True)
@@ -271,17 +265,22 @@ class WeChatCardClient:
         body: dict[str, Any] = {"code": code}
         if card_id:
             body["card_id"] = card_id
-        try:
-            with base.deadline(self._limits):
-                r = self._call("card/code/consume", body, sent_matters=True)
-        except Busy as e:
-            # the service has been seen to commit and still answer -1: do not assume either way
-            raise OutcomeUnknown("consume answered busy", settled=True, cause=e) from e
-        except BackendError as e:
-            raise OutcomeUnknown("consume reply unreadable", settled=True, cause=e) from e
+        r = self._once("card/code/consume", body, "consume")
         card = r.get("card")
         consumed = card.get("card_id") if isinstance(card, dict) else None
         return consumed if isinstance(consumed, str) else (card_id or "")
+
+    def _once(self, path: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+        """A call that changes state (consume, add_bonus): sent once within the deadline; a
+        result that cannot be known is OutcomeUnknown, for the caller to settle by a query."""
+        try:
+            with base.deadline(self._limits):
+                return self._call(path, body, sent_matters=True)
+        except Busy as e:
+            # the service has been seen to commit and still answer -1: do not assume either way
+            raise OutcomeUnknown(f"{what} answered busy", settled=True, cause=e) from e
+        except BackendError as e:
+            raise OutcomeUnknown(f"{what} reply unreadable", settled=True, cause=e) from e
 
     def _call(self, path: str, body: dict[str, Any], *, sent_matters: bool = False,
               ) -> dict[str, Any]:
