@@ -186,9 +186,9 @@ class ControlHandlers:
     def journal_list(self, state: list[str] | None = None, limit: int = 50) -> list[dict[str, Any]]:
         if limit < 1:  # commands.py refuses it; [-0:] would be every entry
             raise ControlError("bad_request", "journal.list: limit must be 1 or more")
-        with jr.Journal(self.journal_path) as journal:
-            entries = journal.entries(state)[-limit:]
-        return [_entry(e) for e in entries]
+        with jr.Journal(self.journal_path) as journal:  # the newest `limit`, by the index
+            entries = journal.latest(state, limit)
+        return [_entry(e) for e in reversed(entries)]  # oldest first, as before
 
     def journal_show(self, entry_id: int) -> dict[str, Any]:
         with jr.Journal(self.journal_path) as journal:
