@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import grp
 import json
 import logging
@@ -70,6 +69,7 @@ from hexiao.hostd.control.commands import (
     Session,
     check_args,
 )
+from hexiao.hostd.instance import InstanceError, PidLock
 
 log = logging.getLogger("hexiao.control")
 
@@ -126,7 +126,7 @@ class ControlServer:
         self._refusals: dict[tuple[str, int], float] = {}  # (what, uid) -> when last logged
         self._gid = -1
         self._sock: socket.socket | None = None
-        self._lock_fd = -1
+        self._lock: PidLock | None = None
         self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
         self._conns: dict[socket.socket, bool] = {}  # -> privileged
@@ -193,19 +193,19 @@ class ControlServer:
     # -- one daemon per path ------------------------------------------------------------------
 
     def _take_lock(self) -> None:
-        lock = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # the same flock as one hostd per journal (hostd/instance.py); the message stays ours
+        where = str(self.path).replace("{", "{{").replace("}", "}}")  # a format template
+        lock = PidLock(self.path.with_name(self.path.name + ".lock"),
+                       f"another hostd is already serving {where}")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ControlError("in_use", f"another hostd is already serving {self.path}") from None
-        self._lock_fd = fd
+            self._lock = lock.acquire()
+        except InstanceError as e:
+            raise ControlError("in_use", str(e)) from None
 
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # never unlink the lock file: that would race a new owner
-            self._lock_fd = -1
+        if self._lock is not None:
+            self._lock.release()  # never unlinks the lock file: that would race a new owner
+            self._lock = None
 
     def _clear_stale(self) -> None:
         try:
