@@ -181,7 +181,7 @@ def cli(*args: str) -> Any:
     return r
 
 
-def raw(path: Path, *lines: bytes) -> list[dict[str, Any]]:
+def raw(path: Path, *lines: bytes, parse: Any = json.loads) -> list[Any]:
     """Send raw lines on one connection; every response line until the server hangs up."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
@@ -191,7 +191,7 @@ def raw(path: Path, *lines: bytes) -> list[dict[str, Any]]:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    return [json.loads(x) for x in data.splitlines()]
+    return [parse(x) for x in data.splitlines()]
 
 
 # -- every command through the client ------------------------------------------------------------
@@ -314,15 +314,7 @@ def strict(line: bytes) -> Any:
 
 
 def raw_strict(path: Path, *lines: bytes) -> list[Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(b"".join(lines))
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return [strict(x) for x in data.splitlines()]
+    return raw(path, *lines, parse=strict)
 
 
 def test_deep_nesting_nan_and_odd_ids_get_a_clear_json_reply(served, caplog) -> None:
