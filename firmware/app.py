@@ -276,12 +276,14 @@ class App:
 
     def serve(self, msg, part=None):
         # a host request (or boot's restore from flash: msg None) by an overlay, app_jobs,
-        # app_rules, app_config or app_status, loaded for it and dropped before the answer is
-        # sent: its code is not in the heap while the till sells, nor while an answer is encoded
+        # app_rules, app_config, app_update, app_fwchunk or app_status, loaded for it and
+        # dropped before the answer is sent: its code is not in the heap while the till sells,
+        # nor while an answer is encoded; an overlay may hand a request on to another one
+        # (app_fwchunk <-> app_update: the two together do not fit beside a session)
         if part is None:
             t = msg["type"]
             part = ("app_jobs" if t == "keys" or t == "print" else "app_rules" if t == "rules"
-                    else "app_config" if t[:7] == "config_" else "app_update" if t[:3] == "fw_"
+                    else "app_config" if t[:7] == "config_" else "app_fwchunk" if t[:3] == "fw_"
                     else "app_status")  # *_get
         s = __import__("hexiao.firmware." + part, None, None, ("serve",))
         try:
@@ -292,6 +294,8 @@ class App:
         finally:
             s = None
             drop(part)
+        if type(msg) is tuple:  # (part, msg): handed on to another overlay, this one gone
+            return self.serve(msg[1], msg[0])
         if msg is not None:
             self.cdc.send(msg)
 

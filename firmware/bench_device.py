@@ -81,7 +81,8 @@ def main(argv):
     budget_ms = int(argv[2]) if len(argv) > 2 else 2000
     rounds = max(1, int(argv[3]) if len(argv) > 3 else 5)
 
-    wires = {"scan": build(SCAN), "verdict": build(VERDICT)}
+    # bytes, as a UART read gives them (build() returns a view of its buffer on the device)
+    wires = {"scan": bytes(build(SCAN)), "verdict": bytes(build(VERDICT))}
     if parse(wires["scan"]) != SCAN or parse(wires["verdict"]) != VERDICT:
         raise AssertionError("parse(build(msg)) != msg")
     ops = (

@@ -8,6 +8,11 @@
 # application. An exception escaping any of it is recorded (safe.crashed) and the board resets
 # (machine.reset): LIMIT of them in a row and the next boot is in safe mode (safe.py).
 # A refused installation returns to the REPL: the installer flashes it again over the CDC.
+# Production (`hexiao provision --production` wrote the state file "production"): no REPL at
+# all, so the board's files change only through signed updates (fw_update): Ctrl-C is link
+# data from the first line on, the REPL's terminal is detached where the port has dupterm, safe
+# mode does not let Ctrl-C in, and a refused installation halts saying why instead of
+# returning to the REPL (docs/firmware-update.md: what each port still allows).
 
 import gc
 
@@ -23,15 +28,20 @@ PKG = "hexiao.firmware."
 
 
 def main(name):
+    from hexiao.firmware import repl_off
+
+    prod = repl_off.production("")  # first: from here on the REPL is unreachable
     if PLATFORMS.get(sys.platform, name) != name:  # a bundle for another board copied on
-        sys.stderr.write("refused: built for board %s, this is %s\n" % (name, sys.platform))
+        repl_off.halt(prod, "refused: built for board %s, this is %s\n" % (name, sys.platform))
         return
     from hexiao.firmware import boot
 
     why = boot.refused("", name)
     if why:
-        sys.stderr.write("refused: %s\n" % why)
+        repl_off.halt(prod, "refused: %s\n" % why)
         return  # to the REPL: nothing of this firmware runs
+    repl_off = None
+    drop("repl_off")
     board = None
     try:
         __import__(PKG + "hal_" + name)
@@ -43,7 +53,8 @@ def main(name):
         if why:
             import micropython
 
-            micropython.kbd_intr(3)  # no link in safe mode: Ctrl-C lets an installer in
+            if not prod:  # no link in safe mode: Ctrl-C lets an installer in
+                micropython.kbd_intr(3)
             from hexiao.firmware import safe
 
             safe.run(board, why)

@@ -15,6 +15,7 @@ import sys
 from hexiao.firmware import drop
 
 TRIAL = False  # this boot runs a firmware on trial (fw_update): start() confirms it
+VERSION = None  # the installed firmware's version (its manifest); None: a development build
 CUT = None  # the sim board's cut= (fw_update.CUT)
 
 
@@ -22,13 +23,15 @@ def refused(st, name):
     """Why the installed firmware must not run on board `name` (install_check), or None. First
     an update over the link is finished, rolled back or counted on trial (fw_update: it may
     reset the board)."""
-    global TRIAL
-    from hexiao.firmware.install_check import refused as why_not
+    global TRIAL, VERSION
+    from hexiao.firmware import install_check
 
+    why_not = install_check.refused
     if st is not None and _pending(st):
         TRIAL = _update(st, name, why_not)
     why = why_not(st, name)
-    why_not = None
+    VERSION = install_check.VERSION
+    why_not = install_check = None
     drop("install_check")
     return why
 
@@ -97,10 +100,12 @@ def start(board, st, cfg, stable_ms, link_args):
         stable.arm(board, st, stable_ms, TRIAL)
         stable = None
     gc.collect()
-    from hexiao.firmware.app import App
+    from hexiao.firmware import app
 
+    if VERSION:  # the hello and health say which build runs (a rollout checks it)
+        app.FIRMWARE = "hexiao-fw " + VERSION
     gc.collect()
-    return App(board, kid, key, link_args), count, None
+    return app.App(board, kid, key, link_args), count, None
 
 
 def sim(argv):

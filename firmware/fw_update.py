@@ -15,7 +15,8 @@
 #   confirmed within TRIAL_BOOTS boots (a crash loop, or power cut again and again);
 # - every step survives power loss: the staged image stays until the switch is done, a staging
 #   folder cut short is redone from it, and a switch cut short (fw_trial is written first) is
-#   rolled back to the last good firmware, which says why;
+#   rolled back to the last good firmware, which says why (cut between the two renames, the
+#   root main.py puts hexiao.old back before anything imports the firmware);
 # - fw_counter is raised only when the new firmware is confirmed, so that a rollback to the
 #   previous one is not taken for a downgrade;
 # - the outcome is kept for the host in fw_last: "<state> <version> <why>" (fw_status, SPEC 6.8).
@@ -224,8 +225,9 @@ def mkdirs(path):
 
 
 def switch(st):
-    # hexiao -> hexiao.old, hexiao.new -> hexiao, main.py.new -> main.py (a power cut between
-    # the renames: boot() rolls back)
+    # hexiao -> hexiao.old, hexiao.new -> hexiao, main.py.new -> main.py. A power cut between
+    # the renames leaves no hexiao/ to import: the board's root main.py (the sim board's
+    # runner: board.recover_switch) renames hexiao.old back first, and boot() rolls back
     if exists(NEW + "/manifest.json"):
         cut("switch")
         if exists(CUR):
@@ -233,6 +235,7 @@ def switch(st):
                 rm(CUR)
             else:
                 os.rename(CUR, OLD)
+        cut("renamed")
         os.rename(NEW, CUR)
     if exists("main.py.new"):
         try:
@@ -244,9 +247,14 @@ def switch(st):
 
 
 def rollback(st, version, why):
-    # the previous firmware back in place; then a reset boots it
+    # the previous firmware back in place; then a reset boots it. The failed one is renamed
+    # aside first, not removed in place: a power cut then leaves no hexiao/ (the boot's first
+    # step puts hexiao.old back), never a half-removed one
     if exists(OLD):
-        rm(CUR)
+        if exists(CUR):
+            rm(NEW)
+            os.rename(CUR, NEW)
+            cut("rollback")
         os.rename(OLD, CUR)
     rm(NEW)
     rm(st + "fw_trial")

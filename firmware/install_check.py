@@ -5,6 +5,9 @@
 # Ed25519 verifier); this check then holds every boot to the manifest installed.
 
 
+VERSION = None  # the installed manifest's version, once refused() has read it
+
+
 def refused(state, board):
     # Built for this board, signed (a signature present), every file the manifest lists there
     # with its size and SHA-256 (a tampered or half-written file), and a security counter not
@@ -23,6 +26,8 @@ def refused(state, board):
         return None
     except ValueError:
         return "its manifest is unreadable"
+    global VERSION
+    VERSION = m.get("version")
     if m.get("board") != board:
         return "built for board %s, this is a %s board" % (m.get("board"), board)
     try:  # present, not verified: the device has no Ed25519 (the installer verified it)

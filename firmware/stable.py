@@ -1,63 +1,25 @@
 # The end of a stable run (safe.STABLE_MS of running): the crash record cleared (safe.py's
 # "in a row") and a firmware on trial confirmed (fw_update's rules). boot.start arms it when
 # there is something to end; it wraps the board's idle() until then, then restores it and
-# drops itself, so nothing of it stays in the heap the application needs. Its own module,
-# small: boot and fw_update are gone from the heap by then.
-#
-# Confirming: the trial ends first (fw_trial removed), then hexiao.old goes and the trial's
-# security counter becomes fw_counter. A power cut in between leaves hexiao.old (fw_update.boot
-# removes it) or the old counter (install_check raises it at the next boot), never a trial to
-# roll back.
+# drops itself. Only arm() and its closure stay in the heap while the till sells (a trial boot
+# runs with hostd's session in the same few KB as an update); the work at the end is
+# stable_end's, loaded then.
 
-import os
+from time import ticks_diff, ticks_ms
 
 
 def arm(board, st, stable_ms, trial):
-    from time import ticks_diff, ticks_ms
-
     t0, idle = ticks_ms(), board.idle
 
     def stable():
         if ticks_diff(ticks_ms(), t0) >= stable_ms:
             board.idle = idle  # this closure, and with it this module, can go
-            end(board, st, trial)
+            from hexiao.firmware import drop, stable_end
+
+            stable_end.end(board, st, trial)
+            stable_end = None
+            drop("stable_end")
+            drop("stable")
         idle()
 
     board.idle = stable
-
-
-def end(board, st, trial):
-    from hexiao.firmware import drop
-
-    try:  # noqa: SIM105 - no contextlib on the device
-        os.remove(st + "crash")
-    except OSError:
-        pass
-    if trial:
-        with open(st + "fw_trial") as f:
-            p = f.read().split()
-        os.remove(st + "fw_trial")
-        with open(st + "fw_last", "w") as f:
-            f.write("5 %s confirmed" % p[1])
-        rm("hexiao.old")
-        with open(st + "fw_counter.new", "w") as f:
-            f.write(p[2])
-        try:
-            os.rename(st + "fw_counter.new", st + "fw_counter")
-        except OSError:  # a filesystem whose rename does not replace
-            os.remove(st + "fw_counter")
-            os.rename(st + "fw_counter.new", st + "fw_counter")
-        board.note(0, 6, "firmware %s confirmed" % p[1])
-    drop("stable")
-
-
-def rm(p):
-    try:
-        if os.stat(p)[0] & 0x4000:
-            for n in os.listdir(p):
-                rm(p + "/" + n)
-            os.rmdir(p)
-        else:
-            os.remove(p)
-    except OSError:
-        pass

@@ -12,11 +12,14 @@ import sys
 
 from .errors import ProtocolError
 
+_DEVICE = sys.implementation.name == "micropython"
+
 
 def encode(data, tail=b""):
     """COBS of `data` (bytes), then `tail` (the caller's 0x00 delimiter, if it likes): one buffer
-    of the longest possible result, filled through views, and one copy out - on the device a
-    frame's blocks are not copied twice on the way."""
+    of the longest possible result, filled through views. The device gets a view of that buffer
+    (a session's largest frame is about 600 bytes: a second copy of it at the heap's high-water
+    mark is what fails first); CPython gets bytes."""
     n = len(data)
     out = bytearray(n + n // 254 + 1 + len(tail))
     src = memoryview(data)
@@ -36,7 +39,8 @@ def encode(data, tail=b""):
                 j += 1
             break  # (a final full block needs no empty block after it)
     out[j : j + len(tail)] = tail
-    return bytes(memoryview(out)[: j + len(tail)])
+    view = memoryview(out)[: j + len(tail)]
+    return view if _DEVICE else bytes(view)
 
 
 def decode_view(data):

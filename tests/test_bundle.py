@@ -32,7 +32,8 @@ DEVICE_FILES = {
     "hexiao/firmware/boot.mpy",
     # updates over the link (SPEC 6.8): the device's verifier, its boot side, a stable run's end
     "hexiao/firmware/ed25519.mpy", "hexiao/firmware/fw_update.mpy",
-    "hexiao/firmware/stable.mpy", "hexiao/firmware/fw_trial.mpy",
+    "hexiao/firmware/stable.mpy", "hexiao/firmware/stable_end.mpy",
+    "hexiao/firmware/fw_trial.mpy", "hexiao/firmware/repl_off.mpy",
     "hexiao/protocol/messages_fw.mpy",
 } | {  # the application, in however many modules it is split (app.py, app_*.py)
     f"hexiao/firmware/{p.stem}.mpy"
@@ -335,10 +336,12 @@ def test_each_board_gets_its_own_hal_only() -> None:
     assert {"hal_esp32s3.mpy", "hal_rp2040.mpy", "hal_usb.mpy"} <= names["esp32s3"]
     for board in ("rp2040", "esp32s3"):  # the board's entry point, not the sim's
         assert "board_main.mpy" in names[board] and "main.mpy" not in names[board]
-        assert B.root_files(board) == {"main.py": (
-            f"# hexiao firmware {board}: the board runs this at boot; see "
-            f"hexiao/firmware/board_main\nfrom hexiao.firmware.board_main import main\n\n"
-            f"main({board!r})\n").encode()}
+        root = B.root_files(board)
+        assert list(root) == ["main.py"]
+        assert root["main.py"].startswith(f"# hexiao firmware {board}: the board runs this at "
+                                          f"boot; see hexiao/firmware/board_main\n".encode())
+        assert root["main.py"].endswith(f"from hexiao.firmware.board_main import main\n\n"
+                                        f"main({board!r})\n".encode())
     assert "board_main.mpy" not in names["sim"] and B.root_files("sim") == {}
     assert "hal_sim.mpy" in names["sim"] and "linkpeer.mpy" in names["sim"]
     assert not names["sim"] & {"hal_rp2040.mpy", "hal_esp32s3.mpy", "hal_usb.mpy"}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_firmware_hal as hal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hexiao.hostd.lanes.serial_link import SerialLink, keystore_from
@@ -27,6 +28,8 @@ from hexiao.tools import micropython
 from hexiao.tools.install import bundle, keys
 from hexiao.tools.install import flash as F
 from hexiao.tools.sim import relay
+from hexiao.tools.sim.board import recover_switch
+from test_firmware_hal import boards  # noqa: F401
 from test_firmware_sim import KID, Host, Sim, device_cfg, open_writer
 
 RESET, CUT = 6, 9  # the sim board's exit statuses: a reset it asked for; power cut (cut=)
@@ -77,6 +80,7 @@ DEVICE_KEY = bytes(range(32))
 @contextlib.contextmanager
 def running(root: Path, *args: str) -> Iterator[tuple[Sim, Host]]:
     """The board's installed firmware with a host on its link, session open."""
+    recover_switch(root)  # what the board's root main.py does first (the sim board's runner)
     fifo = root / f"scanner-{time.monotonic_ns()}"
     os.mkfifo(fifo)
     argv, env = micropython.command(
@@ -108,6 +112,7 @@ def running(root: Path, *args: str) -> Iterator[tuple[Sim, Host]]:
 def reboot(root: Path, *args: str) -> tuple[int, list[dict[str, Any]]]:
     """Boot the installed firmware once with no host and no scanner input (it comes up and
     ends at once), or until it resets or is cut: (exit status, its events)."""
+    recover_switch(root)
     argv, env = micropython.command(
         "hexiao.firmware.main", root,
         args=[f"cfg={device_cfg(root, DEVICE_KEY)}", "scanner=/dev/null",
@@ -180,6 +185,23 @@ def _refused_at_boot(kit, board: Path, offer: dict[str, Any], img: bytes, why: s
     assert not list((board / "state").glob("fwup*"))
 
 
+def test_a_freshly_provisioned_board_accepts_a_signed_update(kit, tmp_path: Path) -> None:
+    from hexiao.tools.install import provision
+    from hexiao.tools.install.device import Board
+
+    root = tmp_path / "board"
+    root.mkdir()
+    F.flash(kit["v1"], kit["pub"], F.DirTarget(root))
+    # `hexiao provision --fw-pubkey KEY.pub`: no other step writes the firmware key
+    provision.provision(Board(root, None), "till-1", "lane-1", tmp_path / "ks.jsonl", False,
+                        _raw_pub(kit["pub"]))
+    offer, img = forged(kit, "1.1.0", 3)
+    with running(root) as (sim, host):
+        send_and_commit(host, sim, offer, img)
+    assert until_up(root) == [RESET, 0]
+    assert installed(root)["version"] == "1.1.0"
+
+
 def test_a_flipped_byte_in_a_file_is_refused_by_the_device(kit, board: Path) -> None:
     offer, img = forged(kit, "1.1.0", 3)
     bad = bytearray(img)
@@ -250,6 +272,49 @@ def test_power_lost_mid_switch_boots_the_last_good_firmware_and_says_why(kit, bo
     assert (board / "state" / "fw_counter").read_text() == "2"
 
 
+def test_power_lost_between_the_switchs_renames_boots_the_last_good_firmware(kit, board) -> None:
+    offer, img = forged(kit, "1.1.0", 3)
+    with running(board) as (sim, host):
+        send_and_commit(host, sim, offer, img)
+    rc, _ = reboot(board, "cut=renamed")  # hexiao -> hexiao.old done, hexiao.new -> hexiao not
+    assert rc == CUT and not (board / "hexiao").exists()
+    assert (board / "hexiao.old").is_dir() and (board / "hexiao.new" / "manifest.json").exists()
+    # the boot's first step puts hexiao.old back; fw_update then rolls back and says why
+    assert until_up(board) == [RESET, 0]
+    assert installed(board)["version"] == "1.0.0"
+    assert not (board / "hexiao.new").exists() and not (board / "hexiao.old").exists()
+    st = status(board)
+    assert st["state"] == 7 and "power lost while switching" in st["why"], st
+    assert (board / "state" / "fw_counter").read_text() == "2"
+
+
+def test_power_lost_in_a_rollback_still_boots_the_last_good_firmware(kit, board) -> None:
+    offer, img = forged(kit, "1.1.0", 3)
+    with running(board) as (sim, host):
+        send_and_commit(host, sim, offer, img)
+    assert until_up(board, "crash=1") == [RESET, 4]  # switched; the new one crashes
+    assert [reboot(board, "crash=1")[0] for _ in range(2)] == [4, 4]
+    rc, _ = reboot(board, "cut=rollback")  # boot 4 rolls back: cut with the new one aside
+    assert rc == CUT and not (board / "hexiao").exists() and (board / "hexiao.old").is_dir()
+    assert until_up(board) == [RESET, 0]  # put back, the rollback finished, then v1 runs
+    assert installed(board)["version"] == "1.0.0"
+    assert not (board / "hexiao.new").exists() and not (board / "hexiao.old").exists()
+    st = status(board)
+    assert st["state"] == 7 and "power lost while switching" in st["why"], st
+
+
+def test_recover_switch_puts_back_the_previous_or_a_complete_staged_firmware(tmp_path) -> None:
+    assert recover_switch(tmp_path) is None  # nothing at all: nothing to do
+    (tmp_path / "hexiao.new").mkdir()
+    assert recover_switch(tmp_path) is None  # a staged folder cut short is no firmware
+    (tmp_path / "hexiao.new" / "manifest.json").write_text("{}")
+    (tmp_path / "hexiao.old").mkdir()
+    assert recover_switch(tmp_path) == "hexiao.old" and (tmp_path / "hexiao").is_dir()
+    assert recover_switch(tmp_path) is None  # hexiao/ present: nothing touched
+    (tmp_path / "hexiao").rename(tmp_path / "gone")
+    assert recover_switch(tmp_path) == "hexiao.new"  # no previous one: the staged, complete
+
+
 def test_power_lost_while_unpacking_is_redone_from_the_staged_image(kit, board: Path) -> None:
     offer, img = forged(kit, "1.1.0", 3)
     with running(board) as (sim, host):
@@ -318,19 +383,95 @@ def test_damaged_staging_files_end_in_a_refusal_not_a_crash_loop(board: Path) ->
 
 
 OVERLAY = """import gc
+import sys
 import hexiao.firmware.app_status
-gc.collect()
-a = gc.mem_alloc()
-import hexiao.firmware.app_update
-gc.collect()
-print(gc.mem_alloc() - a)
+from hexiao.firmware import drop
+for name in ("app_fwchunk", "app_update", "app_fwchunk", "app_update"):
+    gc.collect()
+    a = gc.mem_alloc()
+    __import__("hexiao.firmware." + name)
+    gc.collect()
+    print(gc.mem_alloc() - a, "hexiao.firmware.app_update" in sys.modules
+          and "hexiao.firmware.app_fwchunk" in sys.modules)
+    drop(name)
 """
 
 
-def test_the_staging_overlay_fits_the_heap_the_application_leaves(run_mpy, tmp_path) -> None:
-    # app_update is loaded beside the running application (~9 KB free at boot): its size is a
-    # budget, measured as the device loads it (the package's own cost excluded)
+def test_the_staging_overlays_fit_the_heap_an_open_session_leaves(run_mpy, tmp_path) -> None:
+    # loaded beside the running application with hostd's session open (4.5 KB free at the
+    # offer, 64 KB), one at a time, neither importing the other: each load is a budget,
+    # measured as the device loads it (the package's own cost excluded); the first loads also
+    # intern the modules' names, for good (qstrs: 1.4 KB then, once)
     (tmp_path / "overlay.py").write_text(OVERLAY)
     r = run_mpy(tmp_path / "overlay.py")
     assert r.returncode == 0, r.stderr.decode()
-    assert 0 < int(r.stdout) <= 3200
+    sizes = [line.split() for line in r.stdout.decode().splitlines()]
+    assert [s[1] for s in sizes] == ["False"] * 4
+    first, again = [int(s[0]) for s in sizes[:2]], [int(s[0]) for s in sizes[2:]]
+    assert sum(first) <= 3800 and all(0 < n <= 1300 for n in again), sizes
+
+
+# -- a real board's side (rp2040 bundle, its root main.py, on the stand-ins of test_firmware_hal)
+
+PROD_STANDINS = """
+class _MP:  # micropython: kbd_intr recorded (the REPL's way in is Ctrl-C)
+    pass
+_mp = _MP()
+_mp.kbd_intr = lambda c: log.append(["kbd_intr", c])
+sys.modules["micropython"] = _mp
+def _idle():  # a production board halts here for good: the test ends it
+    log.append(["idle"])
+    raise SystemExit(0)
+m.idle = _idle
+try:
+    import main"""
+
+
+def _prod_board(boards: dict[str, Path], tmp_path: Path,  # noqa: F811
+                production: bool) -> Path:
+    root = hal.board_copy(boards, "rp2040", tmp_path)
+    script = (root / "board.py").read_text()
+    assert "try:\n    import main" in script
+    (root / "board.py").write_text(script.replace("try:\n    import main", PROD_STANDINS))
+    if production:
+        (root / "production").write_text("1\n")
+    return root
+
+
+def test_a_production_board_turns_its_repl_off_first(boards, tmp_path) -> None:  # noqa: F811
+    out = hal.power(_prod_board(boards, tmp_path, True), [b"]E0" + hal.EAN + b"\r"], cause=1)
+    assert out["log"][0] == ["kbd_intr", -1]  # before the install check, the HAL, the app
+    assert out["keys"] == hal.EAN_KEYS and "hexiao.firmware.app" in out["modules"]
+    plain = hal.power(_prod_board(boards, tmp_path / "plain", False), [], cause=1)
+    # the HAL's own, once the app starts (the link's Ctrl-C bytes), and production's, first
+    assert plain["log"].count(["kbd_intr", -1]) == 1
+    assert out["log"].count(["kbd_intr", -1]) == 2
+
+
+def test_a_refused_production_board_halts_without_the_repl(boards, tmp_path) -> None:  # noqa: F811
+    for production in (True, False):
+        root = _prod_board(boards, tmp_path / str(production), production)
+        (root / "main.py").write_text((root / "main.py").read_text() + "# edited\n")
+        out = hal.power(root, [], cause=1)
+        assert "refused: changed since it was installed: main.py" in out["stderr"]
+        assert "hexiao.firmware.hal_rp2040" not in out["modules"]
+        # production: halted here (idle, never back to the REPL); else back to the REPL
+        assert (out["log"][-1:] == [["idle"]]) == production, out["log"]
+        assert (["kbd_intr", -1] in out["log"]) == production  # Ctrl-C: the REPL, unless
+
+
+def test_safe_mode_on_a_production_board_lets_no_ctrl_c_in(boards, tmp_path) -> None:  # noqa: F811
+    for production in (True, False):
+        root = _prod_board(boards, tmp_path / str(production), production)
+        (root / "config.json").unlink()  # not provisioned: safe mode
+        out = hal.power(root, [], end="exit", cause=1)
+        assert "safe mode: not provisioned" in out["stderr"]
+        assert (["kbd_intr", 3] in out["log"]) != production
+
+
+def test_the_root_main_puts_back_the_firmware_of_a_cut_switch(boards, tmp_path) -> None:  # noqa: F811
+    root = _prod_board(boards, tmp_path, False)
+    (root / "hexiao").rename(root / "hexiao.old")  # cut between the switch's two renames
+    out = hal.power(root, [b"]E0" + hal.EAN + b"\r"], cause=1)
+    assert (root / "hexiao").is_dir() and not (root / "hexiao.old").exists()
+    assert out["keys"] == hal.EAN_KEYS and "hexiao.firmware.app" in out["modules"]

@@ -170,3 +170,47 @@ def test_usage_errors(board: Path, tmp_path: Path) -> None:
     assert both.exit_code == 2 and "give exactly one of --sim-dir DIR or --port PORT" in both.output
     hexid = run(board, tmp_path / "ks.jsonl", "--id", "hex:00ff")
     assert hexid.exit_code == 4 and "a device id is 1..16 bytes of text" in hexid.output
+
+
+def test_fw_pubkey_and_production_are_written_and_flash_then_refuses(board: Path,
+                                                                     tmp_path: Path) -> None:
+    from hexiao.tools.install import flash, keys
+
+    pub = keys.generate(tmp_path / "sign.key")
+    r = run(board, tmp_path / "ks.jsonl", "--fw-pubkey", str(tmp_path / "sign.key.pub"),
+            "--production")
+    assert r.exit_code == 0, r.output
+    assert "[pass] firmware key written: fw_key" in r.output and "[pass] production" in r.output
+    state = board / "state"
+    assert (state / "fw_key").read_text() == keys._raw(pub).hex()  # what fw_update reads
+    assert (state / "production").exists() and state.stat().st_mode & 0o777 == 0o700
+    assert not list(state.glob("*.new"))
+    # `hexiao flash` refuses it in one line: a good bundle, signed by the device's key
+    from hexiao.tools.install import bundle
+
+    good = bundle.build_bundle("sim", "1.0.0", 1, keys.load_private_key(tmp_path / "sign.key"),
+                               tmp_path)
+    before = sorted(p.relative_to(board) for p in board.rglob("*"))
+    f = CliRunner().invoke(flash.main, [str(good), "--pubkey", str(tmp_path / "sign.key.pub"),
+                                        "--sim-dir", str(board), "--yes"])
+    assert f.exit_code == 27 and f.output.count("\n") == 1, f.output
+    assert f.output.startswith("Error: production: the device is in production mode: its files "
+                               "change only through signed updates")
+    assert sorted(p.relative_to(board) for p in board.rglob("*")) == before  # nothing written
+
+
+def test_production_without_a_firmware_key_is_refused_and_a_bad_key_file_too(
+        board: Path, tmp_path: Path) -> None:
+    r = run(board, tmp_path / "ks.jsonl", "--production")
+    assert r.exit_code == 4 and r.output.count("\n") == 1, r.output
+    assert "--production needs --fw-pubkey KEY.pub" in r.output
+    assert not (board / "config.json").exists() and not (board / "state").exists()
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key\n")
+    r = run(board, tmp_path / "ks.jsonl", "--fw-pubkey", str(bad))
+    assert r.exit_code == 4 and r.output.startswith("Error: refused: --fw-pubkey: "), r.output
+    assert not (board / "config.json").exists()
+    r = run(board, tmp_path / "ks.jsonl")  # without one: provisioned, and told so
+    assert r.exit_code == 0 and "note: no --fw-pubkey: the device refuses every firmware " \
+        "update" in r.output
+    assert not (board / "state" / "fw_key").exists()

@@ -42,11 +42,13 @@ class ControlHandlers:
                  reconcile: Callable[[], list[Verdict]], started: float,
                  clock: Callable[[], float] = time.time,
                  tap_state: Callable[[], dict[str, Any]] | None = None,
+                 points_state: Callable[[], dict[str, Any]] | None = None,
                  capture_max_bytes: int = MAX_BYTES, update_timeout: float = 10.0,
                  update_restart_s: float = 120.0) -> None:
         self.lanes, self.journal_path, self.cfg = lanes, journal_path, cfg
         self._reconcile, self.started, self._clock = reconcile, started, clock
         self._tap_state = tap_state or (lambda: {"state": "off"})
+        self._points_state = points_state or (lambda: {"state": "off"})
         self.capture_max_bytes = capture_max_bytes
         self.update_timeout, self.update_restart_s = update_timeout, update_restart_s
 
@@ -74,7 +76,8 @@ class ControlHandlers:
         return {"pid": os.getpid(), "uptime_s": round(self._clock() - self.started, 1),
                 "backend": self.cfg.backend.kind, "journal": str(self.journal_path),
                 "devices": {d: lane.state for d, lane in self.lanes.items()},
-                "verify_manually": attention, "tap": self._tap_state()}
+                "verify_manually": attention, "tap": self._tap_state(),
+                "points": self._points_state()}
 
     def device_list(self) -> list[dict[str, Any]]:
         return [lane.info() for lane in self.lanes.values()]
@@ -141,10 +144,11 @@ class ControlHandlers:
         return out
 
     def _after_restart(self, lane: DeviceLane, version: str) -> dict[str, Any]:
-        # the device resets to check and install: ask it, once it is back, what it did
+        # the device resets to check and install: ask it, once it is back, what it did (a port
+        # that vanishes under the write, as the device resets, is an OSError: SerialException)
         end = time.monotonic() + self.update_restart_s
         while True:
-            with contextlib.suppress(ConnectionError, TimeoutError):
+            with contextlib.suppress(ConnectionError, TimeoutError, OSError):
                 st = lane.request({"type": "fw_query"}, "fw_status", 5.0)
                 if st["state"] >= 4 and st.get("version") == version:
                     return st

@@ -34,6 +34,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import click
 from cryptography.exceptions import InvalidSignature
@@ -63,8 +64,17 @@ BOARD_FILES = {
 # What a board runs at boot: MicroPython runs /main.py (source: it never loads a .mpy there),
 # so the bundle carries this stub at its root (member "main.py", signed like every file) and
 # `hexiao flash` installs it at /main.py; the code itself is hexiao/firmware/board_main.mpy.
+# Its first lines finish what a firmware update's switch (firmware/fw_update.py) may have cut
+# between its two renames: no /hexiao to import, so the previous firmware (or, with none, the
+# staged one if completely unpacked) is put back; fw_update then rolls back and says why.
 ROOT_MAIN = (
     "# hexiao firmware %s: the board runs this at boot; see hexiao/firmware/board_main\n"
+    "import os\n\n"
+    "if \"hexiao\" not in os.listdir():  # an update's switch cut between its renames\n"
+    "    if \"hexiao.old\" in os.listdir():\n"
+    "        os.rename(\"hexiao.old\", \"hexiao\")\n"
+    "    elif \"hexiao.new\" in os.listdir() and \"manifest.json\" in os.listdir(\"hexiao.new\"):\n"
+    "        os.rename(\"hexiao.new\", \"hexiao\")\n"
     "from hexiao.firmware.board_main import main\n\nmain(%r)\n")
 ROOT_FILES = ("main.py",)  # bundle members installed at the device's root, not under hexiao/
 _PER_BOARD = set().union(*BOARD_FILES.values())
@@ -321,6 +331,26 @@ def verify_bundle(bundle: Bundle, pubkey: Ed25519PublicKey, board: str | None = 
         raise refused("downgrade", f"{bundle.path}: bundle {m.version} has security counter "
                           f"{m.counter}, below the minimum {min_counter} (a downgrade)")
     return m
+
+
+def offer_of(path: Path, pubkey: Path | None = None) -> tuple[dict[str, Any], bytes]:
+    """(fw_offer, image) of a signed bundle file, as hostd sends it to a device
+    (protocol/fw_image.py); checked against `pubkey` first when given. InstallError otherwise:
+    the device would refuse it anyway, so say so before anything is sent."""
+    from hexiao.protocol import fw_image
+
+    b = read_bundle(path)
+    try:
+        if pubkey is not None:
+            verify_bundle(b, keys.load_public_key(pubkey))
+    except keys.KeyFileError as e:
+        raise refused("key", f"--pubkey: {e}") from None
+    if b.signature is None:
+        raise refused("unsigned", f"{path} is not signed: no device takes it")
+    try:
+        return fw_image.offer(b.manifest, b.signature, b.files)
+    except (ValueError, KeyError, TypeError) as e:
+        raise refused("corrupt", f"{path} is not a firmware bundle ({e})") from None
 
 
 def extract(bundle: Bundle, manifest: Manifest, dest: Path) -> list[Path]:

@@ -17,7 +17,8 @@ the device's installed counter, 19 not-found: no such bundle file), 20 unreachab
 port or sim dir), 21 connection-lost (re-run to resume), 22 no-space (nothing written), 23
 write-error (staging removed, previous firmware active), 24 verify-failed (device-side hash
 differs after rewriting), 25 device-manifest (installed manifest unreadable: the counter cannot
-be checked), 26 declined.
+be checked), 26 declined, 27 production (a device provisioned with --production: its files
+change only through signed updates, `hexiao device update`; nothing written).
 A refusal prints one line on stderr, `Error: KIND: MESSAGE` (--json: the result object).
 
 This module is the pipeline and the CLI; the targets it writes through (Target, DirTarget,
@@ -55,6 +56,13 @@ from hexiao.tools.install.flash_targets import (
 CUR, NEW, OLD = "/hexiao", "/hexiao.new", "/hexiao.old"
 BLOCK = 4096  # littlefs/FAT block on the boards: every file costs at least one
 _KEEP = "the previous firmware is still active"
+PRODUCTION = "production"  # the state file `hexiao provision --production` writes
+
+
+def state_path(target: Target, name: str) -> str:
+    """A firmware state file's device path (fw_key, production, ...): a board keeps them at
+    its root (board_main's state prefix ""), the sim board in /state (`hexiao sim board`)."""
+    return ("/state/" if target.board() == "sim" else "/") + name
 
 
 @dataclass
@@ -184,6 +192,9 @@ def _flash(bundle: B.Bundle, pubkey: Ed25519PublicKey, target: Target, board: st
     if board is not None and board != device_board:
         raise refused("wrong-board", f"the device reports board {device_board!r}, "
                             f"not {board!r}: is this the right port?")
+    if target.read_file(state_path(target, PRODUCTION)) is not None:
+        raise refused("production", "the device is in production mode: its files change only "
+                      "through signed updates: `hexiao device update DEVICE BUNDLE` (hostd)")
     repaired = recover(target, pubkey)
     inst = _installed(target)
     prev = {"version": inst[1].get("version"), "counter": inst[1]["counter"]} if inst else None
@@ -301,9 +312,9 @@ def main(bundle_path: Path, pubkey: Path, port: str | None, sim_dir: Path | None
                f"written ({r.bytes_written} bytes), {r.skipped} already staged; device reset")
 
 
-__all__ = ["BLOCK", "CUR", "EXIT_CODES", "NEW", "OLD", "PLATFORM_BOARDS", "DirTarget",
-           "FlashResult", "InstallError", "MpremoteTarget", "Target", "TargetGone", "flash",
-           "main", "recover"]
+__all__ = ["BLOCK", "CUR", "EXIT_CODES", "NEW", "OLD", "PLATFORM_BOARDS", "PRODUCTION",
+           "DirTarget", "FlashResult", "InstallError", "MpremoteTarget", "Target", "TargetGone",
+           "flash", "main", "recover", "state_path"]
 
 
 if __name__ == "__main__":

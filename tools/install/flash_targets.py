@@ -27,7 +27,8 @@ from hexiao.tools.install import bundle as B
 from hexiao.tools.install.errors import InstallError
 
 EXIT_CODES = {**B.EXIT_CODES, "unreachable": 20, "connection-lost": 21, "no-space": 22,
-              "write-error": 23, "verify-failed": 24, "device-manifest": 25, "declined": 26}
+              "write-error": 23, "verify-failed": 24, "device-manifest": 25, "declined": 26,
+              "production": 27}
 PLATFORM_BOARDS = {"linux": "sim", "rp2": "rp2040", "esp32": "esp32s3"}
 
 

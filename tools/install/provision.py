@@ -1,11 +1,18 @@
 """`hexiao provision`: give a device its key and lane, record the key on the host, self-test.
 
     hexiao provision (--sim-dir DIR | --port PORT) --id DEVICE_ID --lane LANE --keystore FILE
-                     [--config hostd.toml] [--force] [--check] [--json]
+                     [--fw-pubkey KEY.pub] [--production] [--config hostd.toml] [--force]
+                     [--check] [--json]
 
 Steps: generate a 32-byte key -> write `/config.json` ({"id", "key", "lane"}, the file the
 firmware's cfg= reads) to the device as `/config.json.new` -> record the key in the host
-keystore (0600) -> rename it to `/config.json` -> self-test -> checklist. The key is never
+keystore (0600) -> rename it to `/config.json` -> the firmware-signing public key (--fw-pubkey,
+`hexiao keys generate`'s KEY.pub) as the state file fw_key (64 hex digits: what the device
+checks an update over the link against; without it every update is refused) -> with
+--production, last, the state file `production`: the firmware turns its REPL off at boot, so
+its files change only through signed updates, and `hexiao flash` refuses it (a production
+device needs a firmware key: --fw-pubkey, or one it already has) -> self-test -> checklist.
+State files live at a board's root, in the sim board's `state/` folder. The key is never
 printed. A device that already has /config.json (or an id that already has a key) is refused
 unless --force, which replaces the key on both sides. --check runs only the self-test of a
 provisioned device (nothing written). hostd's config is not edited: the `[[device]]` entry to
@@ -34,11 +41,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives import serialization
 from hexiao.hostd.config import ConfigError, kid_bytes
 from hexiao.hostd.config import load as load_config
 from hexiao.hostd.keystore import KEY_LEN, KID_MAX, Keystore, KeystoreError
+from hexiao.tools.install import keys
 from hexiao.tools.install.device import CONFIG_PATH, Board, Check, Report
 from hexiao.tools.install.errors import InstallError
+from hexiao.tools.install.flash import PRODUCTION, state_path
 from hexiao.tools.install.selftest import SIM_MODULE, TEST_CODE, self_test
 
 EXIT_FAILED, EXIT_PROVISIONED, EXIT_REFUSED = 1, 3, 4
@@ -65,8 +75,15 @@ def _check_id(device_id: str, lane: str) -> bytes:
     return kid
 
 
-def provision(board: Board, device_id: str, lane: str, keystore: Path, force: bool) -> str:
-    """Write a new key to the device and the keystore; returns what was done (no key in it)."""
+def provision(board: Board, device_id: str, lane: str, keystore: Path, force: bool,
+              fw_key: bytes | None = None, production: bool = False) -> str:
+    """Write a new key to the device and the keystore, then the firmware key (fw_key: a raw
+    Ed25519 public key) and the production flag if given; returns what was done (no key)."""
+    if production and fw_key is None and board.target.read_file(
+            state_path(board.target, "fw_key")) is None:
+        raise refused(EXIT_REFUSED, "--production needs --fw-pubkey KEY.pub: a production "
+                                    "device changes only through signed updates, checked "
+                                    "against that key")
     kid = _check_id(device_id, lane)
     try:
         ks = Keystore(keystore, create=True)
@@ -90,7 +107,31 @@ def provision(board: Board, device_id: str, lane: str, keystore: Path, force: bo
         board.discard()
         raise refused(EXIT_REFUSED, f"cannot record the key in {keystore}: {e}") from None
     board.commit()
+    if fw_key is not None:
+        _write_state(board, "fw_key", fw_key.hex().encode())
+    if production:
+        _write_state(board, PRODUCTION, b"1\n")
     return "re-provisioned (new key)" if old is not None or force else "provisioned"
+
+
+def _write_state(board: Board, name: str, data: bytes) -> None:
+    # whole, then renamed over (a power cut leaves the old file or the new one)
+    path = state_path(board.target, name)
+    if board.sim_dir:
+        (board.sim_dir / "state").mkdir(mode=0o700, exist_ok=True)  # as `hexiao sim board`
+    board.target.write_file(path + ".new", data)
+    board.target.rename(path + ".new", path)
+
+
+def _fw_key(path: Path | None) -> bytes | None:
+    # the raw 32 bytes of a KEY.pub, read before anything is written
+    if path is None:
+        return None
+    try:
+        pub = keys.load_public_key(path)
+    except keys.KeyFileError as e:
+        raise refused(EXIT_REFUSED, f"--fw-pubkey: {e}") from None
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 # -- the self-test ------------------------------------------------------------------------------
@@ -173,20 +214,25 @@ def _print(report: Report, as_json: bool) -> None:
               help="The host keystore [default with --config: hostd's].")
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
               help="hostd's config: checks the lane, uses its keystore, says what to add.")
+@click.option("--fw-pubkey", type=click.Path(dir_okay=False, path_type=Path),
+              help="The firmware-signing public key (KEY.pub) the device checks updates with.")
+@click.option("--production", is_flag=True,
+              help="Turn the device's REPL off: its files then change only by signed updates.")
 @click.option("--force", is_flag=True, help="Re-provision: replace the key on both sides.")
 @click.option("--check", is_flag=True, help="Only self-test a provisioned device.")
 @click.option("--timeout", type=click.FloatRange(0.5, 600), default=10.0, show_default=True,
               help="Seconds to wait for each answer from the device.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
-         keystore: Path | None, config: Path | None, force: bool, check: bool, timeout: float,
-         as_json: bool) -> None:
+         keystore: Path | None, config: Path | None, fw_pubkey: Path | None, production: bool,
+         force: bool, check: bool, timeout: float, as_json: bool) -> None:
     """Give a device its key and lane, record the key on this host, and self-test it."""
     if (sim_dir is None) == (port is None):
         raise click.UsageError("give exactly one of --sim-dir DIR or --port PORT")
     report = Report(device_id, lane, f"sim board {sim_dir}" if sim_dir else f"port {port}")
     try:
         ks_path, listed = _hostd(config, device_id, lane, keystore, report)
+        fw_key = _fw_key(fw_pubkey)
         if sim_dir is not None and _sim_firmware(sim_dir) is None and sim_dir.is_dir():
             raise refused(EXIT_REFUSED, f"no firmware on the sim board ({sim_dir}/hexiao/"
                                         f"firmware/main.mpy is missing): install it first "
@@ -203,10 +249,19 @@ def main(sim_dir: Path | None, port: str | None, device_id: str, lane: str,
             report.add("device config", "pass", f"{CONFIG_PATH}: id {device_id!r}, "
                        f"lane {cfg.get('lane')!r}")
         else:
-            done = provision(board, device_id, lane, ks_path, force)
+            done = provision(board, device_id, lane, ks_path, force, fw_key, production)
             report.add("device key written", "pass", f"{done}: {CONFIG_PATH} with id and lane"
                        + (" (0600)" if sim_dir else ""))
             report.add("key recorded", "pass", f"{ks_path} (0600)")
+            if fw_pubkey is not None:
+                report.add("firmware key written", "pass", f"fw_key: updates signed by "
+                           f"{fw_pubkey} are accepted")
+            else:
+                report.notes.append("no --fw-pubkey: the device refuses every firmware update "
+                                    "until provisioned with one")
+            if production:
+                report.add("production", "pass", "REPL off from the next boot; `hexiao flash` "
+                           "refuses the device; updates only through hostd")
     except InstallError as e:
         if as_json:
             click.echo(json.dumps({"device": device_id, "ok": False, "refused": e.message,

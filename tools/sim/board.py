@@ -8,13 +8,18 @@ pty whose host end is linked at `<dir>/tty` (the `port` to give hostd), its scan
 product), its HID keyboard output in `<dir>/hid.log` (`HID <modifiers> <keycode>` lines, what the
 POS would receive), and its buzzer/LED/verdict events as JSON lines in `<dir>/events.log`.
 
+When the firmware resets (exit status 6: a firmware update to install, or the one installed on
+trial), the board is started again, as a real board resets, on a new pty that `<dir>/tty` then
+names (a board re-enumerates on USB; hostd reopens its port). Before each start, a switch cut
+between its renames is recovered as a board's root main.py does (recover_switch).
+
 One board runs per folder (a lock in `<dir>/.board.lock`): a second one would share the scanner
 FIFO and swallow scans. Ctrl-C stops it within a few seconds (the firmware sees its scanner and
 link hang up, and is killed if it does not end by itself).
 
-Exit status: 0 stopped (Ctrl-C / SIGTERM); 1 the firmware exited by itself (its last lines are
-printed); 3 the board cannot be run (not flashed, not provisioned, MicroPython missing, another
-board running from the same folder).
+Exit status: 0 stopped (Ctrl-C / SIGTERM); 1 the firmware exited by itself, other than to reset
+(its last lines are printed); 3 the board cannot be run (not flashed, not provisioned,
+MicroPython missing, another board running from the same folder).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from hexiao.tools.sim import relay
 
 FIRMWARE = "hexiao.firmware.main"
 STOP_GRACE_S = 3.0  # then the firmware is killed: a board that ignores the hang-up is stuck
+RESET = 6  # the firmware's exit status for a reset it asked for (an update: fw_update.reset)
 
 
 class Unrunnable(click.ClickException):
@@ -79,15 +85,9 @@ def board(board_dir: Path, heap: str, as_json: bool) -> None:
     state = board_dir / "state"
     state.mkdir(mode=0o700, exist_ok=True)
     hold = _fifo(scanner)
-    cable = relay.Cable().start()
-    if tty.is_symlink() or tty.exists():
-        tty.unlink()
-    tty.symlink_to(cable.host_port)
     argv = [mpy, "-X", f"heapsize={heap}", "-m", FIRMWARE, f"cfg={board_dir / 'config.json'}",
             f"scanner={scanner}", f"hid={hid}", f"state={state}"]
-    # the flashed firmware, by its paths on the board: cwd is the board's root
-    device = relay.DeviceProcess(cable, argv, {"MICROPYPATH": ".:.frozen",
-                                               "PATH": "/usr/bin:/bin"}, str(board_dir))
+    cable, device = _power_on(board_dir, argv, tty)
     info = {"port": str(tty), "scanner": str(scanner), "hid": str(hid),
             "events": str(board_dir / "events.log"), "heap": heap}
     click.echo(json.dumps(info) if as_json else
@@ -108,12 +108,23 @@ def board(board_dir: Path, heap: str, as_json: bool) -> None:
                     log.write(json.dumps(ev, ensure_ascii=False) + "\n")
                 written = len(device.events)
                 log.flush()
-                if device.proc.poll() is not None:
-                    refused = [e["why"] for e in device.events if e.get("ev") == "refused"]
-                    click.echo("the firmware refused to run: " + refused[0] if refused else
-                               "the firmware exited: " + " | ".join(device.other[-6:]), err=True)
-                    rc = 1
-                    break
+                if device.proc.poll() is None:
+                    continue
+                device.stop(STOP_GRACE_S)  # its last events are read
+                for ev in device.events[written:]:
+                    log.write(json.dumps(ev, ensure_ascii=False) + "\n")
+                if device.proc.returncode == RESET:  # as a board resets: on a new port
+                    cable.close()
+                    log.write(json.dumps({"ev": "reset"}) + "\n")
+                    log.flush()
+                    cable, device = _power_on(board_dir, argv, tty)
+                    written = 0
+                    continue
+                refused = [e["why"] for e in device.events if e.get("ev") == "refused"]
+                click.echo("the firmware refused to run: " + refused[0] if refused else
+                           "the firmware exited: " + " | ".join(device.other[-6:]), err=True)
+                rc = 1
+                break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -126,3 +137,35 @@ def board(board_dir: Path, heap: str, as_json: bool) -> None:
     if rc == 0:
         click.echo("sim board stopped", err=True)
     raise SystemExit(rc)
+
+
+def recover_switch(root: Path) -> str | None:
+    """What a board's root main.py does before it imports the firmware (bundle.ROOT_MAIN), for
+    the sim board, which runs hexiao.firmware.main directly: a switch cut between its two
+    renames (fw_update.switch) left no hexiao/; the previous firmware (hexiao.old) is put back,
+    or with none, the staged one if it was completely unpacked. fw_update then rolls back (or
+    counts a trial boot) and says why. Returns what was renamed, or None."""
+    cur = root / "hexiao"
+    if cur.exists():
+        return None
+    for name in ("hexiao.old", "hexiao.new"):
+        d = root / name
+        if d.is_dir() and (name == "hexiao.old" or (d / "manifest.json").exists()):
+            d.rename(cur)
+            return name
+    return None
+
+
+def _power_on(root: Path, argv: list[str],
+              tty: Path) -> tuple[relay.Cable, relay.DeviceProcess]:
+    # the board comes up on a new port (a real board re-enumerates on USB after a reset);
+    # <dir>/tty follows it, so hostd, which reopens its port, finds it again
+    recover_switch(root)
+    cable = relay.Cable().start()
+    if tty.is_symlink() or tty.exists():
+        tty.unlink()
+    tty.symlink_to(cable.host_port)
+    # the flashed firmware, by its paths on the board: cwd is the board's root
+    device = relay.DeviceProcess(cable, argv, {"MICROPYPATH": ".:.frozen",
+                                               "PATH": "/usr/bin:/bin"}, str(root))
+    return cable, device
