@@ -92,6 +92,19 @@ def duplicates(conn: psycopg.Connection, *, start: dt.date | None = None,
     return _rows(conn, sql, {"tz": tz, "start": start, "end": end})
 
 
+def points(conn: psycopg.Connection, *, start: dt.date | None = None,
+           end: dt.date | None = None, tz: str = TZ) -> list[dict[str, Any]]:
+    """Member points per store and day (the ledger's end time `ended`): points credited,
+    taken back (refunds and voids, negative) and net, and the receipts credited."""
+    sql = ("SELECT r.store, (r.ended AT TIME ZONE %(tz)s)::date AS day, "
+           "count(*) FILTER (WHERE r.points > 0) AS receipts, "
+           "coalesce(sum(r.points) FILTER (WHERE r.points > 0), 0)::bigint AS credited, "
+           "coalesce(sum(r.points) FILTER (WHERE r.points < 0), 0)::bigint AS taken_back, "
+           "coalesce(sum(r.points), 0)::bigint AS net "
+           f"FROM points r WHERE {_range(start, end)} GROUP BY 1, 2 ORDER BY 1, 2")
+    return _rows(conn, sql, {"tz": tz, "start": start, "end": end})
+
+
 def quiet(conn: psycopg.Connection, hours: float) -> list[dict[str, Any]]:
     """Stores with no record for `hours` (by headquarters' clock), or never one."""
     sql = ("SELECT s.store, s.merchant, coalesce(s.franchisee, '') AS franchisee, "

@@ -105,12 +105,25 @@ def test_demo_json_shows_the_whole_lane() -> None:
     assert qr["content"].startswith("https://hexiao.example/r/")
     assert (token["valid"], token["lane"], token["total"]) == (True, "lane-1", "26.00")
 
+    # member points: the card scanned, the receipt through hostd's tap, the sim's userinfo
+    member, points = of(ev, "member")[0], of(ev, "points")[0]
+    assert (member["scan_id"], member["code_tail"], member["outcome"], member["bonus"]) == (
+        7, "6182", "identified", 120)
+    assert (points["total"], points["earned"], points["bonus_before"], points["bonus_after"]) \
+        == ("26.00", 26, 120, 146)
+    assert points["text"] == "积分 +26 共146 …6182"
+    claim, again = of(ev, "claim")[0], of(ev, "claim_again")[0]
+    assert (claim["status"], claim["answer"]) == (200, {"ok": True, "points": 20, "bonus": 166})
+    assert claim["bonus_after"] == 166
+    assert (again["status"], again["answer"]["error"]) == (409, "already_claimed")
+
     counters = of(ev, "counters")[0]
     assert counters["consumes"] == {"2093": 1, "4510": 1, "5912": 1}
     assert counters["verify_manually"] == [] and counters["hostd_starts"] == 2
     app = counters["device_app"]
-    assert (app["products"], app["coupons"], app["macros"]) == (2, 6, 1)
-    assert app.get("offline", 0) == app.get("late", 0) <= 1 and app["resent"] >= 1
+    assert (app["products"], app["coupons"], app["macros"]) == (2, 7, 1)
+    # the points note is a late verdict to the member's scan, as is the answer after an offline
+    assert app.get("offline", 0) + 1 == app.get("late", 0) <= 2 and app["resent"] >= 1
     assert not re.search(r"[0-9a-f]{64}", p.stdout + p.stderr)  # no key is ever printed
 
 
@@ -364,14 +377,19 @@ def test_the_default_output_speaks_a_shops_words_in_80_columns_with_colour() -> 
                  "the in-store computer was switched off", "used only once",
                  "| 合计: ¥26.00", "with one QR code added before the cut",
                  "The QR code on the printout opens https://hexiao.example/r/",
+                 "Member card …6182 scanned: recognised (120 points)",
+                 "The receipt (¥26.00) earned the member 26 points: 120 → 146.",
+                 "the cashier's display: 积分 +26 共146 …6182",
+                 "claimed from its QR code: +20 points (146 → 166).",
+                 "The same QR claimed again: refused",
                  "The in-store computer was restarted once; nothing needs checking by hand.",
                  "All steps worked as expected."):
         assert said in flat(plain), said
     # a wait of seconds is announced before it starts
     at = {key: next(i for i, line in enumerate(lines) if line.lstrip().startswith(key))
-          for key in ("Setting up the lane", "[1/9]", "Switching the in-store computer back on",
+          for key in ("Setting up the lane", "[1/10]", "Switching the in-store computer back on",
                       "Back on, it asked")}
-    assert at["Setting up the lane"] < at["[1/9]"]
+    assert at["Setting up the lane"] < at["[1/10]"]
     assert at["Switching the in-store computer back on"] < at["Back on, it asked"]
 
 
@@ -536,7 +554,7 @@ def test_backend_url_json_says_which_steps_were_skipped(tmp_path: Path,
     ev = events(capsys.readouterr().out)
     assert rc == demo.EXIT_OK, ev[-3:]
     assert of(ev, "setup")[0]["backend"] == api.url
-    assert [e["step"] for e in of(ev, "skipped")] == ["busy", "kill"]
+    assert [e["step"] for e in of(ev, "skipped")] == ["busy", "kill", "points"]
     assert [(e["outcome"], e["consume_count"]) for e in of(ev, "verdict")] == [
         ("accepted", None), ("accepted", None), ("refused", None)]  # counts: not shown
     assert of(ev, "counters")[0]["consumes"] == {} and codes == {demo.CASH: 1}

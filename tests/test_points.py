@@ -185,6 +185,37 @@ def test_points_moved_meanwhile_is_verify_manually_never_resent(
     assert member(sim)["bonus_updates"] == 1
 
 
+@pytest.mark.parametrize("landed, other", [(False, +50), (True, -50)])
+def test_a_read_long_after_the_add_goes_to_a_person_whatever_the_points_say(
+        sim: WeChatSim, ledger: Ledger, client: WeChatCardClient, landed: bool,
+        other: int) -> None:
+    """hostd died with an add `sent` and came back late; meanwhile another channel moved the
+    member's points by exactly the amount. The read alone would say "credited" (ours did not
+    land, the mall added 50: the member would be short) or "not landed" (ours landed, 50 were
+    spent: a re-send would credit twice). Past TRUST_S neither is guessed."""
+    c = plan(ledger, 5000)
+    c = ledger.advance(c.id, "planned", "sent", T0, points=50, before_bonus=120)
+    if landed:
+        client.add_bonus(MEMBER, "pMember", 50, record_text(c.receipt))
+    client.add_bonus(MEMBER, "pMember", other, "商城")  # the other channel
+    assert member(sim)["bonus"] == (120 if landed else 170)
+    crediter = Crediter(ledger, client)
+    [r] = crediter.reconcile(T0 + crediter.trust_s + 1, restart=True)
+    assert (r.outcome, r.why) == ("unknown", "read too late to tell")
+    assert member(sim)["bonus_updates"] == (2 if landed else 1)  # nothing sent again
+    assert crediter.reconcile(T0 + 7200, restart=True) == []  # left for the person
+
+
+def test_a_read_soon_after_the_add_settles_it(sim: WeChatSim, ledger: Ledger,
+                                             client: WeChatCardClient) -> None:
+    c = plan(ledger, 5000)
+    c = ledger.advance(c.id, "planned", "sent", T0, points=50, before_bonus=120)
+    client.add_bonus(MEMBER, "pMember", 50, record_text(c.receipt))
+    crediter = Crediter(ledger, client)
+    [r] = crediter.reconcile(T0 + crediter.trust_s, restart=True)
+    assert (r.outcome, r.bonus) == ("credited", 170)
+
+
 def test_a_token_refused_mid_credit_is_one_credit(sim: WeChatSim, ledger: Ledger,
                                                   client: WeChatCardClient) -> None:
     def revoke(step: str) -> None:
@@ -271,3 +302,21 @@ def test_two_takers_of_one_row_send_once(sim: WeChatSim, ledger: Ledger,
     assert second.credit.id == first.credit.id and second.bonus == 170
     assert member(sim)["bonus_updates"] == 1
     assert Crediter(ledger, client).reconcile(T0 + 5) == []  # nothing left to take up
+
+
+def test_the_summary_counts_todays_credits_pending_and_what_needs_a_person(
+        sim: WeChatSim, ledger: Ledger, client: WeChatCardClient, tmp_path: Path) -> None:
+    from hexiao.hostd.members.ledger import summary
+
+    assert summary(tmp_path / "none.db", T0)["credited"] == 0  # no journal yet: nothing
+    crediter = Crediter(ledger, client)
+    crediter.credit(plan(ledger, 5000, "lane-1|a"), T0)  # +50
+    crediter.credit(plan(ledger, -5000, "lane-1|refund"), T0)  # -50
+    plan(ledger, 3000, "lane-1|waiting")  # pending
+    stuck = ledger.advance(plan(ledger, 2000, "lane-1|stuck").id, "planned", "sent", T0,
+                           points=20, before_bonus=120)
+    ledger.advance(stuck.id, "sent", "unknown", T0, reason="points moved")
+    assert summary(ledger.journal.path, T0 - 1) == {
+        "credited": 50, "receipts": 1, "taken_back": -50, "pending": 1,
+        "needs_person": [stuck.id]}
+    assert summary(ledger.journal.path, T0 + 1)["credited"] == 0  # yesterday's

@@ -29,6 +29,7 @@ from hexiao.hostd.lanes import verdicts
 from hexiao.hostd.members.service import PointsService, to_fen
 from hexiao.hostd.redeem import Engine, Verdict
 from hexiao.hostd.tap.receipt import Receipt
+from hexiao.hostd.web import app, view
 from hexiao.protocol import messages
 from test_hostd_daemon import LONG, lane, outcome
 from test_hostd_tap import key_file, tap_config, with_tap  # noqa: F401  (key_file: a fixture)
@@ -235,6 +236,33 @@ def test_hostd_credits_a_member_from_the_receipt_printed_through_the_tap(
         assert claim(second_qr).json() == {"ok": True, "points": 20, "bonus": 172}
         assert claim(second_qr).status_code == 409
         assert real_sim.state.snapshot()["codes"][MEMBER]["bonus_updates"] == 2
+        # status (control and the web page) shows today's points
+        points = ln.daemon.handlers.status()["points"]
+        assert {k: points[k] for k in ("state", "credited", "receipts", "taken_back", "pending",
+                                       "needs_person", "claim_url")} == {
+            "state": "on", "credited": 52, "receipts": 2, "taken_back": 0, "pending": 0,
+            "needs_person": [], "claim_url": ln.daemon.claims.url}
+        snap = view.snapshot(ln.daemon.handlers, refresh_s=2)
+        card = snap["points"]
+        assert (card["level"], card["credited"], card["receipts"]) == ("ok", 52, 2)
+        page = app._env().get_template("live.html").render(s=snap)
+        assert "member points today" in page and "52 points · 2 receipts" in page
+        # the POS voids the last sale (作废 in the header, no number): its points go back, once
+        for _ in range(2):
+            pos_print(port, shop="*** 作废 VOID ***", total="20.00")
+        wait_until(lambda: ln.daemon.tap.state()["counters"]["receipts"] == 4)
+        ln.daemon.points.wait_idle()
+        m = real_sim.state.snapshot()["codes"][MEMBER]
+        assert (m["bonus"], m["bonus_updates"]) == (152, 3)
+        assert ln.daemon.handlers.status()["points"]["taken_back"] == -20
+
+
+def test_the_status_card_shows_points_that_need_a_person() -> None:
+    card = view.points({"state": "on", "credited": 10, "receipts": 1, "taken_back": -4,
+                        "pending": 1, "needs_person": [7], "running": True})
+    assert (card["level"], card["needs_person"], card["pending"]) == ("warn", [7], 1)
+    assert view.points({"state": "on", "running": False})["level"] == "bad"
+    assert view.points({})["state"] == "off"
 
 
 def test_a_restarted_service_finishes_what_a_crash_left(sim: WeChatSim, tmp_path: Path,

@@ -1,8 +1,9 @@
 """`hexiao report`: headquarters' reports from fleetd's PostgreSQL (fleetd/reports.py).
 
 Subcommands: redemptions (per day / store / lane / card type / franchisee), settlement (a CSV per
-franchisee for a date range), duplicates (one code accepted in two places), quiet (stores that
-went silent), alarms. Each prints a table for people, `--json` or `--csv` for scripts.
+franchisee for a date range), duplicates (one code accepted in two places), points (member
+points per store and day), quiet (stores that went silent), alarms. Each prints a table for
+people, `--json` or `--csv` for scripts.
 
 Money is integer fen everywhere (JSON and CSV carry `face_value_fen`); tables and CSV also show
 yuan, formatted from the integer, never through a float.
@@ -205,6 +206,20 @@ def duplicates(dsn: str, as_json: bool, as_csv: bool, tz: str, start: dt.datetim
     rows = _query(dsn, lambda c: reports.duplicates(
         c, start=start.date() if start else None, end=end.date() if end else None, tz=tz))
     _emit(rows, as_json, as_csv, empty="no code was accepted twice")
+
+
+@main.command()
+@_dsn
+@_fmt
+@_tz
+@_date("--from", "start")
+@_date("--to", "end")
+def points(dsn: str, as_json: bool, as_csv: bool, tz: str, start: dt.datetime | None,
+           end: dt.datetime | None) -> None:
+    """Member points per store and day: credited, taken back (refunds, voids) and net."""
+    rows = _query(dsn, lambda c: reports.points(
+        c, start=start.date() if start else None, end=end.date() if end else None, tz=tz))
+    _emit(rows, as_json, as_csv, empty="no member points in that range")
 
 
 @main.command()

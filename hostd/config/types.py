@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hexiao.hostd.keystore import KeystoreError, check_private
+from hexiao.hostd.tap.receipt import VOID_WORDS
 
 
 class ConfigError(Exception):
@@ -197,6 +198,8 @@ class Tap:
     member_ttl_s: float = 600.0       # a member card scanned, no receipt within this: dropped
     claim_listen: str = ""            # the points claim API (hostd/members/claim.py); "" = off
     claim_max_age_s: float = 7 * 86_400.0  # a receipt older than this cannot be claimed
+    void_words: tuple[str, ...] = VOID_WORDS  # a receipt voiding a sale (hostd/tap/receipt.py)
+    void_window_s: float = 1800.0     # a void without the sale's number: the lane's last sale
 
 
 @dataclass(frozen=True)

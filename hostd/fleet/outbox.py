@@ -3,7 +3,9 @@
 Rules this module keeps:
 - A redemption record is written by the journal's step hook (journal.set_step_hook) inside the
   transaction of the step it reports: the journal step and its record commit together or not at
-  all. An entry that goes to `unknown` writes a `verify_manually` event the same way.
+  all. An entry that goes to `unknown` writes a `verify_manually` event the same way. A member
+  credit or reversal that ends credited writes a `points` record the same way (the points
+  ledger's done hook, members/ledger.set_done_hook).
 - seq is SQLite AUTOINCREMENT: never reused, even after every row is deleted, so a record's
   identity (store, installation, seq) is unique for the life of the journal file. The
   installation id is made once, with the tables, and kept in fleet_meta.
@@ -26,6 +28,7 @@ from typing import Any
 
 from hexiao.hostd import journal as jr
 from hexiao.hostd.fleet import record
+from hexiao.hostd.members import ledger
 
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS fleet_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -100,11 +103,14 @@ class Outbox:
     # --- writes --------------------------------------------------------------------------------
 
     def install(self) -> None:
-        """From now on, every Journal on this file reports its finished entries here."""
+        """From now on, every Journal on this file reports its finished entries here, and its
+        points ledger its credits."""
         jr.set_step_hook(self.journal.path, self.on_step)
+        ledger.set_done_hook(self.journal.path, self.on_points)
 
     def uninstall(self) -> None:
         jr.set_step_hook(self.journal.path, None)
+        ledger.set_done_hook(self.journal.path, None)
 
     def on_step(self, db: sqlite3.Connection, entry: jr.Entry, step: str, now: float) -> None:
         """The journal's step hook: runs inside the step's transaction, on its connection."""
@@ -128,6 +134,18 @@ class Outbox:
             "device": device if isinstance(device, str) else None,
             "received": record.ms(entry.created), "ended": record.ms(entry.updated)})
 
+    def on_points(self, db: sqlite3.Connection, credit: Any, now: float) -> None:
+        """The points ledger's hook (members/ledger.set_done_hook): a credit or reversal that
+        ended credited, inside the transaction that ended it."""
+        via = credit.detail.get("via") or ("void" if "void_of" in credit.detail else
+                                           "refund" if credit.total_fen < 0 else "till")
+        self._put(db, credit.lane, "points", now, {
+            "entry": credit.id, "receipt": credit.receipt, "points": credit.points or 0,
+            "total_fen": credit.total_fen, "card_id": credit.card_id, "via": via,
+            "code_tail": credit.code[-4:], "code_hash": record.code_hash(self._code_key,
+                                                                         credit.code),
+            "ended": record.ms(credit.updated)})
+
     def add(self, lane: str, kind: str, now: float, fields: dict[str, Any]) -> int:
         """An event or health record in its own transaction; returns its seq."""
         with self.journal.transaction() as db:
@@ -138,7 +156,7 @@ class Outbox:
         p = self.place
         payload = {"v": record.VERSION, "kind": kind, "merchant": p.merchant, "store": p.store,
                    "lane": lane, "inst": self.inst, "at": record.ms(now), **record.plain(fields)}
-        if kind == "redemption":  # bytes survive plain() only when put back after it
+        if kind in record.HASHED:  # bytes survive plain() only when put back after it
             payload["code_hash"] = fields["code_hash"]
         cur = db.execute("INSERT INTO fleet_outbox (topic, payload, created) VALUES (?, ?, ?)",
                          (record.topic(p.merchant, p.store, lane, kind), record.encode(payload),

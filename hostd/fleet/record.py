@@ -25,7 +25,7 @@ VERSION = 1
 ROOT = "hexiao/v1/"
 ALG = cose.ALG_HMAC256
 STORE_LANE = "@store"
-KINDS = ("redemption", "event", "health", "online")
+KINDS = ("redemption", "event", "health", "online", "points")
 MAX_SEQ = cose.MAX_COUNTER
 ID = re.compile(r"[A-Za-z0-9_.-]{1,16}")      # merchant and store ids (the store id is the kid)
 LANE = re.compile(r"[\w.-]{1,32}|@store")     # hostd lane names, or the whole store
@@ -138,7 +138,11 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "event": {"name": str},
     "health": {"state": dict},
     "online": {"state": str, "session": int},
+    # a member credit or reversal as it ended in the store's points ledger (hostd/members/)
+    "points": {"entry": int, "receipt": str, "points": int, "total_fen": int, "card_id": str,
+               "via": str, "code_tail": str, "code_hash": bytes, "ended": int},
 }
+HASHED = ("redemption", "points")  # kinds carrying a code_hash (32 bytes)
 _INST = re.compile(r"[0-9a-f]{32}")
 
 
@@ -154,7 +158,7 @@ def check_payload(payload: Any, where: tuple[str, str, str, str], seq: int) -> N
             raise RecordError("malformed", f"{kind}: field {name!r} missing or of the wrong type")
     if not _INST.fullmatch(payload["inst"]):
         raise RecordError("malformed", "inst is not 32 hex digits")
-    if kind == "redemption" and len(payload["code_hash"]) != 32:
+    if kind in HASHED and len(payload["code_hash"]) != 32:
         raise RecordError("malformed", "code_hash is not 32 bytes")
     if (kind == "online") != (seq == 0):
         raise RecordError("malformed", "seq 0 is for online records only")

@@ -12,8 +12,9 @@ and shows the answer: 200 {"ok": true, "points": 32, "bonus": 152}; 202 {"ok": t
 "pending": true} (accepted, credited as soon as the card API answers); otherwise
 {"ok": false, "error": E, "message": "..."} with 400 bad_request | bad_token (forged, altered,
 not one of this store's), 403 not_member (not a member card of this merchant), 409
-already_claimed (also: credited at the till), 410 expired (older than `claim_max_age_s`) or
-no_points (no total, a refund), 422 not_credited, 502 backend. GET /points/claim?t=TOKEN is a
+already_claimed (also: credited at the till), 410 expired (older than `claim_max_age_s`),
+no_points (no total, a refund) or voided (the POS voided the sale), 422 not_credited, 502
+backend. GET /points/claim?t=TOKEN is a
 minimal claim page (a form for the member code) for the demo.
 
 Rules this module keeps:
@@ -54,7 +55,8 @@ from hexiao.hostd.tap.inject import TokenError, verify_token
 log = logging.getLogger("hexiao.points.claim")
 MAX_BODY = 4096
 _STATUS = {"bad_request": 400, "bad_token": 400, "not_member": 403, "already_claimed": 409,
-           "expired": 410, "no_points": 410, "not_credited": 422, "backend": 502}
+           "expired": 410, "no_points": 410, "voided": 410, "not_credited": 422,
+           "backend": 502}
 
 
 class ClaimError(Exception):
@@ -133,6 +135,10 @@ class Claims:
                     credit = ledger.plan(token_key(lane, digest), lane, code, card_id, fen, now,
                                          {"via": "claim"})
                 except Duplicate:
+                    row = ledger.by_receipt(token_key(lane, digest))
+                    if row is not None and row.reason == "voided":
+                        log.info("claim refused: receipt %s was voided", digest[:8])
+                        raise ClaimError("voided", "this sale was cancelled") from None
                     log.info("claim refused: receipt %s already credited", digest[:8])
                     raise ClaimError("already_claimed",
                                      "this receipt's points were already given") from None

@@ -11,14 +11,24 @@ Rules this module keeps:
   before + points -> credited; before -> not landed: a new attempt (only once the request is
   known to be finished: a reply, a closed connection, or `settle_after_s` since it was sent);
   anything else -> `unknown` (verify manually: the card's record shows the receipt's
-  record_bonus text), logged, never retried. reconcile() settles `sent` rows before it
+  record_bonus text), logged, never retried. The read cannot tell our add from another
+  channel's (the member spending points in the merchant's mall, another store): the card API
+  has no read of the bonus record (userinfo/get gives the total only; the record goes to the
+  merchant's event push). So the read is trusted only within TRUST_S of the send, when a
+  coincidence of exactly this amount is not to be expected; a `sent` row settled later (hostd
+  down a long time) goes to `unknown`, a person, whatever the points say: never a re-send (a
+  double credit) nor a "credited" guess. reconcile() settles `sent` rows before it
   credits `planned` ones, so its own credits never blur that check.
 - A failure before anything was sent (offline, busy reading the points) leaves the row
   `planned` for reconcile() to take up again; a refusal that no retry fixes (card not
   NORMAL, a rule that cannot be applied, a setup error) closes it `not_credited` with why.
-- record_bonus names the receipt (14 characters at most, the platform's limit): "小票" and the
-  receipt digest's first 8 hex digits, so support can match the member's card record to the
-  journal row.
+- A void (detail.void_of: the sale's row) takes back what that sale's credit gave, no more
+  than this journal's net credits to the member nor the member's points, and no rule is read;
+  it waits (pending) while the sale's own credit is not settled, and takes nothing from a
+  sale that earned nothing.
+- record_bonus names the receipt (14 characters at most, the platform's limit): "小票" (a
+  void: "作废") and the receipt digest's first 8 hex digits, so support can match the
+  member's card record to the journal row.
 - Member codes in logs are their last 4 characters only.
 """
 
@@ -37,6 +47,7 @@ from hexiao.hostd.redeem import tail
 
 log = logging.getLogger("hexiao.points")
 MAX_ATTEMPTS = 3  # add_bonus sent at most this often for one receipt (each one verified)
+TRUST_S = 600.0  # a points read this long after the add went out no longer settles it alone
 
 
 class MemberBackend(Protocol):
@@ -58,14 +69,16 @@ class Result:
 
 
 def record_text(receipt: str) -> str:
-    """record_bonus for a receipt: at most 14 characters."""
-    return f"小票{receipt.rpartition('|')[2][:8]}"
+    """record_bonus for a receipt (a void's row: the sale it takes back): at most 14
+    characters."""
+    word = "作废" if receipt.startswith("void|") else "小票"
+    return f"{word}{receipt.rpartition('|')[2][:8]}"
 
 
 class Crediter:
     def __init__(self, ledger: Ledger, client: MemberBackend, *,
-                 hook: Callable[[str], None] | None = None) -> None:
-        self.ledger, self.client = ledger, client
+                 hook: Callable[[str], None] | None = None, trust_s: float = TRUST_S) -> None:
+        self.ledger, self.client, self.trust_s = ledger, client, trust_s
         self._hook = hook or (lambda step: None)
 
     def credit(self, c: Credit, now: float) -> Result:
@@ -79,8 +92,9 @@ class Crediter:
                 return self._result(self.ledger.get(c.id))  # someone else moved it
 
     def _attempt(self, c: Credit, now: float) -> Result:
+        void = c.detail.get("void_of")
         try:
-            rule = from_card(self.client.get_card(c.card_id))
+            rule = None if void is not None else from_card(self.client.get_card(c.card_id))
             info = self.client.member_info(c.code, c.card_id)
         except RuleError as e:
             return self._close(c, "planned", now, "not_credited", f"rule: {e}")
@@ -93,12 +107,20 @@ class Crediter:
             return self._close(c, "planned", now, "not_credited", f"errcode {e.errcode}")
         if info.status != "NORMAL":
             return self._close(c, "planned", now, "not_credited", f"card {info.status}")
-        if rule is None:
+        if void is not None:
+            sale = self.ledger.get(int(void))
+            if sale.state != "done":
+                return Result(c, "pending", why="the voided sale's credit is not settled")
+            if sale.outcome != "credited" or not sale.points or sale.points < 0:
+                return self._close(c, "planned", now, "nothing", "the sale earned no points")
+            points = self._taken_back(c, sale.points, info.bonus)
+        elif rule is None:
             return self._close(c, "planned", now, "nothing", "card has no bonus rule")
-        try:
-            points = self._amount(c, rule.points(abs(c.total_fen)), info.bonus)
-        except RuleError as e:
-            return self._close(c, "planned", now, "not_credited", f"rule: {e}")
+        else:
+            try:
+                points = self._amount(c, rule.points(abs(c.total_fen)), info.bonus)
+            except RuleError as e:
+                return self._close(c, "planned", now, "not_credited", f"rule: {e}")
         if points == 0:
             return self._close(c, "planned", now, "nothing", "0 points")
         if c.attempts >= MAX_ATTEMPTS:
@@ -125,7 +147,10 @@ class Crediter:
     def _amount(self, c: Credit, points: int, bonus: int) -> int:
         if c.total_fen >= 0:
             return points
-        # a refund takes back what was given here, never more, and never below 0 points
+        return self._taken_back(c, points, bonus)
+
+    def _taken_back(self, c: Credit, points: int, bonus: int) -> int:
+        # a refund or a void takes back what was given here, never more, never below 0 points
         return -min(points, max(0, self.ledger.net_credited(c.code, exclude=c.id)), bonus)
 
     def settle(self, c: Credit, now: float, *, in_flight: bool = False) -> Result:
@@ -136,6 +161,15 @@ class Crediter:
             log.warning("points %s: cannot read the points yet (%s)", tail(c.code), e)
             return Result(c, "pending", why="verify")
         assert c.before_bonus is not None and c.points is not None
+        if now - c.updated > self.trust_s:
+            log.error("points %s: receipt %s: points %d (were %d, %+d sent) read %.0f s after "
+                      "the add: another channel may have moved them; verify manually (the "
+                      "card's record shows %s)", tail(c.code), c.receipt, info.bonus,
+                      c.before_bonus, c.points, now - c.updated, record_text(c.receipt))
+            unknown = self.ledger.advance(c.id, "sent", "unknown", now, result_bonus=info.bonus,
+                                          reason="read too late to tell")
+            self._hook("unknown_final")
+            return self._result(unknown)
         if info.bonus == c.before_bonus + c.points:
             done = self.ledger.advance(c.id, "sent", "done", now, outcome="credited",
                                        result_bonus=info.bonus, step="reconciled")

@@ -6,6 +6,14 @@ Rules this module keeps:
   scan on that lane replaces it). The lane's next receipt with a readable total credits the
   member once (credit.py: write-ahead, never repeated blindly) and ends the tie; a negative
   total (a refund) takes back, once, at most what this journal credited that member.
+- A void the tap recognises (receipt.find_void) takes back, once, what the sale it voids
+  earned, whoever is tied to the lane now. The sale is the lane's receipt that printed the
+  number the void names (原单号 / Orig. receipt), else, when the void names none, the lane's
+  newest receipt of the void's total within `void_window_s` (the last RECENT receipts of each
+  lane are remembered; after a restart, the ledger's member sales); no such receipt: nothing,
+  logged. The reversal is a ledger row keyed by the sale (ledger.py), so a void printed twice
+  takes back once. A voided sale no member was credited for is barred in the ledger, so its
+  QR can no longer be claimed (claim.py answers 410 voided).
 - A receipt with no member tied to its lane credits nothing. A receipt whose total cannot be
   read credits nothing and is logged; the member stays tied for the sale's real receipt. A
   member with no receipt within `member_ttl_s` is dropped with a log line.
@@ -27,6 +35,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -36,13 +45,15 @@ from typing import Any
 from hexiao.hostd.journal import Journal
 from hexiao.hostd.lanes.verdicts import TEXT_MAX, fit
 from hexiao.hostd.members.credit import Crediter, Result
-from hexiao.hostd.members.ledger import Duplicate, Ledger
+from hexiao.hostd.members.ledger import Duplicate, Ledger, summary
 from hexiao.hostd.redeem import Verdict, tail
 from hexiao.hostd.tap.receipt import Receipt
 from hexiao.protocol import messages
 
 log = logging.getLogger("hexiao.points")
 MEMBER_TTL_S = 600.0  # a member scanned and no receipt within this: dropped
+VOID_WINDOW_S = 1800.0  # a void naming no receipt number: the lane's sale within this
+RECENT = 50  # receipts a lane remembers for the voids that name no number
 _LED = {"credited": "green", "nothing": "off", "not_credited": "red", "unknown": "amber",
         "pending": "amber"}
 
@@ -98,14 +109,18 @@ class PointsService:
 
     def __init__(self, journal_path: str | Path, client_factory: Callable[[], Any], *,
                  tell: Callable[[str, dict[str, Any]], None] | None = None,
-                 member_ttl_s: float = MEMBER_TTL_S, settle_after_s: float = 60.0,
+                 member_ttl_s: float = MEMBER_TTL_S, void_window_s: float = VOID_WINDOW_S,
+                 settle_after_s: float = 60.0,
                  reconcile_every_s: float = 60.0, clock: Callable[[], float] = time.time,
                  hook: Callable[[str], None] | None = None) -> None:
         self.journal_path, self._client_factory = Path(journal_path), client_factory
         self._tell = tell or (lambda device, msg: None)
         self.member_ttl_s, self.settle_after_s = member_ttl_s, settle_after_s
+        self.void_window_s = void_window_s
         self.reconcile_every_s, self._clock, self._hook = reconcile_every_s, clock, hook
         self.members: dict[str, Member] = {}  # lane -> the member of its current sale
+        # lane -> its last receipts: (at, number, total fen, receipt key), for voids
+        self._recent: dict[str, deque[tuple[float, str, int | None, str]]] = {}
         self.results: list[Result] = []  # what each credit came to (the last 100)
         self._jobs: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -131,6 +146,14 @@ class PointsService:
         self._jobs.put(("call", done.set))
         if not done.wait(timeout):
             raise TimeoutError("the points service did not finish its work")
+
+    def state(self) -> dict[str, Any]:
+        """For `status` and the web page: today's credits (since local midnight), what is
+        pending or needs a person (ledger.summary), and the members waiting for a receipt."""
+        now = time.localtime(self._clock())
+        midnight = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, 0, 0, 0, 0, 0, -1))
+        return {**summary(self.journal_path, midnight), "running": self.alive(),
+                "waiting": {lane: tail(m.code) for lane, m in list(self.members.items())}}
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -219,6 +242,11 @@ class PointsService:
         assert self._ledger is not None and self._crediter is not None
         self.expire(at)
         for rc in items:
+            if rc.void:
+                self._void(lane, rc, at)
+                continue
+            self._recent.setdefault(lane, deque(maxlen=RECENT)).append(
+                (at, rc.number, to_fen(rc.total), receipt_key(lane, rc)))
             member = self.members.get(lane)
             if member is None:
                 continue  # no member scanned for this sale: nothing to credit
@@ -234,7 +262,7 @@ class PointsService:
             try:
                 credit = self._ledger.plan(key, lane, member.code, member.card_id, fen, at,
                                            {"device": member.device,
-                                            "scan_id": member.scan_id})
+                                            "scan_id": member.scan_id, "number": rc.number})
             except Duplicate:
                 log.info("points: receipt %s seen again: credited once only", key)
                 continue
@@ -244,6 +272,60 @@ class PointsService:
             result = self._crediter.credit(credit, at)
             self._keep(result)
             self._tell(member.device, points_message(member, result))
+
+    def _void(self, lane: str, rc: Receipt, at: float) -> None:
+        assert self._ledger is not None and self._crediter is not None
+        key = self._voided(lane, rc, at)
+        if key is None:
+            log.info("points: void receipt %d on %s (of %s): no such sale, nothing taken back",
+                     rc.index, lane, rc.void_of or f"total {rc.total}")
+            return
+        sale, void_key = self._ledger.by_receipt(key), receipt_key(lane, rc)
+        if sale is None:  # nobody was credited for it: its QR must not be claimed now
+            try:
+                self._ledger.bar(key, lane, abs(to_fen(rc.total) or 0), at, "voided",
+                                 {"voided_by": void_key})
+                log.info("points: sale %s voided with no member: its QR cannot be claimed", key)
+            except Duplicate:
+                pass
+            return
+        if sale.total_fen <= 0 or not sale.code:
+            return  # a refund, or a sale barred already
+        try:
+            credit = self._ledger.plan(f"void|{sale.receipt}", lane, sale.code, sale.card_id,
+                                       -sale.total_fen, at,
+                                       {"void_of": sale.id, "number": rc.number,
+                                        "void_receipt": void_key})
+        except Duplicate:
+            log.info("points: sale %s voided again: taken back once only", sale.receipt)
+            return
+        if self._hook is not None:
+            self._hook("planned")
+        result = self._crediter.credit(credit, at)
+        self._keep(result)
+        device, scan_id = sale.detail.get("device"), sale.detail.get("scan_id")
+        if isinstance(device, str) and isinstance(scan_id, int):  # the sale's own scan
+            self._tell(device, points_message(Member(sale.code, sale.card_id, device, scan_id,
+                                                     at), result))
+
+    def _voided(self, lane: str, rc: Receipt, at: float) -> str | None:
+        """The receipt key of the sale a void voids (module rules), or None."""
+        assert self._ledger is not None
+        recent = list(self._recent.get(lane, ()))
+        if rc.void_of:
+            row = self._ledger.sale(lane, number=rc.void_of)
+            if row is not None:
+                return row.receipt
+            return next((k for _, n, _, k in reversed(recent) if n == rc.void_of), None)
+        fen = to_fen(rc.total)
+        if fen is None or fen == 0:
+            return None
+        since = at - self.void_window_s
+        key = next((k for t, _, f, k in reversed(recent) if t >= since and f == abs(fen)), None)
+        if key is None:
+            row = self._ledger.sale(lane, since=since, total_fen=abs(fen))
+            key = None if row is None else row.receipt
+        return key
 
     def _keep(self, r: Result) -> None:
         self.results.append(r)

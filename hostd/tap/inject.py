@@ -46,6 +46,7 @@ from hexiao.hostd.tap.receipt import (
     CUT,
     DEFAULT_TOTALS,
     NEUTRAL,
+    VOID_WORDS,
     Assembler,
     PrinterState,
     Receipt,
@@ -295,6 +296,7 @@ class Injector:
     style: QRStyle = field(default_factory=QRStyle)
     content: Content = field(default_factory=lambda: Content("{digest}"))
     totals: tuple[tuple[str, str], ...] = DEFAULT_TOTALS
+    void_words: tuple[str, ...] = VOID_WORDS  # a whole sale voided (receipt.find_void)
     existing_qr: str = "inject"    # or "skip": leave receipts that print their own QR alone
     hold_limit: int = 4096
     enabled: bool = True           # False: only assemble and record receipts (dry run)
@@ -309,7 +311,7 @@ class Injector:
         self.style.caption.encode(self.profile.encoding)
         self._parser = Parser()
         self._asm = Assembler(self.profile.encoding, self.profile.kanji_default,
-                              self.profile.cutter, self.totals)
+                              self.profile.cutter, self.totals, self.void_words)
         self.receipts: list[Receipt] = []
         self.injections: list[tuple[int, int]] = []  # (output offset, length) of each block
         self.counters: Counter[str] = Counter()

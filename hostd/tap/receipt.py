@@ -20,6 +20,12 @@ Rules this module keeps:
   is not even decoded, the line ends in "…"), and its first LINES_HEAD and last LINES_TAIL lines
   (`lines_dropped` counts the middle; totals sit near the end). A job of any length that never
   cuts costs the same memory as a long receipt; the bytes themselves are not kept here at all.
+- A void (the POS cancelling a whole sale) is a receipt with a void word (VOID_WORDS, or the
+  tap's `void_words`) in its first VOID_HEAD lines or on a total's line or the line next to it;
+  a word among the items (a line void: one item taken off a sale) is not a void. Latin words
+  match whole and case-blind. The receipt's own number and the number of the sale it voids
+  are read when printed (NUMBER, ORIGINAL); nothing is guessed here (members/service.py links
+  a void without a number).
 """
 
 from __future__ import annotations
@@ -57,6 +63,16 @@ DEFAULT_TOTALS: tuple[tuple[str, str], ...] = (
     ("应收", r"应\s*收"), ("合计", r"合\s*计"), ("总计", r"总\s*计"),
     ("Total", r"(?i)(?<![a-z])(?:grand\s+)?total(?![a-z])"), ("实收", r"实\s*收"),
 )
+# a void of a whole sale, as POS receipts print it; matched in the head and near the total only
+VOID_WORDS: tuple[str, ...] = ("VOID", "VOIDED", "作废", "撤销", "取消交易")
+VOID_HEAD = 8
+# the receipt's own number and the one it voids ("原单号 000123"); (?<!原) keeps them apart.
+# A latin label needs "No." / "#" / ":" after it ("keep this receipt for..." is no number).
+_ID = r"([A-Za-z0-9][A-Za-z0-9_-]{2,31})"
+_ZH = r"(?:单\s*号|流\s*水\s*号|小\s*票\s*号|票\s*号)\s*[:：#]?\s*" + _ID
+_EN = r"(?<![a-z])(?:receipt|trans(?:action)?)\s*(?:(?:No\.?|#|Number)\s*[:：]?|[:：])\s*" + _ID
+NUMBER = re.compile(rf"(?i)(?<!原)(?<!原\s){_ZH}|(?<!orig\.\s)(?<!original\s){_EN}")
+ORIGINAL = re.compile(rf"(?i)原\s*{_ZH}|(?<![a-z])orig(?:inal|\.)?\s*{_EN}")
 # an amount: thousands with commas, a decimal point, or a decimal comma with two digits (6,50)
 _AMOUNT = re.compile(
     r"[-−]?\s*(?:[¥￥$]|RMB|CNY)?\s*(\d{1,3}(?:,\d{3})+|\d+)(\.\d+|,\d{2}(?!\d))?")
@@ -97,6 +113,9 @@ class Receipt:
     uncertain: bool = False      # unknown or truncated command: framing not guaranteed
     end: str = ""                # "cut", "init" (ESC @ on a cutter-less printer), "job"
     lines_dropped: int = 0       # lines between the kept head and tail (see LINES_HEAD)
+    void: bool = False           # the POS voided a whole sale with this receipt
+    number: str = ""             # the receipt's own number, when printed
+    void_of: str = ""            # a void's original receipt number, when printed
     # filled by the injector
     digest: str = ""             # SHA-256 (hex) of the bytes up to the injection point
     injected: bool = False
@@ -110,7 +129,8 @@ class Receipt:
                 "total": None if self.total is None else str(self.total),
                 "printed": self.printed, "has_qr": self.has_qr, "uncertain": self.uncertain,
                 "digest": self.digest, "injected": self.injected, "content": self.content,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "void": self.void, "number": self.number,
+                "void_of": self.void_of}
 
 
 def parse_amount(text: str) -> Decimal | None:
@@ -151,6 +171,41 @@ def find_totals(lines: list[str], patterns: Iterable[tuple[str, str]] = DEFAULT_
             break  # one label per line: the highest-priority one
     total = next((best[name] for name, _ in compiled if name in best), None)
     return found, total
+
+
+def void_words(words: Iterable[str]) -> re.Pattern[str]:
+    """One pattern for the void words: latin ones whole and case-blind, others as written."""
+    parts = [rf"(?<![A-Za-z]){re.escape(w)}(?![A-Za-z])" if w.isascii() else re.escape(w)
+             for w in sorted(words, key=len, reverse=True) if w.strip()]
+    if not parts:
+        raise ValueError("void_words: expected at least one word")
+    return re.compile("(?i)" + "|".join(parts))
+
+
+def find_void(lines: list[str], words: re.Pattern[str],
+              patterns: Iterable[tuple[str, str]] = DEFAULT_TOTALS) -> bool:
+    """Whether the receipt voids a whole sale: a void word on a total's line ("VOID TOTAL"), or
+    as a banner (a line without an amount) in the first VOID_HEAD lines or next to a total's
+    line. A void word on an item line ("VOID Cola -3.00": one item off the sale) is not."""
+    labels = [re.compile(rx) for _, rx in patterns]
+    totals = {i for i, line in enumerate(lines) if any(rx.search(line) for rx in labels)}
+    near = set(range(min(VOID_HEAD, len(lines)))) | {j for i in totals for j in (i - 1, i + 1)}
+    for i, line in enumerate(lines):
+        if words.search(line) and (i in totals or (i in near and parse_amount(line) is None)):
+            return True
+    return False
+
+
+def find_numbers(lines: list[str]) -> tuple[str, str]:
+    """(the receipt's own number, the original's number for a void), "" where not printed;
+    the first of each wins (headers come first)."""
+    number = original = ""
+    for line in lines:
+        if not original and (m := ORIGINAL.search(line)):
+            original = m.group(1) or m.group(2)
+        elif not number and (m := NUMBER.search(line)):
+            number = m.group(1) or m.group(2)
+    return number, original
 
 
 class TextBuilder:
@@ -220,10 +275,12 @@ class Assembler:
 
     def __init__(self, encoding: str = "gb18030", kanji_default: bool = True,
                  cutter: bool = True,
-                 totals: Iterable[tuple[str, str]] = DEFAULT_TOTALS) -> None:
+                 totals: Iterable[tuple[str, str]] = DEFAULT_TOTALS,
+                 void: Iterable[str] = VOID_WORDS) -> None:
         codecs.lookup(encoding)  # a bad profile fails here, not mid-receipt
         self.encoding, self.kanji_default, self.cutter = encoding, kanji_default, cutter
         self.totals = tuple(totals)
+        self.void = void_words(void)
         for _, rx in self.totals:
             re.compile(rx)
         self.state = PrinterState()
@@ -359,5 +416,7 @@ class Assembler:
         rc.lines_dropped = self._text.dropped
         rc.totals, rc.total = find_totals(rc.lines, self.totals,
                                           LINES_HEAD if rc.lines_dropped else None)
+        rc.void = find_void(rc.lines, self.void, self.totals)
+        rc.number, rc.void_of = find_numbers(rc.lines)
         self._new_receipt()
         return rc

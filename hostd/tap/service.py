@@ -147,12 +147,14 @@ class TapService:
         try:
             style = QRStyle(c.module, c.align, c.ec, c.caption)
             content = Content(c.content, c.lane, key)
-            Injector(profile, style, content, existing_qr=c.existing_qr)  # checks the rest
+            Injector(profile, style, content, existing_qr=c.existing_qr,
+                     void_words=c.void_words)  # checks the rest
         except ValueError as e:
             raise TapError(str(e), "key_file" if "tap key" in str(e) else "content") from None
 
         def make() -> Injector:
-            return Injector(profile, style, content, existing_qr=c.existing_qr)
+            return Injector(profile, style, content, existing_qr=c.existing_qr,
+                            void_words=c.void_words)
         return listen, target, make
 
     def start(self) -> TapService:

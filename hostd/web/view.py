@@ -122,6 +122,17 @@ def tap(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def points(state: dict[str, Any]) -> dict[str, Any]:
+    """Member points at the till (PointsService.state()) as the page's card: today's credits,
+    what is pending, what needs a person."""
+    person = list(state.get("needs_person") or [])
+    return {"state": state.get("state", "off"),
+            "level": "warn" if person else "ok" if state.get("running", True) else "bad",
+            "credited": state.get("credited", 0), "receipts": state.get("receipts", 0),
+            "taken_back": state.get("taken_back", 0), "pending": state.get("pending", 0),
+            "needs_person": person, "claim_url": state.get("claim_url") or ""}
+
+
 def _safe(problems: list[str], what: str, call: Callable[[], Any], default: Any) -> Any:
     try:
         return call()
@@ -164,4 +175,5 @@ def snapshot(handlers: ControlHandlers, *, refresh_s: float) -> dict[str, Any]:
         "verdicts": [entry(e) for e in reversed(latest)],
         "attention": [entry(e) for e in reversed(attention)],
         "tap": tap(status.get("tap") or {"state": "off"}),
+        "points": points(status.get("points") or {"state": "off"}),
     }

@@ -4,6 +4,9 @@ WeChat simulator in this process (it outlives hostd's kill), a scanner FIFO the 
 lines to, and a fake POS that reads the device's HID reports and shows them as typed text.
 The receipt tap (started on first use): the TapService hexiao-hostd runs with [tap] enabled, in
 front of a loopback fake printer, with a POS that prints over TCP through it.
+Member points: hexiao-hostd itself runs [tap] (its own key, a second fake printer, the claim API
+on loopback), so a member card scanned on the lane earns the points of the receipt printed
+through hostd's tap, as in a shop (hostd/members/).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class Lane:
         self.hostd_log = workdir / "hostd.log"
         self.pos_seen = 0  # HID lines already shown
         self.tap: ReceiptTap | None = None
+        self.points_printer: FakePrinter | None = None  # behind hostd's own tap
+        self.points_key = workdir / "hostd-tap.key"
+        self._secret_file: Path | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -118,6 +124,10 @@ class Lane:
             secret_file = self.dir / "wechat.secret"
             secret_file.touch(mode=0o600)
             secret_file.write_text(app["secret"])
+        self._secret_file = secret_file
+        self.points_key.touch(mode=0o600)  # hostd's tap key, never printed
+        self.points_key.write_text(os.urandom(32).hex() + "\n")
+        self.points_printer = FakePrinter()
         self.cable = relay.Cable().start()
         self._write_hostd_config(appid, self.cable.host_port, secret_file.absolute())
         fifo = self.dir / "scanner"
@@ -142,6 +152,10 @@ class Lane:
             f'timeout_s = {BACKEND_TIMEOUT_S}\nretries = 1\n'
             f'backoff_s = 0.05\nsettle_after_s = {SETTLE_AFTER_S}\n'
             f'[[device]]\nid = "{DEVICE_ID}"\nlane = "lane-1"\nport = "{port}"\n'
+            f'[tap]\nenabled = true\nlisten = "127.0.0.1:0"\nlane = "lane-1"\n'
+            f'printer = "tcp:127.0.0.1:{self.points_printer.port}"\n'
+            f'content = "{TAP_CONTENT}"\nkey_file = {json.dumps(str(self.points_key))}\n'
+            f'claim_listen = "127.0.0.1:0"\n'
             # F9, the amount in yuan, Enter: the POS's own cash-discount key
             f'[macros.CASH]\nitems = [[0x42, 0], "{{reduce_cost_yuan}}", [0x28, 0]]\n'
             f'delay_ms = 0\n')
@@ -183,6 +197,8 @@ class Lane:
     def close(self) -> None:
         if self.tap is not None:
             self.tap.close()
+        if self.points_printer is not None:
+            self.points_printer.close()
         if self.hostd is not None and self.hostd.poll() is None:
             self.hostd.terminate()
             try:
@@ -269,6 +285,32 @@ class Lane:
             return info if info.get("state") == "open" else None
 
         return self.wait(opened, "the device's session with hostd", hostd=True)
+
+    def print_via_hostd(self, data: bytes) -> bytes:
+        """The POS prints `data` through hostd's own tap; what the printer got."""
+        assert self.points_printer is not None
+        listening = self.ctl("status")["tap"].get("listening") or ""
+        host, _, port = listening.rpartition(":")
+        if not port:
+            raise OSError(f"hostd's receipt tap is not listening: {self.ctl('status')['tap']}")
+        done = len(self.points_printer.jobs)
+        with socket.create_connection((host, int(port)), timeout=self.timeout) as pos:
+            pos.sendall(data)
+            pos.shutdown(socket.SHUT_WR)
+            while pos.recv(4096):
+                pass
+        return self.points_printer.wait_jobs(done + 1, self.timeout)[done]
+
+    def member_info(self, code: str, card_id: str) -> Any:
+        """The member's card now, as the card API's card/membercard/userinfo/get says."""
+        from hexiao.hostd.backends.wechat_card import WeChatCardClient
+        from hexiao.hostd.config.types import read_secret
+
+        assert self._secret_file is not None
+        appid = self.appid or read(EXAMPLE)["apps"][0]["appid"]
+        with WeChatCardClient(self.url, appid, read_secret(self._secret_file),
+                              sleep=lambda s: None) as client:
+            return client.member_info(code, card_id)
 
     # -- the backend's side (the simulator's admin API; absent on a real backend) -------------
 

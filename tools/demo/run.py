@@ -7,7 +7,10 @@ typed by the CASH macro), the same coupon scanned again is not used twice, an in
 refused, a busy backend is handled, hostd is SIGKILLed mid-redemption and reconciled after
 restart, a Chinese receipt is printed through the receipt tap (its text and total as the tap read
 them, the printer's bytes: the original intact plus one QR block, the QR read back, its token
-verified), counters.
+verified), a member earning points (a member card scanned, a receipt printed through hostd's own
+tap, the points the card API's userinfo/get shows before and after, the cashier's display), a
+second receipt's QR claimed for points through hostd's claim API and a second claim of it
+refused, counters.
 Each step checks what it shows. The link-layer attacks (corrupted, forged, replayed frames) are
 not repeated here: tests/test_link.py and tests/test_pty_link.py show them.
 
@@ -58,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
+import httpx
 from hexiao.hostd.config.types import ConfigError, read_secret
 from hexiao.hostd.tap.inject import TokenError, TokenInfo, remove_blocks, verify_token
 from hexiao.hostd.tap.proxy import ConnRecord
@@ -78,6 +82,8 @@ from hexiao.tools.demo.lane import (
 EXIT_OK, EXIT_FAILED, EXIT_BAD, EXIT_SETUP = 0, 1, 2, 3
 PRODUCTS = ("5901234123457", "4006381333931")
 CASH, DISCOUNT, GROUPON, UNKNOWN = "287463512093", "391827364510", "640218375912", "999999999999"
+MEMBER, MEMBER_CARD = "829304756182", "pHexiaoSimMemberCardxxxxxxxxx"  # the example seed's
+CLAIMED = (("面包", "8.80"), ("牛奶 1L", "12.00"))  # the receipt whose QR is claimed
 OUTCOMES = ("accepted", "refused", "offline", "identified", "verify_manually", "info")
 SHOP = "好又多超市 (天河店)"
 ITEMS = (("可口可乐 330ml ×2", "7.00"), ("康师傅红烧牛肉面", "4.50"), ("农夫山泉 550ml", "2.00"),
@@ -472,6 +478,91 @@ def step_receipt(r: Run, items: tuple[tuple[str, str], ...] = ITEMS) -> None:
                lane=info.lane, time=info.time, total=str(info.total), digest=info.digest)
 
 
+def step_points(r: Run) -> None:
+    if not r.faults_ok:  # the member card is the example seed's
+        r.skipped("points", "a member card")
+        return
+    r.sid += 1
+    sid = r.sid
+    before = r.lane.member_info(MEMBER, MEMBER_CARD).bonus
+    r.lane.scan(f"]Q1{MEMBER}".encode())
+    try:
+        v = r.lane.verdict(sid)
+    except TimeoutError as e:
+        raise StepFailed(str(e)) from None
+    r.say.emit("member", f"  Member card {_tail(MEMBER)} scanned: "
+               f"{r.say.outcome(v['outcome'])} ({before} points)\n"
+               f"    the cashier's display: {v['text']}",
+               tech=f"    scanner ]Q1{_tail(MEMBER)} → device, scan #{sid}: {v['outcome']}; "
+               "hostd ties the member to lane-1's next receipt", scan_id=sid,
+               code_tail=MEMBER[-4:], outcome=v["outcome"], text=v["text"], bonus=before)
+    if v["outcome"] != "identified":
+        raise StepFailed(f"the member card was {v['outcome']} “{v['text']}”, expected "
+                         "identified")
+    r.wait(lambda: r.lane.ctl("status")["points"].get("waiting", {}).get("lane-1"),
+           "hostd to tie the member to the lane's sale")
+    total = sum((Decimal(p) for _, p in ITEMS), Decimal("0.00"))
+    earned = _print_points(r, ITEMS, total)
+    try:
+        told = r.lane.verdict(sid, 2)  # the device's late note for the member's scan
+    except TimeoutError as e:
+        raise StepFailed(str(e)) from None
+    after = r.lane.member_info(MEMBER, MEMBER_CARD).bonus
+    r.say.emit("points", f"  The receipt (¥{total}) earned the member {after - before} points: "
+               f"{before} → {after}.\n    the cashier's display: {told['text']}",
+               tech=f"    card/membercard/updateuser add_bonus {after - before}; "
+               f"userinfo/get: bonus {after}", earned=after - before, bonus_before=before,
+               bonus_after=after, total=str(total), text=told["text"])
+    if after - before != earned or f"+{earned}" not in told["text"]:
+        raise StepFailed(f"the member's points went {before} → {after} (display "
+                         f"“{told['text']}”), expected +{earned}")
+    # another customer's receipt, no card shown: claimed later from its QR
+    total = sum((Decimal(p) for _, p in CLAIMED), Decimal("0.00"))
+    claim_url = r.lane.ctl("status")["points"].get("claim_url") or ""
+    token = _print_points(r, CLAIMED, total, qr=True)
+    answers = []
+    for n in (1, 2):
+        try:
+            resp = httpx.post(f"{claim_url}/points/claim", json={
+                "token": token, "card_id": MEMBER_CARD, "code": MEMBER}, timeout=r.lane.timeout)
+            answers.append((resp.status_code, resp.json()))
+        except (httpx.HTTPError, ValueError) as e:
+            raise StepFailed(f"claim {n} at {claim_url}: {e}") from None
+    (s1, a1), (s2, a2) = answers
+    final = r.lane.member_info(MEMBER, MEMBER_CARD).bonus
+    r.say.emit("claim", f"  A second receipt (¥{total}) was claimed from its QR code: "
+               f"+{a1.get('points')} points ({after} → {final}).",
+               tech=f"    POST {claim_url}/points/claim: {s1} {json.dumps(a1)}", status=s1,
+               answer=a1, bonus_before=after, bonus_after=final)
+    r.say.emit("claim_again", f"  The same QR claimed again: refused ({a2.get('message')}).",
+               tech=f"    POST again: {s2} {json.dumps(a2, ensure_ascii=False)}", status=s2,
+               answer=a2)
+    want = int(total)  # the seed's rule: 1 point a whole yuan
+    if (s1, a1.get("points"), final - after) != (200, want, want):
+        raise StepFailed(f"the claim answered {s1} {a1}, points {after} → {final}; expected "
+                         f"200 and +{want}")
+    if (s2, a2.get("error")) != (409, "already_claimed"):
+        raise StepFailed(f"the second claim answered {s2} {a2}, expected 409 already_claimed")
+
+
+def _print_points(r: Run, items: tuple[tuple[str, str], ...], total: Decimal,
+                  qr: bool = False) -> Any:
+    """Print a receipt through hostd's tap; the points it should earn (the seed's rule: one a
+    whole yuan), or with qr, its QR's token."""
+    try:
+        job = r.lane.print_via_hostd(receipt_bytes(SHOP, list(items), str(total)))
+    except (OSError, TimeoutError) as e:
+        raise StepFailed(f"printing through hostd's tap: {e}") from None
+    if not qr:
+        return int(total)
+    stored = qr_stored(job)
+    prefix = TAP_CONTENT.removesuffix("{token}")
+    if len(stored) != 1 or not stored[0].startswith(prefix.encode()):
+        raise StepFailed(f"the printer got {len(stored)} QR codes from hostd's tap, "
+                         f"expected one {prefix}TOKEN")
+    return stored[0].decode().removeprefix(prefix)
+
+
 def tap_receipt(rec: ConnRecord, total: Decimal) -> Receipt:
     """The one receipt the tap read, with its QR added and the total the POS printed."""
     if len(rec.receipts) != 1:
@@ -582,6 +673,7 @@ STEPS: list[Step] = [
     ("busy", "The coupon server is busy", step_busy),
     ("kill", "The in-store computer is switched off mid-redemption", step_kill),
     ("receipt", "A receipt gets its QR code", step_receipt),
+    ("points", "A member earns points from the receipt", step_points),
     ("counters", "What everyone counted", step_counters),
 ]
 
@@ -745,13 +837,14 @@ def _fail(lane: Lane, say: Narrator, step: str, message: str) -> None:
               type=click.FloatRange(min=0, min_open=True),
               help="Seconds any one wait may take before the step fails.")
 @click.option("--fleet", is_flag=True, help="Instead: a chain of two stores through an MQTT "
-              "broker into PostgreSQL, with its settlement report (tools/demo/fleet.py).")
+              "broker into PostgreSQL, with its settlement report, then headquarters operating it "
+              "(tools/demo/fleet.py).")
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
               help="--fleet: the MQTT broker.")
 @click.option("--fleet-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
               show_default=True, help="--fleet: a PostgreSQL server where the demo may create "
               "its database (dropped at the end unless --keep).")
-@click.option("--keep", is_flag=True, help="--fleet: keep the database.")
+@click.option("--keep", is_flag=True, help="--fleet: keep the database (for hexiao-fleetd web).")
 def main(as_json: bool, detail: bool, scenario: Path | None, backend_url: str | None,
          appid: str | None, secret_file: Path | None, timeout: float, fleet: bool,
          broker: str, fleet_dsn: str, keep: bool) -> None:
