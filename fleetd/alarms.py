@@ -13,7 +13,10 @@ Rules this module keeps:
   - outbox_growing: the store's last health says its oldest outbox record is `outbox_age_s`
     old or more (it arrives behind the backlog it reports; an outage shows as store_offline);
   - needs_person: `verify_manually` events whose entry has no later redemption record;
-  - quota: a `quota_exhausted` event since the last midnight China time (when quotas reset).
+  - quota: a `quota_exhausted` event since the last midnight China time (when quotas reset);
+  - records_missing: an installation's seqs have had a hole below the highest stored for
+    `gap_s` (gaps.py: record_streams.gap_since); the detail names the first missing ranges.
+    It clears when the hole fills (a late arrival) or an operator accepts the loss.
 - Several fleetd instances may run: only the one holding a session advisory lock evaluates;
   another takes over when its connection goes.
 """
@@ -21,17 +24,17 @@ Rules this module keeps:
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
+from hexiao.fleetd import gaps
+from hexiao.fleetd.leader import LeaderLoop
 from psycopg.types.json import Jsonb
 
 log = logging.getLogger("hexiao.fleetd")
 _LOCK = 0x6865_7861  # "hexa": the instance that evaluates alarms
 KINDS = ("lane_offline", "store_offline", "mac_failures", "outbox_growing", "needs_person",
-         "quota")
+         "quota", "records_missing")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Thresholds:
     store_offline_s: float = 600.0
     mac_window_s: float = 3600.0
     outbox_age_s: float = 300.0
+    gap_s: float = 300.0
 
 
 _SQL = {
@@ -66,35 +70,35 @@ _SQL = {
              "WHERE kind = 'event' AND payload->>'name' = 'quota_exhausted' AND ingested >= "
              "(date_trunc('day', now() AT TIME ZONE 'Asia/Shanghai') AT TIME ZONE "
              "'Asia/Shanghai') GROUP BY 1, 2",
+    "records_missing": gaps.ALARM_SQL,
 }
 
 
-class Alarms:
+class Alarms(LeaderLoop):
     """check() once (tests, a cron), or start() a thread that checks every `every_s`."""
+
+    name = "fleetd-alarms"
 
     def __init__(self, dsn: str, thresholds: Thresholds = Thresholds(), *,
                  every_s: float = 30.0) -> None:
-        self.dsn, self.t, self.every_s = dsn, thresholds, every_s
+        super().__init__(dsn, _LOCK, every_s)
+        self.t = thresholds
         self.open: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.raised = 0
-        self._conn: psycopg.Connection | None = None
-        self.leader = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.gaps_open = self.records_missing = 0  # holes of any age, as of the last check
+
+    def round(self) -> object:
+        return self.check()
 
     def check(self) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
         """Evaluate every condition once: (opened, cleared) as (kind, store, lane). Nothing if
         another instance holds the evaluation lock."""
-        if self._conn is None or self._conn.closed:
-            self._conn, self.leader = psycopg.connect(self.dsn, autocommit=True), False
-        conn = self._conn
-        if not self.leader:  # a session lock: held until this connection goes
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK,)).fetchone()
-            self.leader = bool(row and row[0])
-            if not self.leader:
-                return [], []
+        conn = self.leader_conn()
+        if conn is None:
+            return [], []
         args = {"lane": self.t.lane_offline_s, "store": self.t.store_offline_s,
-                "mac": self.t.mac_window_s, "outbox": self.t.outbox_age_s}
+                "mac": self.t.mac_window_s, "outbox": self.t.outbox_age_s,
+                "gap": self.t.gap_s}
         opened, cleared = [], []
         with conn.transaction():
             now_true: dict[tuple[str, str, str], Any] = {}
@@ -121,29 +125,8 @@ class Alarms:
         for kind, store, lane in cleared:
             log.info("alarm %s cleared: store %s%s", kind, store, f" lane {lane}" if lane else "")
         self.raised += len(opened)
+        self.gaps_open, self.records_missing = gaps.totals(conn)
         self.open = dict.fromkeys(KINDS, 0)
         for kind, _, _ in now_true:
             self.open[kind] += 1
         return opened, cleared
-
-    def start(self) -> Alarms:
-        self._thread = threading.Thread(target=self._run, name="fleetd-alarms", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        if self._conn is not None:
-            self._conn.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.check()
-            except psycopg.Error as e:  # the database restarting: the next round tries again
-                log.warning("fleetd: alarms not checked: %s", str(e).strip().splitlines()[0])
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None

@@ -12,6 +12,8 @@ Rules this module keeps:
   a refused one is counted (rejections table and `counts`) and acknowledged: it will never
   become valid. Keys come from the stores table, re-read when an unknown kid arrives.
 - paho's callbacks only queue messages; one worker thread owns the database connection.
+- After a batch commits, desired.reports() (fleetd/desired.py) files the stores' desired-state
+  events; a failure there retries the batch like any database error (both are idempotent).
 - The CONNECT asks for RECEIVE_MAX unacknowledged messages (MQTT 5 Receive Maximum): without it
   the broker keeps its own default (mosquitto: 20), and since acknowledgement waits for the
   commit, 20 in flight would cap an instance at 20 records per transaction.
@@ -29,7 +31,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
-from hexiao.fleetd import db
+from hexiao.fleetd import db, desired
 from hexiao.hostd.fleet import record
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -180,6 +182,7 @@ class Consumer:
                     self._conn = self._connect_db()
                 accepted, rejected = self._check(batch)
                 counts = db.write_batch(self._conn, accepted, rejected)
+                desired.reports(self._conn, accepted)  # idempotent: a retried batch is harmless
             except psycopg.Error as e:  # nothing committed, nothing acknowledged: try again
                 log.warning("fleetd: database: %s; the batch of %d is tried again", e,
                             len(batch))

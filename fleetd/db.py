@@ -14,6 +14,8 @@ Rules this module keeps:
   It runs in libpq pipeline mode: every record's INSERT goes out, then their results are read
   (one round trip, not one per record), then the rows they update; statements still run in the
   batch's order, so a record twice in one batch is written once and counted as a replay.
+- The same transaction moves each written stream's contiguous seqs on (gaps.advance), so a
+  record the broker dropped is noticed without reading `records` per message.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from hexiao.fleetd import gaps
 from psycopg.types.json import Jsonb
 
 _MIGRATION = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
@@ -119,6 +122,7 @@ def write_batch(conn: psycopg.Connection, accepted: list[Accepted],
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING seq",
                 (rec.store, p["inst"], rec.seq, p["merchant"], p["lane"], p["kind"],
                  _ts(p["at"]), Jsonb(_json(p))))))
+        tops: dict[tuple[str, str], int] = {}  # each stream's highest seq written here
         for rec, cur in inserted:  # the first fetch sends the pipeline and waits for it
             p = rec.payload
             if cur.fetchone() is None:
@@ -126,10 +130,13 @@ def write_batch(conn: psycopg.Connection, accepted: list[Accepted],
                                         f"record {p['inst']}/{rec.seq} already stored"))
                 continue
             counts["written"] += 1
+            stream = (rec.store, p["inst"])
+            tops[stream] = max(tops.get(stream, 0), rec.seq)
             if p["kind"] == "redemption":
                 _redemption(conn, rec)
             elif p["kind"] == "health":
                 _health(conn, rec)
+        gaps.advance(conn, tops)
         for r in refused:
             counts[r.reason] += 1
             conn.execute(

@@ -48,6 +48,12 @@ class FleetdCollector(Collector):
             yield open_
             yield CounterMetricFamily("hexiao_fleetd_alarms_raised", "alarms opened",
                                       value=self.alarms.raised)
+            yield GaugeMetricFamily("hexiao_fleetd_gaps_open", "installations with a hole "
+                                    "below their highest seq, of any age (as of the last "
+                                    "check)", value=self.alarms.gaps_open)
+            yield GaugeMetricFamily("hexiao_fleetd_records_missing", "records missing in those "
+                                    "holes (as of the last check)",
+                                    value=self.alarms.records_missing)
 
 
 def serve(listen: str, consumer: Consumer, alarms: Alarms | None) -> CollectorRegistry:

@@ -11,6 +11,8 @@ Rules this module keeps:
 - MQTT 5: the response topic and the nonce as correlation data go in the PUBLISH properties (and
   in the signed payload, which is what the store trusts); the subscription to the response
   topic is acknowledged before the request leaves, so a fast answer is never missed.
+- `timeout` bounds the exchange; a device.capture's duration (`ms`) is added to it (the store
+  answers when the capture ends).
 - A failure is a RemoteFailure with a kind the CLI maps to its exit codes and one line that
   says what to do; a store that does not answer in time says whether headquarters saw it
   online.
@@ -18,6 +20,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -98,6 +101,9 @@ def ask(conn: psycopg.Connection, broker: str, asker: Asker, store: str, cmd: st
 
     req = remote.Request(merchant, store, cmd, args, asker.operator, asker.key_id, nonce,
                          round(clock() * 1000), reply)
+    if cmd == "device.capture":  # answered when it ends; the store checks the value
+        with contextlib.suppress(TypeError, ValueError):
+            timeout += min(float(args.get("ms", 5000)) / 1000, remote.CAPTURE_MAX_S)
     try:
         body = _exchange(broker, prefix, client_id, req, remote.sign_request(asker.key, req),
                          store_key, timeout)
@@ -211,5 +217,6 @@ def lanes(conn: psycopg.Connection, store: str | None = None, merchant: str | No
         {"s": store, "m": merchant, "l": link}).fetchall()
     return [{"store": r[0], "lane": r[1], "device": r[2].get("device"),
              "link": r[2].get("link"), "firmware": r[2].get("firmware"),
-             "board": r[2].get("board"), "seen": _iso(r[3]), "down_since": _iso(r[4])}
+             "board": r[2].get("board"), "desired": r[2].get("desired"), "seen": _iso(r[3]),
+             "down_since": _iso(r[4])}
             for r in rows]

@@ -18,6 +18,9 @@ Rules this module keeps:
 - with the tap on and a WeChat card backend, points at the till run (hostd/members/): a member
   card identified on a lane is tied to the receipt the tap sees for that lane (`[tap] lane`),
   credited on the points service's own thread; it reconciles its ledger at start.
+- with `[fleet] hq_pubkey_file`, headquarters' desired state (hostd/fleet/desired.py) is laid
+  over the config file's rules, settings and macros: the last good document as soon as the
+  lanes exist, newer ones as the broker brings them (on the Responder's connection).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class Daemon:
         self._fleet: Any = None  # the fleet bridge (hostd/fleet/), when [fleet] enabled
         self._fleet_health: Any = None  # its HealthFeed (health and events), likewise
         self._remote: Any = None  # answers headquarters (hostd/fleet/remote.py), if configured
+        self.desired: Any = None  # headquarters' desired state (hostd/fleet/desired.py), likewise
+        self.rollout: Any = None  # headquarters' firmware orders (hostd/fleet/rollout.py), likewise
         h = cfg.hostd
         self.state_dir = Path(h.state_dir)
         self.journal_path = Path(h.journal or self.state_dir / "journal.sqlite3")
@@ -107,9 +112,12 @@ class Daemon:
                 rules=dev.rules_message(),
                 settings=dev.settings.values() if dev.settings else None,
                 provision=provision_hint(self.cfg, dev)).start()  # no key: "no key", waits
+        if self._remote is not None:  # the last good desired state, before the broker answers
+            self._start_desired()
         self._start_control()
         if self._remote is not None:  # it answers from the control handlers
             self._remote.handlers = self.handlers
+            self._start_rollout()  # its topics before the connection subscribes
             self._remote.start()
         if self.cfg.hostd.metrics_listen:
             host, _, port = self.cfg.hostd.metrics_listen.rpartition(":")
@@ -123,6 +131,7 @@ class Daemon:
                 self.points = PointsService(
                     self.journal_path, backend.client, tell=self._tell, clock=self._clock,
                     member_ttl_s=self.cfg.tap.member_ttl_s,
+                    void_window_s=self.cfg.tap.void_window_s,
                     settle_after_s=self.cfg.backend.settle_after_s).start()
                 if self.cfg.tap.claim_listen:
                     self._start_claims(backend)
@@ -148,6 +157,10 @@ class Daemon:
             self._watchdog.stop()
         if self._remote is not None:  # before the lanes: no request waits on a closed lane
             self._remote.stop()
+        if self.desired is not None:
+            self.desired.stop()
+        if self.rollout is not None:  # before the lanes: an update in progress resumes later
+            self.rollout.stop()
         if self._control is not None:
             self._control.close()
         if self.web is not None:
@@ -193,6 +206,29 @@ class Daemon:
         except (FleetError, OSError) as e:
             raise DaemonError(str(e)) from e
 
+    def _start_desired(self) -> None:
+        from hexiao.hostd.fleet.desired import Applier
+        from hexiao.hostd.fleet.remote import load_public_key
+
+        assert self.cfg.fleet.hq_pubkey_file is not None  # the responder has read it
+        self.desired = Applier(self.cfg, self.lanes, load_public_key(self.cfg.fleet.hq_pubkey_file),
+                               self.journal_path, clock=self._clock)
+        self.desired.restore()
+        self._remote.topics[self.desired.topic] = self.desired.offer  # on its connection
+        self.desired.start()
+
+    def _start_rollout(self) -> None:
+        from hexiao.hostd.fleet.rollout import QUIET_S, Feed
+
+        def busy(lane: DeviceLane) -> str:  # "in a sale": the lane's own, or a member waiting
+            if self.points is not None and lane.lane in self.points.members:
+                return "a member waits for the sale's receipt"
+            return lane.busy(QUIET_S)
+
+        self.rollout = Feed(self._remote, self.journal_path, self.state_dir,
+                            lambda: list(self.lanes.values()), self.handlers.device_update, busy,
+                            clock=self._clock).start()
+
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=f"hexiao-{name}", daemon=True)
         t.start()
@@ -234,7 +270,8 @@ class Daemon:
         self.metrics.devices_connected(sum(i["state"] == "open" for i in infos))
         if self._fleet is not None:  # a disk hiccup must not stop the metrics: logged
             try:
-                self._fleet_health.sample(infos, self.tap.state() if self.tap else None)
+                desired = self.desired.version if self.desired is not None else None
+                self._fleet_health.sample(infos, self.tap.state() if self.tap else None, desired)
             except Exception:
                 log.exception("fleet: health sample failed")
 
@@ -258,6 +295,13 @@ class Daemon:
         except (KeyFileError, OSError) as e:
             log.error("points claim API not started: tap.claim_listen %s: %s",
                       tap.claim_listen, e)
+
+    def _points_state(self) -> dict[str, Any]:
+        """status's points: today's credits, pending, needing a person (members/service.py)."""
+        if self.points is None:
+            return {"state": "off"}
+        claims = self.claims.url if self.claims is not None else ""
+        return {"state": "on", **self.points.state(), "claim_url": claims}
 
     def _tap_finished(self, rec: Any) -> None:
         if self.points is not None:
@@ -289,7 +333,8 @@ class Daemon:
             self.lanes, self.journal_path, self.cfg, reconcile=self.reconcile,
             started=self.started, clock=self._clock,
             capture_max_bytes=self.cfg.hostd.capture_max_bytes,
-            tap_state=lambda: self.tap.state() if self.tap is not None else {"state": "off"})
+            tap_state=lambda: self.tap.state() if self.tap is not None else {"state": "off"},
+            points_state=self._points_state)
         self._control = ControlServer(str(self.cfg.hostd.control_socket), self.handlers)
         self._control.start()
 

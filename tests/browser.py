@@ -1,4 +1,4 @@
-"""A real headless Chromium for the status pages' tests (hostd's now, fleetd's later).
+"""A real headless Chromium for the status pages' tests (hostd's and headquarters').
 
 Rules this module keeps:
 - the browser is Debian's: /usr/bin/chromium driven by /usr/bin/chromedriver through Selenium;

@@ -189,3 +189,25 @@ def test_only_one_fleetd_instance_evaluates_alarms(hq: Hq) -> None:
     finally:
         a.stop()
         b.stop()
+
+
+def test_the_unit_documents_every_run_option_and_fleetd_reads_them_from_its_environment(
+) -> None:
+    """udev/hexiao-fleetd.service passes options through its EnvironmentFile: every option of
+    `hexiao-fleetd run` is listed there by the variable fleetd really reads."""
+    from click.testing import CliRunner
+    from hexiao.fleetd.main import main, run
+
+    unit = (Path(__file__).parents[1] / "udev" / "hexiao-fleetd.service").read_text()
+    assert "EnvironmentFile=-/etc/hexiao/fleetd.env" in unit
+    assert "\nExecStart=hexiao-fleetd run\n" in unit
+    for p in run.params:
+        if p.name == "help":
+            continue
+        var = p.envvar or f"HEXIAO_FLEETD_RUN_{(p.name or '').upper()}"
+        assert f"#   {var}=" in unit, f"the unit does not document {var} (--{p.name})"
+    cli = CliRunner()
+    r = cli.invoke(main, ["run"], env={"HEXIAO_FLEETD_RUN_GAP_MINUTES": "-1"})
+    assert r.exit_code == 2 and "--gap-minutes" in r.output
+    r = cli.invoke(main, ["run"], env={"HEXIAO_FLEETD_RUN_BROKER": "ftp://x"})
+    assert r.exit_code == 2 and "--broker" in r.output

@@ -172,6 +172,113 @@ def test_answers_are_the_local_commands_data_and_rendering(store: Store) -> None
     assert [r[2] for r in rows][::2] == ["device.health", "device.logs", "device.ping", "status"]
 
 
+def test_device_list_and_info_are_the_local_commands(store: Store) -> None:
+    for cmd, lane, local in ((("device", "list"), (), ("device", "list")),
+                             (("device", "info"), ("--lane", KID), ("device", "info", KID))):
+        far, near = store.remote(*cmd, *lane, "--json"), store.local(*local, "--json")
+        assert (far.exit_code, near.exit_code) == (0, 0), (far.output, near.output)
+        a, b = json.loads(far.stdout), json.loads(near.stdout)
+        rows = a if isinstance(a, list) else [a]
+        assert [(r["id"], r["lane"], r["state"]) for r in rows] == [(KID, KID, "open")]
+        # the same data; the link's counters count the frames of the asking itself
+        assert shape(json.dumps(a, sort_keys=True)) == shape(json.dumps(b, sort_keys=True))
+        far, near = store.remote(*cmd, *lane), store.local(*local)
+        assert far.stdout.splitlines()[0] == near.stdout.splitlines()[0]
+        assert shape(far.stdout) == shape(near.stdout), (far.stdout, near.stdout)
+
+
+def captured(s: Store, *args: str) -> Any:
+    """A remote capture, with a local ping through the lane while it records (so the capture
+    holds frames both ways)."""
+    import threading
+
+    lane = s.daemon.lanes[KID]
+    box: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            box["r"] = s.remote("device", "capture", "--lane", KID, *args)
+        except BaseException as e:  # the test's thread raises it
+            box["r"] = e
+
+    t = threading.Thread(target=ask)
+    t.start()
+    try:
+        wait_until("the remote capture to start",
+                   lambda: lane._capture is not None or "r" in box)
+        assert s.local("device", "ping", KID).exit_code == 0
+    finally:
+        t.join(120)
+    if isinstance(box["r"], BaseException):
+        raise box["r"]
+    return box["r"]
+
+
+def test_device_capture_writes_a_capture_file_hexiao_decode_reads(store: Store,
+                                                                 tmp_path: Path) -> None:
+    from hexiao.hostd.lanes.capture import read_capture
+    from hexiao.tools.support import decode
+
+    out = tmp_path / "lane.hxcap"
+    r = captured(store, "--seconds", "1", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert (got["device"], got["path"], got["bytes"]) == (KID, str(out), out.stat().st_size)
+    assert out.stat().st_mode & 0o777 == 0o600
+    header, records, cut = read_capture(out)
+    assert header["device_id"] == KID and cut is None
+    assert "asked remotely by ops-anna" in header["stopped"]
+    assert {d for d, _, _ in records} == {"d2h", "h2d"}
+    rep = decode.decode_capture(out)
+    # the ping and its pong, their structure checked (headquarters has no device key)
+    assert [rep.summary["directions"][d]["frames"] > 0 for d in ("h2d", "d2h")] == [True] * 2
+    assert rep.summary["noise"] == 0 and not rep.summary["mac_checked"]
+    assert store.daemon.lanes[KID]._capture is None  # the store's capture ended
+    assert not list(Path("/tmp").glob(f"hexiao-remote-capture-*/{KID}.hxcap"))
+    # without --out: decoded and printed, as `hexiao decode` prints it
+    r = captured(store, "--seconds", "0.5")
+    assert r.exit_code == 0, r.output
+    assert f"capture of {KID}:" in r.stdout and "MAC NOT checked" in r.stdout
+    assert "keep it with --out FILE" in r.stderr
+    assert [x[2] for x in requests_logged(store)[-2:]] == ["device.capture"] * 2
+
+
+def test_device_capture_refusals_are_one_line_and_leave_nothing(store: Store,
+                                                               tmp_path: Path) -> None:
+    before = len(requests_logged(store))
+    out = tmp_path / "there.hxcap"
+    out.write_text("someone's")
+    r = store.remote("device", "capture", "--lane", KID, "--out", str(out))
+    assert (r.exit_code, r.stderr) == (1, f"Error: {out} exists: captures never overwrite a "
+                                          "file\n")
+    assert out.read_text() == "someone's" and len(requests_logged(store)) == before  # not sent
+    r = store.remote("device", "capture", "--lane", KID, "--seconds", "31")
+    assert r.exit_code == 2 and "31" in r.stderr
+    fresh = tmp_path / "fresh.hxcap"
+    r = store.remote("device", "capture", "--lane", "nope", "--out", str(fresh))
+    assert r.exit_code == 4 and len(r.stderr.splitlines()) == 1
+    assert not fresh.exists()  # nothing came, no empty file
+    # the store's own checks, for a request the CLI would not make
+    key = keys.load_private_key(store.hq_key)
+    asker = hq.Asker(key, keys.fingerprint(key.public_key()), "ops-ben")
+    for args, why in (({"lane": KID, "ms": 300_000}, "'ms' must be a duration in ms"),
+                      ({"lane": KID, "path": "/etc/x"}, "unexpected argument 'path'"),
+                      ({"ms": 1000}, "a lane is required")):
+        with psycopg.connect(store.dsn, autocommit=True) as conn, \
+                pytest.raises(hq.RemoteFailure) as e:
+            hq.ask(conn, store.broker, asker, store.name, "device.capture", args, timeout=20,
+                   prefix=store.prefix)
+        assert e.value.kind == "bad_request" and why in e.value.message
+    # one capture of a lane at a time: the second is refused while the first records
+    lane = store.daemon.lanes[KID]
+    writer = lane.start_capture(str(tmp_path / "local.hxcap"))
+    try:
+        r = store.remote("device", "capture", "--lane", KID, "--seconds", "1")
+        assert r.exit_code == 1 and "already being captured" in r.stderr
+    finally:
+        lane.stop_capture("test", only=writer)
+
+
 def test_an_unknown_lane_is_not_found_in_one_line(store: Store) -> None:
     r = store.remote("device", "health", "--lane", "nope")
     assert r.exit_code == 4

@@ -4,7 +4,9 @@ Commands:
   fleet stores [--merchant M] [--franchisee F] [--state online|offline|unknown]
   fleet lanes [--store S] [--merchant M] [--link open|connecting|waiting]
   fleet status --store S
-  fleet device health|logs|ping --store S --lane L
+  fleet device list --store S
+  fleet device info|health|logs|ping --store S --lane L
+  fleet device capture --store S --lane L [--seconds N] [--out FILE]
   fleet bench ...            (tools/bench/fleet.py)
 
 `stores` and `lanes` read fleetd's PostgreSQL (--dsn, $HEXIAO_FLEETD_DSN). `status` and `device`
@@ -26,7 +28,9 @@ Exit codes (those of the local commands, tools/support/ctl.py):
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,43 +38,19 @@ from typing import Any
 import click
 import psycopg
 from hexiao.hostd.control.client import ControlError
+from hexiao.hostd.fleet.remote import CAPTURE_MAX_S
+from hexiao.tools.fleet_common import CTX
+from hexiao.tools.fleet_common import connect as _connect
+from hexiao.tools.fleet_common import db_options as _db
+from hexiao.tools.fleet_common import query as _query
+from hexiao.tools.fleet_config import config_group
+from hexiao.tools.fleet_rollout import rollout_group
 from hexiao.tools.support import ctl
-
-CTX = {"help_option_names": ["-h", "--help"]}
-DSN = "postgresql://postgres@127.0.0.1:5432/hexiao_fleet"
 
 
 @click.group(context_settings=CTX)
 def main() -> None:
     """Headquarters: the fleet's stores and lanes, remote diagnostics, the bench."""
-
-
-def _db(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
-    return click.option("--dsn", default=DSN, show_default=True, envvar="HEXIAO_FLEETD_DSN",
-                        help="fleetd's PostgreSQL database")(f)
-
-
-def _connect(dsn: str) -> psycopg.Connection:
-    try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-    except psycopg.Error as e:
-        raise ControlError("unavailable_db", f"database {dsn}: "
-                                             f"{str(e).strip().splitlines()[0]}") from None
-
-
-def _query(dsn: str, fn: Callable[[psycopg.Connection], Any]) -> Callable[[], Any]:
-    def call() -> Any:
-        with _connect(dsn) as conn:
-            try:
-                return fn(conn)
-            except psycopg.errors.UndefinedTable:
-                raise ControlError("db", f"database {dsn} has no fleetd tables (or not the "
-                                         "latest): run `hexiao-fleetd migrate --dsn ...`") from None
-            except psycopg.Error as e:
-                raise ControlError("db", f"database {dsn}: "
-                                         f"{str(e).strip().splitlines()[0]}") from None
-    return call
 
 
 @main.command("stores", context_settings=CTX)
@@ -167,6 +147,24 @@ def _lane(f: Callable[..., Any]) -> Callable[..., Any]:
         _remote(f))
 
 
+@device_group.command("list", context_settings=CTX)
+@_remote
+def list_cmd(store: str, dsn: str, as_json: bool, broker: str, key_file: Path,
+             operator: str | None, timeout: float, prefix: str) -> None:
+    """The store's devices, connected or not, as `hexiao device list` shows them there."""
+    ctl.run(_ask("device.list", store, {}, dsn, broker, key_file, operator, timeout, prefix),
+            as_json, kind="device.list")
+
+
+@device_group.command("info", context_settings=CTX)
+@_lane
+def info_cmd(lane: str, store: str, dsn: str, as_json: bool, broker: str, key_file: Path,
+             operator: str | None, timeout: float, prefix: str) -> None:
+    """A device's identity, firmware and link state."""
+    ctl.run(_ask("device.info", store, {"lane": lane}, dsn, broker, key_file, operator,
+                 timeout, prefix), as_json, kind="device.info", device=lane)
+
+
 @device_group.command("health", context_settings=CTX)
 @_lane
 def health_cmd(lane: str, store: str, dsn: str, as_json: bool, broker: str, key_file: Path,
@@ -204,6 +202,75 @@ def ping_cmd(lane: str, store: str, dsn: str, as_json: bool, broker: str, key_fi
                  timeout, prefix), as_json, kind="device.ping", device=lane)
 
 
+@device_group.command("capture", context_settings=CTX)
+@_lane
+@click.option("--seconds", type=click.FloatRange(0.1, CAPTURE_MAX_S), default=5.0,
+              show_default=True, help="How long the store records the link.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the capture file here (0600, never overwritten) for `hexiao decode`; "
+                   "without it the capture is decoded and printed (frames' structure only).")
+def capture_cmd(lane: str, store: str, dsn: str, as_json: bool, broker: str, key_file: Path,
+                operator: str | None, timeout: float, prefix: str, seconds: float,
+                out: Path | None) -> None:
+    """Record a device's raw link traffic at its store for --seconds (at most 30 s and 256 KiB:
+    it comes back in one answer) and write it, or decode it; `hexiao capture` at the store
+    records longer. --timeout is added to --seconds."""
+    import base64
+
+    fd = None
+    if out is not None:  # before asking: a capture is never taken to be thrown away
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            why = "exists: captures never overwrite a file" if isinstance(
+                e, FileExistsError) else f"cannot be created: {e.strerror}"
+            ctl.run(lambda: _fail(ControlError("bad_request", f"{out} {why}")), as_json)
+    ask = _ask("device.capture", store, {"lane": lane, "ms": round(seconds * 1000)}, dsn, broker,
+               key_file, operator, timeout, prefix)
+
+    def call() -> Any:
+        result = ask()
+        if fd is None:
+            return result
+        data = base64.b64decode(result.pop("capture"))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return {"device": result.pop("device"), "path": str(out.resolve()), **result}
+
+    try:
+        result = ctl.run(call, as_json, show=as_json or fd is not None)
+    except SystemExit:
+        if fd is not None and out is not None:  # nothing came: no empty file left behind
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            out.unlink(missing_ok=True)
+        raise
+    if fd is not None and not as_json:
+        click.echo(f"read it with: hexiao decode {result['path']} --keystore KEYSTORE", err=True)
+    elif fd is None and not as_json:
+        _decode(base64.b64decode(result["capture"]))
+
+
+def _decode(data: bytes) -> None:
+    """`hexiao decode` of a capture that was not kept (no keys here: structure only)."""
+    import tempfile
+
+    from hexiao.tools.support import decode
+
+    with tempfile.TemporaryDirectory(prefix="hexiao-capture-") as folder:
+        path = os.path.join(folder, "remote.hxcap")
+        Path(path).write_bytes(data)
+        click.get_current_context().invoke(decode.main, file=path, keystore=None, key=None,
+                                           kid=None, aad="", as_json=False, show_codes=False,
+                                           summary_only=False)
+    click.echo("keep it with --out FILE (then `hexiao decode FILE --keystore KEYSTORE`)",
+               err=True)
+
+
+def _fail(e: Exception) -> Any:
+    raise e
+
+
 def _add_bench() -> None:
     from hexiao.tools.bench import fleet as bench
 
@@ -211,3 +278,5 @@ def _add_bench() -> None:
 
 
 _add_bench()
+main.add_command(config_group)  # fleet config diff|apply|status (desired state)
+main.add_command(rollout_group)  # fleet rollout start|status|pause|resume|abort

@@ -7,8 +7,11 @@ Rules this module keeps:
   lane, the tap's state); a verdict callback (any lane thread) only notes a quota refusal,
   which the next sample() writes. One lock: sample() may also be called by a test or a command.
 - Health of a lane (`lane`) and of the store (`@store`) goes out when what matters changes (the
-  link's state, the firmware, the device; lanes open, the printer, the outbox growing) and
-  every `period_s` regardless, with counters. Counters alone changing is not a change.
+  link's state, the firmware, the device, the applied desired-state version; lanes open, the
+  printer, the outbox growing) and every `period_s` regardless, with counters. Counters alone
+  changing is not a change. `desired` is the version of headquarters' desired state the store
+  applied (hostd/fleet/desired.py; 0: none yet, the config file's own; None: desired state is
+  off), so headquarters sees what runs where.
 - Events, each once per episode: `mac_failures` (the host link's `mac` counter grew by
   `mac_burst` or more between two samples: frames signed with a wrong key, someone on the
   cable), `safe_mode` (inferred: the device's port is there but no link session for
@@ -69,14 +72,15 @@ class HealthFeed:
         with self._lock:
             self._quota.append((lane, device))
 
-    def sample(self, lanes: list[dict[str, Any]], tap: dict[str, Any] | None = None) -> None:
+    def sample(self, lanes: list[dict[str, Any]], tap: dict[str, Any] | None = None,
+               desired: int | None = None) -> None:
         with self._lock:
             now = self._clock()
             for info in lanes:
-                self._lane(info, now)
+                self._lane(info, now, desired)
             self._printer_event(tap, now)
             self._quota_events(now)
-            self._store(lanes, tap, now)
+            self._store(lanes, tap, now, desired)
 
     # --- pieces (under the lock) ------------------------------------------------------------
 
@@ -98,7 +102,7 @@ class HealthFeed:
             self._put(lane, "health", now, {"state": state})
             self._last[lane] = (matters, now)
 
-    def _lane(self, info: dict[str, Any], now: float) -> None:
+    def _lane(self, info: dict[str, Any], now: float, desired: int | None) -> None:
         device, lane = str(info["id"]), str(info["lane"])
         peer = info.get("peer") or {}
         counters = info.get("counters") or {}
@@ -107,8 +111,8 @@ class HealthFeed:
                  "board": peer.get("board"), "port": bool(info.get("port")),
                  "error": str(info.get("error") or "")[:120],
                  "counters": {k: int(counters[k]) for k in _COUNTERS if k in counters},
-                 "scans": int((info.get("stats") or {}).get("scans", 0))}
-        self._health(lane, now, (device, link, state["firmware"]), state)
+                 "scans": int((info.get("stats") or {}).get("scans", 0)), "desired": desired}
+        self._health(lane, now, (device, link, state["firmware"], desired), state)
         mac = int(counters.get("mac", 0))
         before = self._mac.get(device)
         self._mac[device] = mac
@@ -145,12 +149,12 @@ class HealthFeed:
         self._quota.clear()
 
     def _store(self, lanes: list[dict[str, Any]], tap: dict[str, Any] | None,
-               now: float) -> None:
+               now: float, desired: int | None) -> None:
         depth, oldest = self.outbox.depth()
         age = max(0.0, now - oldest) if oldest is not None else 0.0
         n_open = sum(i.get("state") == "open" for i in lanes)
         state = {"lanes": len(lanes), "lanes_open": n_open, "outbox_depth": depth,
                  "outbox_age_s": int(age), "printer": self._printer,
-                 "tap": str((tap or {}).get("state") or "off")}
+                 "tap": str((tap or {}).get("state") or "off"), "desired": desired}
         self._health(record.STORE_LANE, now, (len(lanes), n_open, self._printer,
-                                              age >= OUTBOX_AGE_S), state)
+                                              age >= OUTBOX_AGE_S, desired), state)

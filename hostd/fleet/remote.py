@@ -21,6 +21,10 @@ Rules this module keeps:
   asks for an unknown command gets a signed refusal the operator can read.
 - One worker thread runs requests in order from a bounded queue (paho's thread only queues):
   a flood costs a counter, never memory or the lanes' time.
+- device.capture is bounded for a message: at most CAPTURE_MAX_S seconds and CAPTURE_MAX_BYTES
+  of capture file (the lane's CaptureWriter enforces the cap and says so in the file), recorded
+  into a private temporary folder and removed once answered; it waits on a thread of its own,
+  so the worker keeps answering meanwhile, and hostd stopping ends it early (still answered).
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ MAX_NONCES = 10_000       # nonces remembered at once; beyond it requests are re
 QUEUE = 16                # requests waiting for the worker; beyond it refused (busy)
 DOMAIN = b"hexiao-ctl-v1\x00"
 COMMANDS = ("status", "device.list", "device.info", "device.ping", "device.health",
-            "device.logs")
+            "device.logs", "device.capture")
+CAPTURE_MAX_S = 30.0               # a remote capture's longest; the asker waits this long too
+CAPTURE_MAX_BYTES = 256 * 1024     # its file, sent whole in one answer (base64 in the JSON)
 REASONS = ("malformed", "bad_signature", "wrong_store", "stale", "replay", "command", "busy")
 _ANSWERED_REFUSALS = ("stale", "command")  # verified, and worth the operator's reading
 
@@ -106,12 +112,57 @@ class Request:
     reply: str       # the response topic from hexiao/ctl/v1/ on
 
 
+def sign_signed(key: Ed25519PrivateKey, topic: str, payload: bytes) -> bytes:
+    """Any headquarters document for `topic` (from hexiao/ctl/v1/ on): CBOR [payload, Ed25519
+    signature over DOMAIN, the topic and the payload]. Requests and orders alike."""
+    return cbor.dumps([payload, key.sign(DOMAIN + topic.encode() + b"\x00" + payload)])
+
+
+def open_signed(data: bytes, topic: str, hq: Ed25519PublicKey) -> bytes:
+    """The payload of a document sign_signed() made for `topic`, its signature checked;
+    RemoteError malformed or bad_signature. The caller checks the payload's fields."""
+    try:
+        outer = codec_fast.loads(bytes(data))
+        payload, sig = outer
+        if not (isinstance(payload, bytes) and isinstance(sig, bytes) and len(sig) == 64):
+            raise ValueError
+    except (ProtocolError, ValueError, TypeError):
+        raise RemoteError("malformed", "not a signed document") from None
+    try:
+        hq.verify(sig, DOMAIN + topic.encode() + b"\x00" + payload)
+    except InvalidSignature:
+        raise RemoteError("bad_signature", "not signed by headquarters' key") from None
+    return payload
+
+
+def open_for_store(data: bytes, on: str, hq: Ed25519PublicKey, merchant: str, store: str, *,
+                   want_topic: str, fields: dict[str, type], what: str,
+                   valid: Callable[[dict[str, Any]], bool] = lambda p: True) -> dict[str, Any]:
+    """The payload (a CBOR map) of a headquarters document published on `on` for this store:
+    the signature, the topic (`want_topic`), the fields' types (`fields`, with "v" == VERSION
+    and `valid`) and the store it names checked, in that order. RemoteError names the reason;
+    `what` ("a request", "an order", ...) is how a refusal names the document."""
+    payload = open_signed(data, on, hq)
+    if on != want_topic:
+        raise RemoteError("wrong_store", f"published on {on}, not this store's topic")
+    try:
+        p = codec_fast.loads(payload)
+    except ProtocolError:
+        raise RemoteError("malformed", "the payload is not CBOR of the profile") from None
+    if not isinstance(p, dict) or any(
+            not isinstance(p.get(k), t) or (t is int and isinstance(p.get(k), bool))
+            for k, t in fields.items()) or p["v"] != VERSION or not valid(p):
+        raise RemoteError("malformed", "a field is missing or of the wrong type")
+    if (p["merchant"], p["store"]) != (merchant, store):
+        raise RemoteError("wrong_store", f"{what} for store {p['store'][:16]!r}")
+    return p
+
+
 def sign_request(key: Ed25519PrivateKey, req: Request) -> bytes:
     payload = cbor.dumps({"v": VERSION, "merchant": req.merchant, "store": req.store,
                           "cmd": req.cmd, "args": req.args, "by": req.by, "key": req.key,
                           "nonce": req.nonce, "at": req.at, "reply": req.reply})
-    topic = request_topic(req.merchant, req.store)
-    return cbor.dumps([payload, key.sign(DOMAIN + topic.encode() + b"\x00" + payload)])
+    return sign_signed(key, request_topic(req.merchant, req.store), payload)
 
 
 _FIELDS = {"v": int, "merchant": str, "store": str, "cmd": str, "args": dict, "by": str,
@@ -122,29 +173,8 @@ def open_request(data: bytes, topic: str, hq: Ed25519PublicKey, merchant: str,
                  store: str) -> Request:
     """The request published on `topic` (from hexiao/ctl/v1/ on) for this store, its signature
     and fields checked (not its time or nonce: Guard). RemoteError names the reason."""
-    try:
-        outer = codec_fast.loads(bytes(data))
-        payload, sig = outer
-        if not (isinstance(payload, bytes) and isinstance(sig, bytes) and len(sig) == 64):
-            raise ValueError
-    except (ProtocolError, ValueError, TypeError):
-        raise RemoteError("malformed", "not a signed request") from None
-    if topic != request_topic(merchant, store):
-        raise RemoteError("wrong_store", f"published on {topic}, not this store's topic")
-    try:
-        hq.verify(sig, DOMAIN + topic.encode() + b"\x00" + payload)
-    except InvalidSignature:
-        raise RemoteError("bad_signature", "not signed by headquarters' key") from None
-    try:
-        p = codec_fast.loads(payload)
-    except ProtocolError:
-        raise RemoteError("malformed", "the payload is not CBOR of the profile") from None
-    if not isinstance(p, dict) or any(
-            not isinstance(p.get(k), t) or (t is int and isinstance(p.get(k), bool))
-            for k, t in _FIELDS.items()) or p["v"] != VERSION or len(p["nonce"]) != 16:
-        raise RemoteError("malformed", "a field is missing or of the wrong type")
-    if (p["merchant"], p["store"]) != (merchant, store):
-        raise RemoteError("wrong_store", f"a request for store {p['store'][:16]!r}")
+    p = open_for_store(data, topic, hq, merchant, store, want_topic=request_topic(merchant, store),
+                       fields=_FIELDS, what="a request", valid=lambda p: len(p["nonce"]) == 16)
     if not p["reply"].startswith(f"{ROOT}{merchant}/{store}/response/"):
         raise RemoteError("malformed", "the response topic is not under this store's tree")
     return Request(p["merchant"], p["store"], p["cmd"], p["args"], p["by"], p["key"],
@@ -243,6 +273,62 @@ def run_command(handlers: Any, cmd: str, args: dict[str, Any]) -> Any:
     return getattr(handlers, cmd.replace(".", "_"))(**check_args(cmd, args))
 
 
+class RemoteCapture:
+    """A device.capture in progress: the lane's capture into a private temporary folder."""
+
+    def __init__(self, handlers: Any, args: dict[str, Any]) -> None:
+        import tempfile
+
+        from hexiao.hostd.control.client import ControlError
+        from hexiao.hostd.control.commands import check_args
+
+        args = dict(args)
+        lane, ms = args.pop("lane", None), args.pop("ms", 5000)  # CBOR here has no floats
+        if args:
+            raise ControlError("bad_request", f"device.capture: unexpected argument "
+                                              f"{sorted(args)[0][:64]!r}")
+        if not isinstance(lane, str):
+            raise ControlError("bad_request", "device.capture: a lane is required")
+        if isinstance(ms, bool) or not isinstance(ms, int) or \
+                not 0 < ms <= CAPTURE_MAX_S * 1000:
+            raise ControlError("bad_request", f"device.capture: argument 'ms' must be a "
+                                              f"duration in ms up to {CAPTURE_MAX_S * 1000:.0f}")
+        self.device, self.seconds = _device_for(handlers, lane), ms / 1000
+        self.folder = tempfile.mkdtemp(prefix="hexiao-remote-capture-")  # 0700
+        path = os.path.join(self.folder, f"{self.device}.hxcap")
+        try:
+            check_args("capture.start", {"device": self.device, "path": path})
+            self.lane = handlers.lanes[self.device]
+            self.writer = self.lane.start_capture(path, CAPTURE_MAX_BYTES)
+        except BaseException as e:  # nothing recorded: nothing left behind
+            self._remove()
+            if isinstance(e, OSError):  # FileExistsError: the lane is being captured already
+                raise ControlError("bad_request", str(e) if isinstance(e, FileExistsError)
+                                   else f"cannot record a capture: {e.strerror}") from e
+            raise
+
+    def finish(self, reason: str) -> dict[str, Any]:
+        """End it (`reason` into the file's header) and give the file, base64, with its size."""
+        import base64
+
+        try:
+            with contextlib.suppress(LookupError):  # stopped already (hostd stopping)
+                self.lane.stop_capture(reason, only=self.writer)
+            data = Path(self.writer.path).read_bytes()
+        finally:
+            self._remove()
+        out: dict[str, Any] = {"device": self.device, "seconds": self.seconds,
+                               "bytes": len(data), "max_bytes": CAPTURE_MAX_BYTES}
+        if self.writer.stopped and self.writer.stopped != reason:
+            out["stopped_early"] = self.writer.stopped
+        return {**out, "capture": base64.b64encode(data).decode("ascii")}
+
+    def _remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class Responder:
     """Answers headquarters' requests for one store from hostd's ControlHandlers; its own MQTT
     connection (the bridge's stays about the outbox). start() once, stop() once."""
@@ -267,12 +353,16 @@ class Responder:
         self.refused: Counter[str] = Counter()
         self.answered = 0
         self._jobs: queue.Queue[tuple[str, bytes] | None] = queue.Queue(QUEUE)
+        self._stopping = threading.Event()  # ends captures in progress early
         self._m = PCounter("hexiao_fleet_remote_refused", "remote requests refused, by reason",
                            ["reason"], registry=registry or CollectorRegistry())
         url = urlsplit(cfg.broker)
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (8883 if url.scheme == "mqtts" else 1883)
         self.subscribed = threading.Event()
+        # more of this store's signed topics (from hexiao/ on) on this connection, set before
+        # start(): topic -> handler(topic, data), called on paho's thread (it must only queue)
+        self.topics: dict[str, Callable[[str, bytes], None]] = {}
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                         client_id=f"hx-{cfg.store}-rq-{os.urandom(4).hex()}")
         if cfg.username:
@@ -296,9 +386,14 @@ class Responder:
                     props: Any = None) -> None:
         if not rc.is_failure:
             from paho.mqtt.subscribeoptions import SubscribeOptions
-            client.subscribe(self.cfg.topic_prefix + self.topic, options=SubscribeOptions(qos=1))
+            client.subscribe([(self.cfg.topic_prefix + t, SubscribeOptions(qos=1))
+                              for t in (self.topic, *self.topics)])
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        other = self.topics.get(msg.topic[len(self.cfg.topic_prefix):])
+        if other is not None:
+            other(msg.topic[len(self.cfg.topic_prefix):], bytes(msg.payload))
+            return
         try:
             self._jobs.put_nowait((msg.topic, bytes(msg.payload)))
         except queue.Full:
@@ -314,6 +409,7 @@ class Responder:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         with contextlib.suppress(queue.Full):
             self._jobs.put(None, timeout=1)
         self._thread.join(5)
@@ -355,6 +451,11 @@ class Responder:
             return
         log.info("fleet: %s asked by %s (key %s)", req.cmd, req.by[:64], req.key[:64])
         try:
+            if req.cmd == "device.capture":
+                cap = RemoteCapture(self.handlers, req.args)
+                threading.Thread(target=self._captured, args=(req, cap), daemon=True,
+                                 name="hexiao-fleet-capture").start()
+                return
             result = run_command(self.handlers, req.cmd, req.args)
         except ControlError as e:
             self._answer(req, now, error=(e.kind, e.message))
@@ -363,6 +464,18 @@ class Responder:
         else:
             self._answer(req, now, result=result)
             self.answered += 1
+
+    def _captured(self, req: Request, cap: RemoteCapture) -> None:
+        stopping = self._stopping.wait(cap.seconds)
+        try:
+            result = cap.finish("hostd stopped" if stopping else
+                                f"{cap.seconds:g} s asked remotely by {req.by[:64]}")
+        except OSError as e:
+            self._answer(req, record.ms(self._clock()),
+                         error=("internal", f"cannot read the capture back: {e.strerror}"))
+            return
+        self._answer(req, record.ms(self._clock()), result=result)
+        self.answered += 1
 
     def _answer(self, req: Request, now: int, result: Any = None,
                 error: tuple[str, str] | None = None) -> None:

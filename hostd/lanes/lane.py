@@ -84,6 +84,7 @@ class DeviceLane:
         # with it: an error belongs to the state it was set in (see last_error)
         self._state, self._state_n, self._error = "waiting", 0, ("", 0)
         self.stats = collections.Counter[str]()
+        self.last_scan = 0.0  # when the device last sent a scan (clock): a sale under way
         self._scans: queue.Queue[tuple[int, bytes, int, float] | None] = queue.Queue()
         self._answered: collections.OrderedDict[tuple[int, bytes, int],
                                                 dict[str, Any] | None] = collections.OrderedDict()
@@ -244,6 +245,7 @@ class DeviceLane:
                     while len(self._answered) > _ANSWERED_MAX:
                         self._answered.popitem(last=False)
                     repeat = False
+            self.last_scan = self._clock()
             if repeat:
                 self._pump()
             else:
@@ -259,6 +261,22 @@ class DeviceLane:
     def _send(self, msg: dict[str, Any]) -> None:
         with self._cond:
             self._outbox.append(msg)
+
+    def reconfigure(self, rules: dict[str, Any] | None, settings: dict[str, Any],
+                    macros: dict[str, Macro]) -> None:
+        """New rules, settings and macros (headquarters' desired state, hostd/fleet/desired.py):
+        what changed goes to an open session at once; every later session gets them as usual."""
+        rules = rules or DEFAULT_RULES
+        with self._cond:
+            push = []
+            if self.state == "open" and rules != self.rules:
+                push.append(rules)
+            if self.state == "open" and settings and settings != self.settings:
+                push.append({"type": "config_set", "values": dict(settings)})
+            self.rules, self.settings, self._macros = rules, dict(settings), macros
+            self._outbox.extend(push)
+        if push:
+            self._pump()
 
     def tell(self, msg: dict[str, Any]) -> None:
         """Send a message nobody asked for (the points a receipt earned: a verdict quoting the
@@ -338,6 +356,17 @@ class DeviceLane:
         self._pump()
 
     # -- questions from the control socket -----------------------------------------------------
+
+    def busy(self, quiet_s: float) -> str:
+        """Why this lane is in a sale ("" when idle): a scan being redeemed or waiting for its
+        verdict to leave, or a scan within quiet_s. A firmware update waits for "" (rollout)."""
+        with self._cond:
+            if not self._scans.empty() or None in self._answered.values():
+                return "a scan is being redeemed"
+            if self._outbox:
+                return "verdicts wait to reach the device"
+        ago = self._clock() - self.last_scan
+        return f"a scan {ago:.0f} s ago" if ago < quiet_s else ""
 
     def request(self, msg: dict[str, Any], answer: str, timeout: float = 5.0) -> dict[str, Any]:
         """Send msg and return the device's next `answer` message; TimeoutError if none."""

@@ -22,6 +22,12 @@ Figures (a bench, never a test assertion):
   Mosquitto's default `max_queued_messages` (1000) drops what a subscriber falls further behind
   than its in-flight window plus 1000, after it acknowledged it to the store: an overload run
   then shows `lost` (measured: 2949 of 34640 at 3000/s offered). `--broker URL` uses that one;
+- with --remote N: while the fleet reports, headquarters asks `device.health` of a random lane
+  N times a second, the whole real path: fleetd/remote.ask (the remote_requests row, a signed
+  request on a fresh MQTT 5 connection, the sealed answer checked) to a real Responder per
+  store (hq_pubkey_file, its own connection and worker) answering from the simulated lane;
+  remote p50/p99/max are ask()'s wall time (what an operator waits for, less the CLI's start),
+  failures by kind; the machine's load average at the end is reported beside them;
 - with --faults: the largest size again on a broker of its own (the machine's is never
   restarted), with one fleetd SIGKILLed and restarted and the broker
   restarted during the run; then every committed redemption must be at headquarters once.
@@ -72,6 +78,13 @@ class Result:
     offered_per_s: float = 0.0
     no_connection: int = 0
     processes: int = 0
+    remote_asked: int = 0
+    remote_failed: dict[str, int] = field(default_factory=dict)
+    remote_errors: list[str] = field(default_factory=list)  # the first few, as ask() said
+    remote_p50_ms: float = 0.0
+    remote_p99_ms: float = 0.0
+    remote_max_ms: float = 0.0
+    load_avg: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,9 +93,92 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+# --- remote diagnostics: the store's answer, headquarters' probes ---------------------------------
+
+class SimLanes:
+    """The ControlHandlers a Responder asks (device.list and device.health), for a store whose
+    devices are simulated: its lanes are `lane-N`, each device `<store>-lane-N`."""
+
+    def __init__(self, store: str, lanes: int) -> None:
+        self.store, self.t0 = store, time.monotonic()
+        self.rows = [{"id": f"{store}-lane-{n + 1}", "lane": f"lane-{n + 1}", "state": "open"}
+                     for n in range(lanes)]
+
+    def device_list(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def device_health(self, device: str) -> dict[str, Any]:
+        return {"type": "health", "uptime_ms": int((time.monotonic() - self.t0) * 1000),
+                "reset_cause": "power_on", "firmware": "bench-sim", "heap_free": 81920,
+                "link": {}, "app": {"device": device}}
+
+
+def _probe(dsn: str, broker: str, prefix: str, key: Any, stores: list[tuple[str, int]],
+           rate: float, seconds: float, res: Result) -> None:
+    """`rate` remote device.health round trips a second for `seconds`, of random lanes; each
+    on a thread of a pool (a slow answer does not delay the next ask), wall time measured."""
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hexiao.fleetd import remote
+    from hexiao.tools.install import keys
+
+    asker = remote.Asker(key, keys.fingerprint(key.public_key()), "bench")
+    local, lock = threading.local(), threading.Lock()
+    times: list[float] = []
+    failed: dict[str, int] = {}
+    conns: list[psycopg.Connection] = []
+
+    def one(store: str, lane: int) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = psycopg.connect(dsn, autocommit=True)
+            with lock:
+                conns.append(local.conn)
+        t = time.perf_counter()
+        why = None
+        try:
+            got = remote.ask(local.conn, broker, asker, store, "device.health",
+                             {"lane": f"lane-{lane}"}, timeout=10, prefix=prefix)
+            if got.get("app", {}).get("device") != f"{store}-lane-{lane}":
+                why = "wrong_answer"
+        except remote.RemoteFailure as e:
+            why = e.kind
+            with lock:
+                if len(res.remote_errors) < 5:
+                    res.remote_errors.append(f"{time.monotonic() - start:.1f} s in: "
+                                             f"{e.message}")
+        except psycopg.Error:
+            why = "db"
+        with lock:
+            if why is None:
+                times.append((time.perf_counter() - t) * 1000)
+            else:
+                failed[why] = failed.get(why, 0) + 1
+
+    rng = random.Random(7)
+    n = max(1, round(rate * seconds))
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe") as pool:
+        for i in range(n):
+            pause = start + i / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            store, count = stores[rng.randrange(len(stores))]
+            pool.submit(one, store, rng.randrange(count) + 1)
+    for c in conns:
+        c.close()
+    res.remote_asked, res.remote_failed = n, failed
+    if times:
+        times.sort()
+        res.remote_p50_ms = round(times[len(times) // 2], 1)
+        res.remote_p99_ms = round(times[min(len(times) - 1, int(len(times) * 0.99))], 1)
+        res.remote_max_ms = round(times[-1], 1)
+
+
 # --- the worker: lanes of one process ------------------------------------------------------------
 
-def _worker(spec: dict[str, Any], ready: Any, go: Any, done: Any) -> None:
+def _worker(spec: dict[str, Any], ready: Any, go: Any, done: Any, release: Any) -> None:
     import logging
 
     from hexiao.hostd import journal as jr
@@ -95,9 +191,9 @@ def _worker(spec: dict[str, Any], ready: Any, go: Any, done: Any) -> None:
     lanes = [(k, f"lane-{n + 1}") for k, (_, count) in enumerate(spec["stores"])
              for n in range(count)]
     base = _rss_kib()
-    journals, bridges, conns = [], [], []
+    journals, bridges, conns, responders = [], [], [], []
     no_conn = 0
-    for sid in ids:
+    for sid, count in spec["stores"]:
         path = folder / f"{sid}.sqlite3"
         if naive:
             journals.append(jr.Journal(path))
@@ -105,9 +201,13 @@ def _worker(spec: dict[str, Any], ready: Any, go: Any, done: Any) -> None:
         kf = folder / f"{sid}.key"
         cfg = Fleet(enabled=True, broker=spec["broker"], merchant=MERCHANT, store=sid,
                     key_file=kf, topic_prefix=spec["prefix"], session_expiry_s=600,
-                    keepalive_s=30)
+                    keepalive_s=30, hq_pubkey_file=Path(spec["hq_pub"]) if spec["hq_pub"] else None)
         bridges.append(Bridge(cfg, path).start())
         journals.append(jr.Journal(path))
+        if spec["hq_pub"]:
+            from hexiao.hostd.fleet.remote import Responder
+
+            responders.append(Responder(cfg, SimLanes(sid, count)).start())
     for _ in lanes if naive else ():  # naive: a connection per lane
         try:
             if len(conns) - no_conn >= spec["max_conns"]:
@@ -119,6 +219,9 @@ def _worker(spec: dict[str, Any], ready: Any, go: Any, done: Any) -> None:
     for b in bridges:
         if not b.connected.wait(60):
             raise SystemExit(f"lane {b.cfg.store}: not connected to {spec['broker']} in 60 s")
+    for r in responders:
+        if not r.subscribed.wait(60):
+            raise SystemExit(f"store {r.cfg.store}: remote requests not subscribed in 60 s")
     ready.put({"rss_kib": _rss_kib() - base, "lanes": len(lanes), "no_connection": no_conn})
     go.wait()
     rate = spec["rate"] * len(lanes)
@@ -152,6 +255,10 @@ def _worker(spec: dict[str, Any], ready: Any, go: Any, done: Any) -> None:
         while b.outbox.depth()[0] and time.monotonic() < deadline:
             time.sleep(0.1)
     done.put({"committed": n, "waiting": sum(b.outbox.depth()[0] for b in bridges)})
+    if responders:  # headquarters' last asks are answered before the stores go
+        release.wait(300)
+    for r in responders:
+        r.stop()
     for b in bridges:
         b.stop()
     for j in journals:
@@ -249,7 +356,7 @@ def _drop(admin: str, dsn: str) -> None:
 
 def run_one(design: str, lanes: int, *, admin: str, broker: str, seconds: float, rate: float,
             workers: int, fleetds: int, folder: Path, faults: bool = False,
-            lanes_per_store: int = 10) -> Result:
+            lanes_per_store: int = 10, remote: float = 0.0) -> Result:
     res = Result(design, lanes, offered_per_s=round(rate * lanes, 1))
     dsn = _database(admin)
     tag = secrets.token_hex(3)
@@ -262,6 +369,14 @@ def run_one(design: str, lanes: int, *, admin: str, broker: str, seconds: float,
     url = own_broker.url if own_broker else broker
     fd: Fleetd | None = None
     procs: list[Any] = []
+    hq_key, prober = None, None
+    if remote and design == "bridge":  # headquarters' key; the stores get its public half
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        hq_key = Ed25519PrivateKey.generate()
+        (work / "hq.pub").write_bytes(hq_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     try:
         if design == "bridge":
             from hexiao.fleetd import db
@@ -275,7 +390,7 @@ def run_one(design: str, lanes: int, *, admin: str, broker: str, seconds: float,
                     db.add_store(conn, MERCHANT, sid, key)
             fd = Fleetd(dsn, url, prefix, group, fleetds)
         ctx = mp.get_context("spawn")
-        ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        ready, done, go, release = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
         # paho waits with select(): its sockets must stay below fd 1024, and a store holds ~12
         # fds (3 SQLite connections with their WAL files, its socket): so many stores a process
         workers = min(max(workers, -(-len(stores) // STORES_PER_PROCESS)), len(stores))
@@ -290,8 +405,10 @@ def run_one(design: str, lanes: int, *, admin: str, broker: str, seconds: float,
         for w in range(workers):
             spec = {"max_conns": -(-cap // workers), "dir": str(work),
                     "stores": stores[w::workers], "design": design, "dsn": dsn,
-                    "broker": url, "prefix": prefix, "rate": rate, "seconds": seconds}
-            p = ctx.Process(target=_worker, args=(spec, ready, go, done), daemon=True)
+                    "broker": url, "prefix": prefix, "rate": rate, "seconds": seconds,
+                    "hq_pub": str(work / "hq.pub") if hq_key else ""}
+            p = ctx.Process(target=_worker, args=(spec, ready, go, done, release),
+                            daemon=True)
             p.start()
             procs.append(p)
         res.processes = workers
@@ -299,6 +416,12 @@ def run_one(design: str, lanes: int, *, admin: str, broker: str, seconds: float,
         res.rss_per_lane_kib = round(sum(s["rss_kib"] for s in setups) / lanes, 1)
         res.no_connection = sum(s["no_connection"] for s in setups)
         go.set()
+        if hq_key is not None:
+            import threading
+
+            prober = threading.Thread(target=_probe, args=(dsn, url, prefix, hq_key, stores,
+                                                           remote, seconds, res), daemon=True)
+            prober.start()
         if faults and fd is not None and own_broker is not None:
             time.sleep(seconds / 3)
             fd.kill_and_restart(0, 2.0)
@@ -309,6 +432,10 @@ def run_one(design: str, lanes: int, *, admin: str, broker: str, seconds: float,
             own_broker.start()
             res.notes.append("broker stopped for 2 s and restarted")
         finals = [done.get(timeout=seconds + 600) for _ in procs]
+        if prober is not None:
+            prober.join(120)  # its last asks end within their 10 s timeout
+            res.load_avg = [round(x, 2) for x in os.getloadavg()]
+        release.set()
         res.committed = sum(f["committed"] for f in finals)
         for p in procs:  # (the naive lanes' connections closed before we connect)
             p.join(120)
@@ -348,6 +475,8 @@ def run_one(design: str, lanes: int, *, admin: str, broker: str, seconds: float,
             if pct:
                 res.p50_ms, res.p99_ms = round(pct[0], 1), round(pct[1], 1)
     finally:
+        if procs:
+            release.set()
         for p in procs:
             p.join(60)
             if p.is_alive():
@@ -392,10 +521,13 @@ def main() -> None:
               help="also run each lane inserting straight into PostgreSQL")
 @click.option("--faults/--no-faults", default=True, show_default=True,
               help="also run the largest size through a broker restart and a fleetd kill")
+@click.option("--remote", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="remote device.health round trips per second headquarters asks of random "
+              "lanes while the fleet reports (0: none)")
 @click.option("--json", "as_json", is_flag=True)
 def bench(lanes: str, lanes_per_store: int, seconds: float, rate: float, workers: int,
           fleetds: int, broker: str, admin_dsn: str, folder: Path, naive: bool, faults: bool,
-          as_json: bool) -> None:
+          remote: float, as_json: bool) -> None:
     """Simulated stores against the real broker and PostgreSQL; figures per size."""
     try:
         sizes = [int(x) for x in lanes.split(",") if x.strip()]
@@ -425,7 +557,7 @@ def bench(lanes: str, lanes_per_store: int, seconds: float, rate: float, workers
                        err=True)
         r = run_one(design, n, admin=admin_dsn, broker=broker, seconds=seconds, rate=rate,
                     workers=workers, fleetds=fleetds, folder=folder, faults=with_faults,
-                    lanes_per_store=lanes_per_store)
+                    lanes_per_store=lanes_per_store, remote=remote)
         if with_faults:
             r.design = "bridge+faults"
         results.append(r)
@@ -443,6 +575,15 @@ def _line(r: Result) -> None:
                + (f", {r.undelivered} still in outboxes" if r.undelivered else "")
                + (f", {r.no_connection} lanes without a connection" if r.no_connection else "")
                + (f" ({'; '.join(r.notes)})" if r.notes else ""))
+    if r.remote_asked:
+        failed = sum(r.remote_failed.values())
+        click.echo(f"  {'':13} remote device.health: {r.remote_asked} asked, p50 "
+                   f"{r.remote_p50_ms:.1f} ms, p99 {r.remote_p99_ms:.1f} ms, max "
+                   f"{r.remote_max_ms:.1f} ms, {failed} failed"
+                   + (f" ({', '.join(f'{k} {v}' for k, v in r.remote_failed.items())})"
+                      if failed else "") + f"; load average {r.load_avg}")
+        for e in r.remote_errors:
+            click.echo(f"  {'':13}   {e}")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@
 Two stores of two franchisees, each the store side for real (its journal, the redemption engine
 against the WeChat simulator both stores share, its fleet bridge), `hexiao-fleetd` (a subprocess)
 consuming from the broker it is pointed at into a database it makes on the PostgreSQL server it
-is pointed at (dropped at the end; --keep keeps it), and at the end the settlement report beside
-the stores' own journal totals, which must match to the fen, and the stores' online state.
+is pointed at (dropped at the end; --keep keeps it), the settlement report beside the stores' own
+journal totals, which must match to the fen, then headquarters operating the chain (each store's
+hexiao-hostd on its journal with a device; a remote `device health` and a config change applied
+at every store: tools/demo/fleet_hq.py), and the stores' online state.
 
 Rules this module keeps:
 - Only the pieces hexiao ships do the work; the demo drives them and prints what they did.
 - Every line at most 80 columns; --json prints one event per line (fields may be added, never
   renamed or removed) and no progress lines.
-Exit status: 0 the chain worked and the report matched; 1 it did not (the reason is printed);
+Exit status: 0 the chain worked, the report matched and the stores applied headquarters' change;
+1 it did not (the reason is printed);
 3 the broker or PostgreSQL could not be reached or the database not made (one line says which).
 """
 
@@ -41,6 +44,7 @@ from hexiao.hostd.config.types import Fleet
 from hexiao.hostd.fleet.bridge import Bridge
 from hexiao.hostd.fleet.totals import journal_totals
 from hexiao.hostd.redeem import Engine, LaneConfig
+from hexiao.tools.demo import fleet_hq
 
 MERCHANT = "hexiao-cafe"
 CASH = "pHexiaoSimCash100minus20xxxx"  # the example seed's 20-yuan-off card
@@ -67,7 +71,7 @@ def _fail(say: Say, code: int, text: str) -> int:
     return code
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
     end = time.monotonic() + timeout
     while not check():
         if time.monotonic() > end:
@@ -98,7 +102,7 @@ def run_fleet(as_json: bool, broker: str, admin_dsn: str, timeout: float, keep: 
     try:
         with tempfile.TemporaryDirectory(prefix="hexiao-fleet-demo-") as tmp:
             return _chain(say, Path(tmp), broker, dsn, timeout)
-    except TimeoutError as e:
+    except (TimeoutError, fleet_hq.Failed) as e:
         return _fail(say, 1, str(e))
     finally:
         if keep:
@@ -110,7 +114,8 @@ def run_fleet(as_json: bool, broker: str, admin_dsn: str, timeout: float, keep: 
 
 def _chain(say: Say, tmp: Path, broker: str, dsn: str, timeout: float) -> int:
     prefix = f"demo-{secrets.token_hex(3)}/"
-    say("start", f"A chain of two stores: {broker} into PostgreSQL ({dsn.rsplit('/', 1)[1]})",
+    stager = fleet_hq.Stager(tmp / "device")  # the devices' modules, while the chain redeems
+    say("start", f"Two stores: {broker} into PostgreSQL ({dsn.rsplit('/', 1)[1]})",
         broker=broker, database=dsn.rsplit("/", 1)[1])
     with psycopg.connect(dsn, autocommit=True) as conn:
         db.migrate(conn)
@@ -151,9 +156,23 @@ def _chain(say: Say, tmp: Path, broker: str, dsn: str, timeout: float) -> int:
                             + (f" ({v.reason})" if v.reason else ""), store=store, lane=lane,
                             code_tail=code[-4:], outcome=v.outcome, reason=v.reason,
                             face_value_fen=off)
-            _wait("every redemption at headquarters", lambda: _rows(dsn) == sum(
+            wait_for("every redemption at headquarters", lambda: _rows(dsn) == sum(
                 len(c) for *_, c in STORES), timeout)
-        return _report(say, tmp, dsn, bridges, timeout)
+        for b in bridges:
+            b.stop()  # hostd takes the journal over (its bridge resumes the outbox)
+        ok = _report(say, tmp, dsn)
+        ctx = fleet_hq.Ctx(say, wait_for, tmp, broker, prefix, dsn, timeout, MERCHANT)
+        ok &= fleet_hq.operate(ctx, [(s, lane) for s, _, lane, _ in STORES],
+                               stager.get(timeout))
+        # hostd stopped cleanly: each store said offline at once (a crash: the Last Will)
+        wait_for("both stores offline at headquarters",
+                 lambda: _offline(dsn) == len(STORES), timeout)
+        say("offline", "  both stores stopped: headquarters shows them offline",
+            offline=len(STORES))
+        say("result", "The report matches the journals; both stores run headquarters' "
+            "config." if ok else "The report does NOT match the journals, or a store does "
+            "not run headquarters' config.", ok=ok)
+        return 0 if ok else 1
     finally:
         for b in bridges:
             if b.alive():
@@ -167,7 +186,7 @@ def _rows(dsn: str) -> int:
         return conn.execute("SELECT count(*) FROM redemptions").fetchone()[0]  # type: ignore
 
 
-def _report(say: Say, tmp: Path, dsn: str, bridges: list[Bridge], timeout: float) -> int:
+def _report(say: Say, tmp: Path, dsn: str) -> bool:
     today = dt.datetime.now(dt.UTC).astimezone().date()
     start, end = today - dt.timedelta(days=1), today + dt.timedelta(days=1)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -183,18 +202,12 @@ def _report(say: Say, tmp: Path, dsn: str, bridges: list[Bridge], timeout: float
         match = (n, fen) == (jn, jfen)
         ok &= match
         say("settlement", f"  {franchisee:9} {store}: {n} redemptions, {reports.yuan(fen)} yuan;"
-            f" its journal: {jn}, {reports.yuan(jfen)} yuan {'= match' if match else '≠ MISMATCH'}",
+            f" journal {jn}, {reports.yuan(jfen)} yuan {'= match' if match else '≠ MISMATCH'}",
             franchisee=franchisee, store=store, redemptions=n, face_value_fen=fen,
             journal_redemptions=jn, journal_face_value_fen=jfen, match=match)
     say("duplicates", f"  codes accepted in two places: {len(dups)} (bj-001's try of …0001 "
         "was refused)", count=len(dups))
-    for b in bridges:
-        b.stop()  # a clean stop says offline at once (a crash: the Last Will)
-    _wait("both stores offline at headquarters", lambda: _offline(dsn) == len(STORES), timeout)
-    say("offline", "  both stores stopped: headquarters shows them offline", offline=len(STORES))
-    say("result", "The chain's report matches the stores' journals." if ok else
-        "The report does NOT match the journals.", ok=ok)
-    return 0 if ok else 1
+    return ok
 
 
 def _offline(dsn: str) -> int:

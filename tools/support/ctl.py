@@ -238,24 +238,14 @@ def device_update(device: str, bundle_path: Path, pubkey: Path | None, as_json: 
     its last good firmware if anything is wrong. Re-run after an interruption: it resumes."""
     import tempfile
 
-    from hexiao.protocol import fw_image
-    from hexiao.tools.install import bundle, keys
+    from hexiao.tools.install import bundle
     from hexiao.tools.install.errors import InstallError
 
     problem = None
     try:
-        b = bundle.read_bundle(bundle_path)
-        if pubkey is not None:
-            bundle.verify_bundle(b, keys.load_public_key(pubkey))
-        if b.signature is None:
-            raise bundle.refused("unsigned", f"{bundle_path} is not signed: no device takes it")
-        offer, img = fw_image.offer(b.manifest, b.signature, b.files)
+        offer, img = bundle.offer_of(bundle_path, pubkey)
     except InstallError as e:
         problem = f"{e.kind}: {e.message}"
-    except keys.KeyFileError as e:
-        problem = f"key: {e}"
-    except (ValueError, KeyError, TypeError) as e:
-        problem = f"{bundle_path} is not a firmware bundle ({e})"
     if problem is not None:
         run(lambda: _raise(ControlError("bad_request", problem)), as_json)
         return
