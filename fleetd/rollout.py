@@ -423,30 +423,12 @@ class Publisher:
 
 def load_signer(path: str | Any) -> Signer:
     """Headquarters' key from a 0600 PEM file (`hexiao keys generate`); ValueError in words.
-    Its id is the `SHA256:` fingerprint `hexiao keys` prints."""
-    import base64
-    import hashlib
-    import os
-    import stat
-    from pathlib import Path
-
-    from cryptography.hazmat.primitives import serialization
+    Its id is the `SHA256:` fingerprint `hexiao keys` prints (hostd/keyfiles.py, read as the
+    installer reads keys)."""
+    from hexiao.hostd import keyfiles
 
     try:
-        st = os.stat(path)
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{path} is readable by others: chmod 600 {path}")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ValueError(f"{path} is not an unencrypted PEM Ed25519 key (make one with: "
-                         "hexiao keys generate --out hq.key)") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an Ed25519 key")
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                        serialization.PublicFormat.Raw)
-    fp = base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
-    return Signer(key, f"SHA256:{fp}")
+        key = keyfiles.load_private_key(path)
+    except keyfiles.KeyFileError as e:
+        raise ValueError(str(e)) from None
+    return Signer(key, keyfiles.fingerprint(key.public_key()))

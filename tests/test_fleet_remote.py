@@ -478,7 +478,7 @@ def test_a_store_without_a_valid_hq_key_does_not_start(tmp_path: Path, fleet_bro
 
     cfg = Fleet(enabled=True, broker=fleet_broker, merchant=MERCHANT, store="x", key_file=kf,
                 hq_pubkey_file=tmp_path / "hq.pub")
-    with pytest.raises(FleetError, match="is not a PEM public key"):
+    with pytest.raises(FleetError, match="is not a PEM Ed25519 public key"):
         remote.Responder(cfg, None)
     with pytest.raises(FleetError, match="cannot read"):
         remote.Responder(replace(cfg, hq_pubkey_file=tmp_path / "none.pub"), None)

@@ -594,7 +594,7 @@ def test_fleetd_reads_headquarters_key_as_hexiao_keys_does(tmp_path: Path) -> No
     pub = keys.generate(tmp_path / "hq.key")
     assert hq.load_signer(tmp_path / "hq.key").key_id == keys.fingerprint(pub)
     (tmp_path / "hq.key").chmod(0o644)
-    with pytest.raises(ValueError, match="readable by others"):
+    with pytest.raises(ValueError, match="accessible by other users"):
         hq.load_signer(tmp_path / "hq.key")
 
 
@@ -832,7 +832,7 @@ def test_fleetd_run_refuses_a_bad_hq_key_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "hq.key").write_text("not a key")
     (tmp_path / "hq.key").chmod(0o600)
     for key, says in ((tmp_path / "none.key", "cannot read"),
-                      (tmp_path / "hq.key", "not an unencrypted PEM Ed25519 key")):
+                      (tmp_path / "hq.key", "not an unencrypted PEM Ed25519 signing key")):
         r = CliRunner().invoke(fleetd_main.main, ["run", "--hq-key", str(key), "--dsn",
                                                   "postgresql://127.0.0.1:1/none"])
         assert r.exit_code == 1 and says in r.output and r.output.count("\n") == 1, r.output

@@ -44,6 +44,7 @@ class Runner:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._hold = -1
+        self._device: relay.DeviceProcess | None = None
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
@@ -65,7 +66,7 @@ class Runner:
                 args=[f"cfg={device_cfg(self.root, DEVICE_KEY)}", f"scanner={fifo}",
                       f"hid={self.root}/hid.log", f"state={self.root}/state", "stable=300"])
             cable = relay.Cable().start()
-            device = relay.DeviceProcess(cable, argv, env, str(self.root))
+            device = self._device = relay.DeviceProcess(cable, argv, env, str(self.root))
             self.port = cable.host_port
             rc = device.proc.wait()
             self.stderr = device.other[-12:]
@@ -85,7 +86,12 @@ class Runner:
     def close(self) -> None:
         self._stop.set()
         self._end_scanner()
-        self._t.join(30)
+        self._t.join(3)
+        if self._t.is_alive() and self._device is not None:
+            # closed before the firmware opened its scanner FIFO: its open() waits for a writer
+            # that will never come (the board would sit there until the machine stops)
+            self._device.proc.kill()
+            self._t.join(30)
 
 
 class _NoEngine:

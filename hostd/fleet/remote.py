@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from hexiao.hostd import keyfiles
 from hexiao.hostd.fleet import record
 from hexiao.protocol import cbor, codec_fast, codecs
 from hexiao.protocol.errors import ProtocolError
@@ -85,15 +85,10 @@ def response_topic(merchant: str, store: str, client: str) -> str:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Headquarters' public key (PEM, as `hexiao keys generate` writes KEY.pub); ValueError."""
     try:
-        key = load_pem_public_key(Path(path).read_bytes())
-    except OSError as e:
-        raise ValueError(f"fleet.hq_pubkey_file: cannot read {path}: {e.strerror}") from None
-    except ValueError:
-        raise ValueError(f"fleet.hq_pubkey_file: {path} is not a PEM public key (make the pair "
-                         "at headquarters with: hexiao keys generate --out hq.key)") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"fleet.hq_pubkey_file: {path} is not an Ed25519 key")
-    return key
+        return keyfiles.load_public_key(path)
+    except keyfiles.KeyFileError as e:
+        raise ValueError(f"fleet.hq_pubkey_file: {e} (make the pair at headquarters with: "
+                         "hexiao keys generate --out hq.key)") from None
 
 
 # -- requests -------------------------------------------------------------------------------------

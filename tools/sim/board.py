@@ -87,18 +87,20 @@ def board(board_dir: Path, heap: str, as_json: bool) -> None:
     hold = _fifo(scanner)
     argv = [mpy, "-X", f"heapsize={heap}", "-m", FIRMWARE, f"cfg={board_dir / 'config.json'}",
             f"scanner={scanner}", f"hid={hid}", f"state={state}"]
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    # before the firmware starts: a signal between its start and here would end this process
+    # and leave the firmware waiting for its scanner FIFO's writer forever
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     cable, device = _power_on(board_dir, argv, tty)
     info = {"port": str(tty), "scanner": str(scanner), "hid": str(hid),
             "events": str(board_dir / "events.log"), "heap": heap}
     click.echo(json.dumps(info) if as_json else
                f"sim board running from {board_dir} (heap {heap}): link {tty}, scanner "
                f"{scanner}, keystrokes {hid}, events {info['events']}; Ctrl-C to stop")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     written = 0
     rc = 0
     try:
