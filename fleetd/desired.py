@@ -29,14 +29,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hexiao.fleetd.remote import RemoteFailure, operator_client
 from hexiao.hostd.config import ConfigError
 from hexiao.hostd.fleet import desired
-from paho.mqtt.enums import CallbackAPIVersion
 from psycopg.types.json import Jsonb
 
 SCOPE = re.compile(r"all|(region|franchisee|store):([^\s:]{1,64})")
@@ -174,19 +172,12 @@ def publisher(broker: str, prefix: str, key: Ed25519PrivateKey, key_id: str, aut
     """publish() for apply(): each store's signed document, retained, QoS 1, on one
     connection; the stores whose PUBLISH the broker acknowledged within `timeout`."""
     def publish(rows: list[tuple[str, str, int, dict[str, Any]]]) -> set[str]:
-        url = urlsplit(broker)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise DesiredFailure("bad_request", f"--broker: expected mqtt://HOST[:PORT], got "
-                                                f"{broker!r}")
+        try:
+            c, host, port = operator_client(broker, f"hq-cfg-{os.urandom(6).hex()}")
+        except RemoteFailure as e:
+            raise DesiredFailure(e.kind, e.message) from None
         acks: dict[int, int] = {}
         done = threading.Condition()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"hq-cfg-{os.urandom(6).hex()}",
-                        protocol=mqtt.MQTTv5)
-        if url.scheme == "mqtts":
-            c.tls_set()
-        if os.environ.get("HEXIAO_FLEET_USERNAME"):
-            c.username_pw_set(os.environ["HEXIAO_FLEET_USERNAME"],
-                              os.environ.get("HEXIAO_FLEET_PASSWORD"))
         c.max_inflight_messages_set(100)
 
         def on_publish(client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
@@ -196,8 +187,7 @@ def publisher(broker: str, prefix: str, key: Ed25519PrivateKey, key_id: str, aut
 
         c.on_publish = on_publish
         try:
-            c.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883),
-                      keepalive=30, clean_start=True)
+            c.connect(host, port, keepalive=30, clean_start=True)
         except OSError as e:
             raise DesiredFailure("unavailable", f"cannot reach the broker {broker}: "
                                                 f"{e.strerror or e} (stored: the next apply "

@@ -3,7 +3,8 @@
 Commands: `run` (the daemon: consumer, alarms every --alarm-every seconds, Prometheus metrics
 on --metrics-listen), `migrate` (apply the schema and exit), `add-store` (a store's key,
 from a 0600 file of 64 hex digits, into the stores table), `gaps` (records that never arrived;
-`--accept STORE INST` records their loss as accepted, which clears the records_missing alarm).
+`--accept STORE INST` records their loss as accepted, which clears the records_missing alarm),
+`broker-acl` (the broker's per-store Mosquitto acl_file from the stores table; fleetd/acl.py).
 
 `web` and `user add|list|remove`: headquarters' status page and its operators
 (fleetd/web/cli.py).
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 
 import click
 import psycopg
-from hexiao.fleetd import db, gaps, metrics, rollout
+from hexiao.fleetd import acl, db, gaps, metrics, rollout
 from hexiao.fleetd.alarms import Alarms, Thresholds
 from hexiao.fleetd.consumer import Consumer, Settings
 from hexiao.fleetd.web import cli as web_cli
@@ -254,6 +255,57 @@ def _loss_line(r: dict[str, object]) -> str:
     return (f"{r['store']} {r['inst']} seqs {gaps.describe([(r['first_seq'], r['last_seq'])])}:"
             f" accepted {r['accepted']:%Y-%m-%d %H:%M %Z} by {r['accepted_by']}{why}, "
             f"{r['arrived_later']} arrived later")
+
+
+@main.command("broker-acl")
+@_dsn
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the acl_file here (default: stdout)")
+@click.option("--prefix", default="", help="the topic prefix before hexiao/ (as the stores' "
+              "fleet.topic_prefix; empty in production)")
+@click.option("--fleetd-user", default=acl.FLEETD, show_default=True,
+              help="fleetd's broker login (its `run --username`)")
+@click.option("--operator-user", default=acl.OPERATORS, show_default=True,
+              help="the operators' broker login ($HEXIAO_FLEET_USERNAME)")
+@click.option("--passwords", "password_file", default=None, metavar="FILE",
+              help="also say how to make Mosquitto's password_file FILE for these logins")
+def broker_acl(dsn: str, out: Path | None, prefix: str, fleetd_user: str, operator_user: str,
+               password_file: str | None) -> None:
+    """Write the broker's per-store ACL (a Mosquitto acl_file) from the stores table."""
+    users = acl.Users(fleetd_user, operator_user)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = acl.stores(conn)
+        text = acl.generate(rows, prefix, users)
+    except psycopg.errors.UndefinedTable:
+        _fail(f"database {dsn} has no stores table: run `hexiao-fleetd migrate` and "
+              "`hexiao-fleetd add-store` first")
+    except psycopg.Error as e:
+        _fail(f"database {dsn}: {str(e).strip().splitlines()[0]}")
+    except acl.AclError as e:
+        _fail(str(e))
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        try:
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.chmod(0o644)  # the broker reads it; it holds no secret
+            tmp.replace(out)
+        except OSError as e:
+            _fail(f"--out {out}: {e.strerror or e}")
+    # what follows is for the reader: on stderr when the ACL itself went to stdout
+    note = out is None
+    if out is not None:
+        click.echo(f"wrote {out}: {len(rows)} stores, {users.fleetd} and "
+                   f"{users.operators}; point the broker's acl_file at it and reload it "
+                   "(Mosquitto: SIGHUP)")
+    if password_file is not None:
+        click.echo("make the broker's password_file (each command asks for that login's "
+                   "password), then set password_file and allow_anonymous false:", err=note)
+        for step in acl.password_steps(rows, users, password_file):
+            click.echo(f"  {step}", err=note)
+
 
 # headquarters' status page and its operators (fleetd/web/cli.py)
 main.add_command(web_cli.web)

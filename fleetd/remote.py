@@ -121,20 +121,28 @@ def ask(conn: psycopg.Connection, broker: str, asker: Asker, store: str, cmd: st
     return body["result"]
 
 
-def _exchange(broker: str, prefix: str, client_id: str, req: remote.Request, data: bytes,
-              store_key: bytes, timeout: float) -> dict[str, Any]:
+def operator_client(broker: str, client_id: str) -> tuple[mqtt.Client, str, int]:
+    """An MQTT 5 client for an operator's command (`hexiao fleet ...`), with the broker
+    credentials of $HEXIAO_FLEET_USERNAME / $HEXIAO_FLEET_PASSWORD, and the host and port to
+    connect it to; RemoteFailure bad_request for a broker that is not mqtt[s]://HOST[:PORT]."""
     url = urlsplit(broker)
     if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
         raise RemoteFailure("bad_request", f"--broker: expected mqtt://HOST[:PORT], got "
                                            f"{broker!r}")
-    got: dict[str, Any] = {}
-    done, subscribed = threading.Event(), threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if url.scheme == "mqtts":
         c.tls_set()
     if os.environ.get("HEXIAO_FLEET_USERNAME"):
         c.username_pw_set(os.environ["HEXIAO_FLEET_USERNAME"],
                           os.environ.get("HEXIAO_FLEET_PASSWORD"))
+    return c, url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+
+def _exchange(broker: str, prefix: str, client_id: str, req: remote.Request, data: bytes,
+              store_key: bytes, timeout: float) -> dict[str, Any]:
+    c, host, port = operator_client(broker, client_id)
+    got: dict[str, Any] = {}
+    done, subscribed = threading.Event(), threading.Event()
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         corr = getattr(msg.properties, "CorrelationData", None)
@@ -151,8 +159,7 @@ def _exchange(broker: str, prefix: str, client_id: str, req: remote.Request, dat
     c.on_subscribe = lambda *a: subscribed.set()
     end = time.monotonic() + timeout
     try:
-        c.connect(url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883),
-                  keepalive=30, clean_start=True)
+        c.connect(host, port, keepalive=30, clean_start=True)
     except OSError as e:
         raise RemoteFailure("unavailable", f"cannot reach the broker {broker}: "
                                            f"{e.strerror or e}") from None

@@ -384,7 +384,8 @@ def compare(conn: psycopg.Connection, rid: int, stage: int, since: datetime) -> 
 
 class Publisher:
     """Retained QoS 1 publishing for the Controller, on a connection of its own; a call
-    returns whether the broker took the message within `wait_s`."""
+    returns whether the broker took the message within `wait_s` (acknowledged with a reason
+    code below 0x80)."""
 
     def __init__(self, host: str, port: int, prefix: str = "", *, username: str = "",
                  password: str | None = None, tls: bool = False, tls_ca_file: str | None = None,
@@ -402,6 +403,12 @@ class Publisher:
         if tls:
             c.tls_set(ca_certs=tls_ca_file)
         c.reconnect_delay_set(1, 30)
+        self._codes: dict[int, int] = {}  # mid -> the PUBACK's reason code (paho's thread)
+
+        def on_publish(client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+            self._codes[mid] = rc.value
+
+        c.on_publish = on_publish
         c.connect_async(host, port, keepalive=30)
         c.loop_start()
         self.client = c
@@ -414,7 +421,10 @@ class Publisher:
             info.wait_for_publish(self.wait_s)
         except (RuntimeError, ValueError):
             return False
-        return info.is_published()
+        # acknowledged is not taken: a PUBACK of 0x80 or more is a refusal (an ACL: 135), and
+        # paho calls that published too (on_publish runs before the flag is set)
+        code = self._codes.pop(info.mid, 0x80)
+        return info.is_published() and code < 0x80
 
     def close(self) -> None:
         self.client.disconnect()

@@ -17,7 +17,7 @@
 import hashlib
 import json
 
-CHUNK = 256  # of fw_chunk.data's 768: a chunk is decoded in the few KB the device has left
+CHUNK = 128  # of fw_chunk.data's 768: a chunk is decoded in the few KB the device has left
 CHUNK_STALLS = 3
 # fw_status states (SPEC 6.8), by number
 STATES = ["idle", "receiving", "complete", "installing", "trial", "confirmed", "refused",

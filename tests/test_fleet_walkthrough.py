@@ -307,7 +307,9 @@ def test_a_support_engineer_walks_a_two_store_chain(chain: Chain,
 
     wait_until("the rollout to halt", lambda: rollout()["state"] != "running", 300)
     st = rollout()
-    print("canary board exits", canary.board.exits, st)
+    # shown with any failure below: a device that crashed during the transfer (a MemoryError
+    # in the firmware's 64 KB heap) ends its traceback here, not the planted crash's
+    print("canary board exits", canary.board.exits, canary.board.stderr, st)
     assert (st["state"], st["stage"]) == ("halted", 0), st
     assert f"canary lane {canary.name}/{LANE} rolled back by itself" in st["reason"], st
     # the canary's device verified it and ran it on trial (crashing), then went back by itself
