@@ -152,6 +152,40 @@ def test_device_update_through_a_lane(kit, board: Path, lane, tmp_path: Path) ->
     assert installed(board)["version"] == "1.1.0"
 
 
+def test_a_request_ends_when_its_session_does_not_at_its_timeout(board: Path, lane) -> None:  # noqa: F811
+    """A device that goes away mid-request (reset, cable pulled) cannot answer on that session:
+    the caller hears so at once (ConnectionError: `device.update` says "run it again, it
+    resumes"), not after its whole timeout as a device that "did not answer"."""
+    dl, runner = lane
+    wait_open(dl)
+    asked: dict[str, Any] = {}
+    sent = threading.Event()
+    send = dl._send
+
+    def spy(msg: dict[str, Any]) -> None:  # the request is on the wire before the power goes
+        send(msg)
+        if msg.get("type") == "health_get":
+            sent.set()
+
+    dl._send = spy  # type: ignore[method-assign]
+
+    def ask() -> None:
+        try:  # an answer type the device never sends: only the session's end can end this
+            dl.request({"type": "health_get"}, "no_such_answer", timeout=120)
+        except Exception as e:
+            asked["error"] = e
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    assert sent.wait(30)
+    assert runner._device is not None
+    runner._device.proc.kill()  # the board loses power: not a reset, so not started again
+    t.join(60)  # a hang guard: the fix answers at once, the old code after 120 s
+    assert not t.is_alive()
+    assert isinstance(asked.get("error"), ConnectionError), asked
+    assert "went away before it answered health_get" in str(asked["error"])
+
+
 def test_device_update_refused_by_the_device_says_why(kit, board: Path, lane,  # noqa: F811
                                                       tmp_path: Path) -> None:
     dl, _ = lane

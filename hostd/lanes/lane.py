@@ -369,9 +369,12 @@ class DeviceLane:
         return f"a scan {ago:.0f} s ago" if ago < quiet_s else ""
 
     def request(self, msg: dict[str, Any], answer: str, timeout: float = 5.0) -> dict[str, Any]:
-        """Send msg and return the device's next `answer` message; TimeoutError if none."""
+        """Send msg and return the device's next `answer` message; TimeoutError if none in
+        time, ConnectionError at once if the session it was sent on ends first (the answer
+        can no longer come: a device that reset, a cable pulled)."""
         with self._cond:
-            if self._link is None or not self._link.is_open():
+            link = self._link
+            if link is None or not link.is_open():
                 raise ConnectionError(f"device {self.id} is not connected ({self.state})")
             self._replies.pop(answer, None)
         self._send(msg)
@@ -379,6 +382,9 @@ class DeviceLane:
         end = time.monotonic() + timeout
         with self._cond:
             while answer not in self._replies:
+                if self._link is not link or not link.is_open():
+                    raise ConnectionError(f"device {self.id} went away before it answered "
+                                          f"{msg['type']} ({self.last_error or self.state})")
                 left = end - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     raise TimeoutError(f"device {self.id} did not answer {msg['type']} "
