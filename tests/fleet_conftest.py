@@ -138,16 +138,27 @@ def create_database(admin: str) -> str:
     return dsn
 
 
-@pytest.fixture(scope="session")
-def fleet_dsn(fleet_pg_admin: str) -> Iterator[str]:
-    """This session's own database, with fleetd's schema; dropped at the end."""
-    dsn = create_database(fleet_pg_admin)
-    name = dsn.rsplit("/", 1)[1]
+def drop_database(admin: str, dsn: str) -> None:
+    """Drop the database `dsn` names (create_database's), sessions still on it or not."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
+
+
+@contextlib.contextmanager
+def own_database(admin: str) -> Iterator[str]:
+    """create_database's DSN, dropped when the block ends."""
+    dsn = create_database(admin)
     try:
         yield dsn
     finally:
-        with psycopg.connect(fleet_pg_admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        drop_database(admin, dsn)
+
+
+@pytest.fixture(scope="session")
+def fleet_dsn(fleet_pg_admin: str) -> Iterator[str]:
+    """This session's own database, with fleetd's schema; dropped at the end."""
+    with own_database(fleet_pg_admin) as dsn:
+        yield dsn
 
 
 class Mosquitto:

@@ -26,7 +26,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
-from fleet_conftest import LONG, Mosquitto, create_database, wait_until
+from fleet_conftest import LONG, Mosquitto, own_database, wait_until
 from hexiao.fleetd import acl, db
 from hexiao.fleetd import remote as hq_remote
 from hexiao.fleetd import rollout as hq_rollout
@@ -189,15 +189,11 @@ def test_broker_acl_says_in_one_line_what_is_wrong(fleet_pg_admin: str, fleet_ds
     r = _fleetd("broker-acl", "--dsn", "postgresql://postgres@127.0.0.1:1/none")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("hexiao-fleetd: database ")
-    empty = create_database(fleet_pg_admin)
-    try:
+    with own_database(fleet_pg_admin) as empty:
         r = _fleetd("broker-acl", "--dsn", empty)
         assert r.returncode == 1 and r.stdout == "", r.stdout
         assert r.stderr.strip() == ("hexiao-fleetd: no stores: add them first (`hexiao-fleetd "
                                     "add-store`), then generate")
-    finally:
-        with psycopg.connect(fleet_pg_admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {empty.rsplit('/', 1)[1]} WITH (FORCE)")
 
 
 # ---- on the broker ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleet_conftest import create_database, wait_until
+from fleet_conftest import own_database, wait_until
 from hexiao.fleetd import db
 from hexiao.fleetd import rollout as hq
 from hexiao.hostd.config.types import Fleet
@@ -50,12 +50,8 @@ SIGNER = hq.Signer(HQ_KEY, keys.fingerprint(HQ_KEY.public_key()))
 @pytest.fixture
 def dsn(fleet_pg_admin: str) -> Iterator[str]:
     """A database of this test's own: at most one rollout runs in a database."""
-    d = create_database(fleet_pg_admin)
-    try:
+    with own_database(fleet_pg_admin) as d:
         yield d
-    finally:
-        with psycopg.connect(fleet_pg_admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {d.rsplit('/', 1)[1]} WITH (FORCE)")
 
 
 class Fleet_:

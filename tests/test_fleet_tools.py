@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fleet_conftest import free_port
+from fleet_conftest import drop_database, free_port
 
 
 def hexiao(*args: str) -> subprocess.CompletedProcess[str]:
@@ -59,9 +59,8 @@ def test_demo_fleet_runs_a_chain_and_its_report_matches_the_journals(
                           ev["hq_key"]["key_id"])]
         assert applied == [("bj-001", 1), ("sh-001", 1)]
     finally:
-        with psycopg.connect(fleet_pg_admin, autocommit=True) as conn:
-            for dsn in kept:
-                conn.execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
+        for dsn in kept:
+            drop_database(fleet_pg_admin, dsn)
 
 
 def test_demo_fleet_text_lines_stay_within_80_columns(fleet_pg_admin: str,

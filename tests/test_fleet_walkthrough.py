@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from click.testing import CliRunner
-from fleet_conftest import create_database, wait_until
+from fleet_conftest import create_database, drop_database, wait_until
 from hexiao.fleetd import db
 from hexiao.fleetd import rollout as hq
 from hexiao.fleetd.consumer import Consumer, Settings
@@ -228,8 +228,7 @@ def chain(kit: dict[str, Any], board: Path, fleet_pg_admin: str,  # noqa: F811
         _retained_clear(fleet_broker, [prefix + t for n in names for t in (
             desired.topic(M, n), wire.order_topic(M, n))] + [
             prefix + wire.bundle_topic(M, sha) for sha in shas])
-        with psycopg.connect(fleet_pg_admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
+        drop_database(fleet_pg_admin, dsn)
 
 
 def test_a_support_engineer_walks_a_two_store_chain(chain: Chain,

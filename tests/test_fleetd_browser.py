@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from browser import console_errors, screenshot, small_screen, wait_until
-from fleet_conftest import LONG, create_database, free_port
+from fleet_conftest import LONG, free_port, own_database
 from fleet_conftest import wait_until as wait_for
 from hexiao.fleetd.web import auth
 from hexiao.hostd.fleet.health import HealthFeed
@@ -33,12 +33,8 @@ PASSWORD = "a long operator password"
 @pytest.fixture
 def own_dsn(fleet_pg_admin: str) -> Iterator[str]:
     """A database of this test's own: the overview shows its store and nothing else's."""
-    dsn = create_database(fleet_pg_admin)
-    try:
+    with own_database(fleet_pg_admin) as dsn:
         yield dsn
-    finally:
-        with psycopg.connect(fleet_pg_admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 import psycopg
 import pytest
 from click.testing import CliRunner
-from fleet_conftest import LONG, create_database, free_port, wait_until
+from fleet_conftest import LONG, free_port, own_database, wait_until
 from hexiao.fleetd import db
 from hexiao.fleetd.main import main as fleetd_main
 from hexiao.fleetd.web import auth, view
@@ -40,12 +40,8 @@ FLEETD = [sys.executable, "-m", "hexiao.fleetd.main"]
 @pytest.fixture(scope="module")
 def hq_dsn(fleet_pg_admin: str) -> Iterator[str]:
     """This module's own database with fleetd's schema (migrations 001..007)."""
-    dsn = create_database(fleet_pg_admin)
-    try:
+    with own_database(fleet_pg_admin) as dsn:
         yield dsn
-    finally:
-        with psycopg.connect(fleet_pg_admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
 
 
 def sql(dsn: str, q: str, *args: Any) -> list[tuple[Any, ...]]:

@@ -18,12 +18,12 @@ import pytest
 from hexiao.hostd import journal as jr
 from hexiao.hostd.backends.sim.seed import EXAMPLE, read
 from hexiao.hostd.backends.sim.server import WeChatSim
-from hexiao.hostd.config import from_dict
 from hexiao.hostd.daemon import Daemon, DaemonError
 from hexiao.hostd.keystore import Keystore
 from hexiao.protocol import messages
 from hexiao.tools import micropython
 from hexiao.tools.sim import relay
+from sim_config import sim_config
 
 KID = "lane-1"
 CASH, CASH_USED, EXPIRED, MEMBER = "287463512093", "287463512094", "110293847566", "829304756182"
@@ -54,19 +54,10 @@ class Lane:
 
 def config(tmp_path: Path, sim: WeChatSim, port: str, device: dict[str, Any] | None = None,
            **backend: Any) -> Any:
-    app = next(iter(sim.state.seed.apps.values()))
-    secret = tmp_path / "wechat.secret"
-    secret.write_text(app.secret)
-    secret.chmod(0o600)
-    return from_dict({
-        "hostd": {"state_dir": str(tmp_path / "state"),
-                  "control_socket": str(tmp_path / "run" / "hostd.sock")},
-        "backend": {"kind": "wechat_card", "base_url": sim.url, "appid": app.appid,
-                    "secret_file": str(secret), "timeout_s": 2.0, "settle_after_s": 5.0,
-                    **backend},
-        "device": [{"id": KID, "port": port, "lane": "lane-1", **(device or {})}],
-        "macros": {"CASH": {"items": [[0x42, 0], "{reduce_cost_yuan}", [0x28, 0]]}},
-    })
+    return sim_config(tmp_path, sim, {"timeout_s": 2.0, "settle_after_s": 5.0, **backend},
+                      device=[{"id": KID, "port": port, "lane": "lane-1", **(device or {})}],
+                      macros={"CASH": {"items": [[0x42, 0], "{reduce_cost_yuan}",
+                                                 [0x28, 0]]}})
 
 
 @contextmanager

@@ -22,7 +22,6 @@ import pytest
 from click.testing import CliRunner
 from hexiao.hostd.backends.sim.seed import EXAMPLE, read
 from hexiao.hostd.backends.sim.server import WeChatSim
-from hexiao.hostd.config import from_dict
 from hexiao.hostd.daemon import Daemon
 from hexiao.hostd.keystore import Keystore
 from hexiao.hostd.main import main as hostd_main
@@ -39,6 +38,7 @@ from hexiao.protocol.link import (
 )
 from hexiao.tools import micropython
 from hexiao.tools.sim import relay
+from sim_config import sim_config
 
 KID = b"lane-01"
 DKEY = bytes(range(100, 132))
@@ -209,18 +209,8 @@ def sim() -> Iterator[WeChatSim]:
 
 
 def hostd_config(tmp_path: Path, sim: WeChatSim, devices: list[dict[str, Any]]) -> Any:
-    app = next(iter(sim.state.seed.apps.values()))
-    secret = tmp_path / "wechat.secret"
-    secret.write_text(app.secret)
-    secret.chmod(0o600)
-    return from_dict({
-        "hostd": {"state_dir": str(tmp_path / "state"),
-                  "control_socket": str(tmp_path / "run" / "hostd.sock")},
-        "backend": {"kind": "wechat_card", "base_url": sim.url, "appid": app.appid,
-                    "secret_file": str(secret), "timeout_s": 5.0, "settle_after_s": 10.0},
-        "lane": [{"name": "lane-1"}, {"name": "lane-2"}, {"name": "lane-3"}],
-        "device": devices,
-    })
+    return sim_config(tmp_path, sim, lane=[{"name": "lane-1"}, {"name": "lane-2"},
+                                           {"name": "lane-3"}], device=devices)
 
 
 def device_peer(tmp_path: Path, mpy_stage: Path, cable: relay.Cable, kid: str, key: bytes,

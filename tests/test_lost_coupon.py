@@ -19,9 +19,9 @@ import httpx
 from hexiao.hostd import journal as jr
 from hexiao.hostd.backends.sim.seed import EXAMPLE, read
 from hexiao.hostd.backends.sim.server import WeChatSim
-from hexiao.hostd.config import from_dict
 from hexiao.hostd.daemon import Daemon
 from hexiao.hostd.keystore import Keystore
+from sim_config import sim_config
 from test_firmware_sim import KID, sim, typed
 
 CASH = "287463512093"
@@ -29,19 +29,10 @@ LONG = 60.0  # a guard against hangs, never a performance claim
 
 
 def config(tmp_path: Path, backend: WeChatSim, port: str) -> Any:
-    app = next(iter(backend.state.seed.apps.values()))
-    secret = tmp_path / "wechat.secret"
-    secret.write_text(app.secret)
-    secret.chmod(0o600)
-    return from_dict({
-        "hostd": {"state_dir": str(tmp_path / "state"),
-                  "control_socket": str(tmp_path / "run" / "hostd.sock")},
-        "backend": {"kind": "wechat_card", "base_url": backend.url, "appid": app.appid,
-                    "secret_file": str(secret), "timeout_s": 5.0, "settle_after_s": 10.0},
-        "device": [{"id": KID.decode(), "port": port, "lane": "lane-1",
-                    "settings": {"offline_ms": 1000}}],
-        "macros": {"CASH": {"items": [[0x42, 0], "{reduce_cost_yuan}", [0x28, 0]]}},
-    })
+    return sim_config(tmp_path, backend,
+                      device=[{"id": KID.decode(), "port": port, "lane": "lane-1",
+                               "settings": {"offline_ms": 1000}}],
+                      macros={"CASH": {"items": [[0x42, 0], "{reduce_cost_yuan}", [0x28, 0]]}})
 
 
 def until(pred: Any, what: str, timeout: float = LONG) -> Any:
